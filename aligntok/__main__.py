@@ -1,0 +1,3 @@
+from aligntok.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,154 @@
+"""Typed configuration: one frozen class per `params.yaml` section.
+
+`load_params` reads a YAML file (the repo's `params.yaml` or a preset such as
+`configs/imagenet256.yaml`), merges it over the defaults below and validates it.
+Any unknown key, wrong type or out-of-range value raises `ConfigError` naming the
+file, the dotted key and the offending value, before any work starts.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """A parameter file that cannot be used; the message names file, key and value."""
+
+
+class Section(BaseModel):
+    # strict: "8" is not an int, 1 is not a bool; extra keys are errors, values are frozen.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+ENCODER_SOURCE = re.compile(r"^(embedded|timm|file):(.+)$")
+
+
+class EncoderConfig(Section):
+    """The foundation encoder (`encoder` stage)."""
+
+    source: str = "embedded:dinov2_vits14"
+    """`embedded:dinov2_vits14`, `timm:<model name>` or `file:<path to .safetensors>`."""
+    arch: str | None = None
+    """timm architecture for `file:` sources (default: read from the file's metadata)."""
+    depth: int = Field(8, ge=1, le=64)
+    """How many transformer blocks to keep (the embedded copy is generic up to about 8)."""
+    image_size: int = Field(112, ge=14, le=1024)
+    """Side the encoder resizes its input to; a multiple of the patch size."""
+
+    @field_validator("source")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        if not ENCODER_SOURCE.match(value):
+            raise ValueError("must be 'embedded:<name>', 'timm:<model name>' or 'file:<path>'")
+        return value
+
+
+class LatentConfig(Section):
+    """The tokenizer latent: (channels, image_size/patch, image_size/patch)."""
+
+    channels: int = Field(32, ge=1, le=1024)
+
+
+class DataConfig(Section):
+    """Images to WebDataset shards (`ingest` stage)."""
+
+    source: str = "fashion-mnist"
+    """`fashion-mnist`, `imagefolder:<path>` or `webdataset:<url or brace pattern>`."""
+    fashion_mnist_dir: str = "/usr/share/datasets/fashion-mnist"
+    resolution: int = Field(32, ge=8, le=4096)
+    """Output side: images are resized (shorter side) and centre-cropped to this square."""
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    seed: int = Field(0, ge=0)
+    min_side: int = Field(16, ge=1)
+    """Inputs whose shorter side is below this are rejected."""
+    max_pixels: int = Field(89_478_485, ge=1)
+    """Inputs with more pixels than this are rejected from the header, before decoding."""
+    background: int = Field(255, ge=0, le=255)
+    """Grey level that transparent pixels are composited onto."""
+    image_format: Literal["png", "jpeg"] = "png"
+    jpeg_quality: int = Field(95, ge=1, le=100)
+    shard_max_bytes: int = Field(64_000_000, ge=1_000)
+    shard_max_count: int = Field(10_000, ge=1)
+    workers: int = Field(2, ge=0, le=256)
+    """Decode/resize processes; 0 runs in the calling process."""
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, value: str) -> str:
+        if value != "fashion-mnist" and not re.match(r"^(imagefolder|webdataset):.+$", value):
+            raise ValueError("must be 'fashion-mnist', 'imagefolder:<path>' or 'webdataset:<url>'")
+        return value
+
+
+class ValidateConfig(Section):
+    """Great Expectations checks run before training (`validate` stage)."""
+
+    max_rejected_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    max_class_imbalance: float = Field(1.5, ge=1.0)
+    """Every class's share must lie within this factor of the uniform share 1/K."""
+    sample_per_shard: int = Field(16, ge=1)
+    """Records decoded from every shard to check shape, dtype and value range."""
+
+
+class Params(Section):
+    encoder: EncoderConfig = EncoderConfig()
+    latent: LatentConfig = LatentConfig()
+    data: DataConfig = DataConfig()
+    validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = ".".join(str(part) for part in error["loc"])
+    value = error.get("input")
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key (value {value!r})"
+    if error["type"] == "missing":
+        return f"{key}: required key is missing"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{key}: {value!r} is invalid: {message}"
+
+
+def parse_params(raw: Any, origin: str = "<params>") -> Params:
+    """Validate an already-parsed mapping; `origin` names its file in errors."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{origin}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe(e) for e in exc.errors()]
+        raise ConfigError(f"{origin}: " + "; ".join(lines)) from None
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+    """Load and validate a parameter file, with optional `{"data.resolution": 64}` overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: parameter file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    for dotted, value in (overrides or {}).items():
+        node = raw = raw or {}
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return parse_params(raw, origin=str(path))
+
+
+def dump_params(params: Params) -> str:
+    return json.dumps(params.to_dict(), indent=2, sort_keys=True)

@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from aligntok.cli import build_parser, main
+
+from conftest import REPO
+
+COMMANDS = {"config", "encoder", "ingest", "validate"}
+
+
+def run_module(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "aligntok", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_help_lists_every_command() -> None:
+    result = run_module("--help")
+    assert result.returncode == 0
+    for command in COMMANDS:
+        assert f"    {command} " in result.stdout
+    subparsers = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    assert set(subparsers) == COMMANDS
+
+
+def test_config_prints_resolved_params_with_overrides(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--params", str(REPO / "params.yaml"), "--set", "data.resolution=64", "config"]) == 0
+    resolved = json.loads(capsys.readouterr().out)
+    assert resolved["data"]["resolution"] == 64
+    assert resolved["encoder"]["depth"] == 8
+
+
+def test_bad_param_is_one_clear_line_not_a_traceback(tmp_path: Path) -> None:
+    bad = tmp_path / "params.yaml"
+    bad.write_text("data:\n  resolution: -4\n")
+    result = run_module("--params", str(bad), "ingest", "fashion-mnist", str(tmp_path / "out"))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "data.resolution: -4" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_malformed_set_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--params", str(REPO / "params.yaml"), "--set", "data.resolution", "config"]) == 1
+    assert "KEY=VALUE" in capsys.readouterr().err
