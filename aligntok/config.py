@@ -55,6 +55,44 @@ class LatentConfig(Section):
     channels: int = Field(32, ge=1, le=1024)
 
 
+class DecoderConfig(Section):
+    """Convolutional decoder (LDM / VA-VAE layout): latent grid -> pixels.
+
+    Upsampling factor = 2 ** (len(channel_mult) - 1); the paper's decoder is
+    channels 128, channel_mult [1, 1, 2, 2, 4], 2 res blocks, attention at 16.
+    """
+
+    channels: int = Field(64, ge=8, le=1024)
+    channel_mult: list[int] = Field(default_factory=lambda: [1, 2, 2])
+    num_res_blocks: int = Field(1, ge=1, le=8)
+    attn_resolutions: list[int] = Field(default_factory=list)
+    """Feature-map sides (in pixels of the decoder's grid) where self-attention is used."""
+
+    @field_validator("channel_mult")
+    @classmethod
+    def _positive(cls, value: list[int]) -> list[int]:
+        if not value or any(m < 1 for m in value):
+            raise ValueError("must be a non-empty list of positive integers")
+        return value
+
+
+class DiscriminatorConfig(Section):
+    """PatchGAN discriminator (pix2pix / LDM NLayerDiscriminator)."""
+
+    channels: int = Field(64, ge=8, le=1024)
+    layers: int = Field(3, ge=1, le=6)
+
+
+class TokenizerConfig(Section):
+    """The tokenizer model: `aligned` (encoder + adapter + decoder) or the `vae` baseline."""
+
+    kind: Literal["aligned", "vae"] = "aligned"
+    adapter_hidden: int | None = Field(None, ge=1)
+    """Adapter MLP hidden width (default: the encoder width)."""
+    decoder: DecoderConfig = DecoderConfig()
+    discriminator: DiscriminatorConfig = DiscriminatorConfig()
+
+
 class DataConfig(Section):
     """Images to WebDataset shards (`ingest` stage)."""
 
@@ -99,6 +137,7 @@ class ValidateConfig(Section):
 class Params(Section):
     encoder: EncoderConfig = EncoderConfig()
     latent: LatentConfig = LatentConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
     data: DataConfig = DataConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
 
