@@ -1,0 +1,1 @@
+"""One training loop for every stage: checkpointing, resume, EMA, clipping, NaN guard."""

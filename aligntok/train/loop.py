@@ -1,0 +1,154 @@
+"""The training loop shared by every stage (tokenizer stages 1-3, VAE baseline, DiT).
+
+What differs between stages is data: which parameters train (the optimisers handed in),
+what the objective computes, and the schedule in `LoopSettings`. The loop owns the
+mechanics: learning-rate warm-up, gradient clipping, EMA, the NaN guard, progress,
+checkpointing every N steps and resuming from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+from tqdm import tqdm
+
+from aligntok.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss went NaN/inf; the last good checkpoint is left in place."""
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    steps: int
+    warmup_steps: int = 0
+    grad_clip: float | None = 1.0
+    ema_decay: float | None = None
+    checkpoint_every: int = 100
+    log_every: int = 10
+    name: str = "train"
+
+
+@dataclass
+class StepLosses:
+    """What an objective returns for one batch.
+
+    `main` is minimised by the "main" optimiser; `aux` (if any) by the optimiser of the
+    same name (e.g. "discriminator"), after the main update. `logs` are floats to report.
+    """
+
+    main: torch.Tensor
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)
+    logs: dict[str, float] = field(default_factory=dict)
+
+
+class Objective(Protocol):
+    def __call__(self, batch: Any, step: int) -> StepLosses: ...
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    ema_params = dict(ema.named_parameters())
+    for name, param in model.named_parameters():
+        ema_params[name].mul_(decay).add_(param.detach(), alpha=1 - decay)
+    for (name, buf), (_, src) in zip(ema.named_buffers(), model.named_buffers()):
+        buf.copy_(src)
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """Linear warm-up from 1/warmup to 1 over the first `warmup_steps` steps, then constant."""
+    return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    resumed_from: int
+    seconds: float
+    last_logs: dict[str, float]
+    checkpoint: Path
+
+
+def _check_finite(losses: StepLosses, settings: LoopSettings, step: int, checkpoint: Path) -> None:
+    for name, value in {"main": losses.main, **losses.aux}.items():
+        if not torch.isfinite(value).all():
+            kept = f"the last good checkpoint is kept at {checkpoint}" if checkpoint.exists() else "no checkpoint was written yet"
+            raise NonFiniteLossError(
+                f"stage {settings.name}: loss {name!r} is {value.item()} at step {step}; stopped ({kept})"
+            )
+
+
+def run_loop(
+    *,
+    settings: LoopSettings,
+    state: TrainState,
+    objective: Objective,
+    batches: Callable[[int], Any],
+    checkpoint: Path,
+    sidecar: Callable[[], dict[str, Any]] = dict,
+    on_log: Callable[[int, dict[str, float]], None] | None = None,
+    on_checkpoint: Callable[[int], None] | None = None,
+    is_main_process: bool = True,
+) -> TrainResult:
+    """Train from the last checkpoint (if `checkpoint` exists) up to `settings.steps`.
+
+    `state.modules` must hold "model" (and "ema" when `settings.ema_decay` is set);
+    `state.optimizers` must hold "main" and one optimiser per auxiliary loss.
+    `batches(step)` returns the batch for a step: a pure function of the step, which is
+    what makes a resumed run identical to an uninterrupted one.
+    """
+    start = load_checkpoint(checkpoint, state) if checkpoint.exists() else 0
+    if start:
+        log.info("%s: resuming from step %d (%s)", settings.name, start, checkpoint)
+    model, optimizers = state.modules["model"], state.optimizers
+    base_lrs = {role: [g["lr"] for g in opt.param_groups] for role, opt in optimizers.items()}
+    logs: dict[str, float] = {}
+    began = time.perf_counter()
+    bar = tqdm(range(start, settings.steps), initial=start, total=settings.steps, desc=settings.name,
+               unit="step", disable=not is_main_process, dynamic_ncols=True)
+    for step in bar:
+        factor = warmup_factor(step, settings.warmup_steps)
+        for role, opt in optimizers.items():
+            for group, lr in zip(opt.param_groups, base_lrs[role]):
+                group["lr"] = lr * factor
+        model.train()
+        losses = objective(batches(step), step)
+        _check_finite(losses, settings, step, checkpoint)
+        _minimise(optimizers["main"], losses.main, settings.grad_clip)
+        for role, loss in losses.aux.items():
+            _minimise(optimizers[role], loss, settings.grad_clip)
+        if settings.ema_decay is not None:
+            update_ema(state.modules["ema"], model, settings.ema_decay)
+        state.step = step + 1
+        logs = {"loss": losses.main.item(), **{f"loss_{k}": v.item() for k, v in losses.aux.items()}, **losses.logs}
+        if state.step % settings.log_every == 0 or state.step == settings.steps:
+            bar.set_postfix({k: f"{v:.4g}" for k, v in list(logs.items())[:4]})
+            if on_log and is_main_process:
+                on_log(state.step, logs)
+        if is_main_process and (state.step % settings.checkpoint_every == 0 or state.step == settings.steps):
+            save_checkpoint(checkpoint, state, {"stage": settings.name, "logs": logs, **sidecar()})
+            if on_checkpoint:
+                on_checkpoint(state.step)
+    bar.close()
+    seconds = time.perf_counter() - began
+    done = settings.steps - start
+    log.info("%s: %d steps in %.1f s (%.2f steps/s)", settings.name, done, seconds, done / max(seconds, 1e-9))
+    return TrainResult(steps=settings.steps, resumed_from=start, seconds=seconds, last_logs=logs, checkpoint=checkpoint)
+
+
+def _minimise(optimizer: torch.optim.Optimizer, loss: torch.Tensor, grad_clip: float | None) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if grad_clip is not None and params:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+
