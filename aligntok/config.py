@@ -93,6 +93,67 @@ class TokenizerConfig(Section):
     discriminator: DiscriminatorConfig = DiscriminatorConfig()
 
 
+Role = Literal["encoder", "adapter", "decoder"]
+
+
+class LossWeights(Section):
+    """Weights of the tokenizer losses; 0 switches a term off."""
+
+    l1: float = Field(1.0, ge=0.0)
+    perceptual: float = Field(1.0, ge=0.0)
+    gan: float = Field(0.5, ge=0.0)
+    """Base weight of the adaptive (LDM) generator weight."""
+    gan_start: int = Field(0, ge=0)
+    """Step from which the GAN terms apply (discriminator and generator)."""
+    semantic: float = Field(0.0, ge=0.0)
+    """Semantic preservation (stage 2): MSE to the frozen stage-1 latent."""
+    kl: float = Field(0.0, ge=0.0)
+    """KL weight (vae baseline only)."""
+
+
+class TrainStageConfig(Section):
+    """One tokenizer training stage as data: what trains, which losses, the schedule."""
+
+    train: list[Role]
+    steps: int = Field(ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-4, gt=0.0)
+    encoder_lr_scale: float = Field(0.1, gt=0.0)
+    """The encoder's learning rate is lr x this (stage 2 fine-tunes it slowly)."""
+    disc_lr: float = Field(1e-4, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    betas: list[float] = Field(default_factory=lambda: [0.5, 0.9])
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0.0)
+    ema_decay: float | None = Field(None, gt=0.0, lt=1.0)
+    checkpoint_every: int = Field(50, ge=1)
+    log_every: int = Field(10, ge=1)
+    image_every: int = Field(100, ge=1)
+    """Steps between reconstruction grids logged to MLflow."""
+    val_images: int = Field(512, ge=1)
+    """Validation images for the final PSNR/SSIM."""
+    seed: int = Field(0, ge=0)
+    losses: LossWeights = LossWeights()
+
+    @field_validator("train")
+    @classmethod
+    def _non_empty(cls, value: list[str]) -> list[str]:
+        if not value or len(set(value)) != len(value):
+            raise ValueError("must list each trained role (encoder, adapter, decoder) once")
+        return value
+
+    @field_validator("betas")
+    @classmethod
+    def _two_betas(cls, value: list[float]) -> list[float]:
+        if len(value) != 2 or not all(0.0 <= b < 1.0 for b in value):
+            raise ValueError("must be two numbers in [0, 1)")
+        return value
+
+
+def _stage(train: list[str], steps: int, **kw: Any) -> TrainStageConfig:
+    return TrainStageConfig(train=train, steps=steps, **kw)
+
+
 class DataConfig(Section):
     """Images to WebDataset shards (`ingest` stage)."""
 
@@ -140,6 +201,12 @@ class Params(Section):
     tokenizer: TokenizerConfig = TokenizerConfig()
     data: DataConfig = DataConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    align_latent: TrainStageConfig = _stage(["adapter", "decoder"], 300)
+    align_perceptual: TrainStageConfig = _stage(
+        ["encoder", "adapter", "decoder"], 150, ema_decay=0.999, losses=LossWeights(semantic=1.0))
+    refine_decoder: TrainStageConfig = _stage(["decoder"], 150)
+    vae_baseline: TrainStageConfig = _stage(
+        ["encoder", "decoder"], 300, losses=LossWeights(perceptual=0.0, kl=1e-6))
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
 

@@ -1,0 +1,33 @@
+"""Tokenizer models: the aligned tokenizer (foundation encoder + adapter + decoder), the VAE baseline,
+the PatchGAN discriminator, and the builders that make them from the typed config."""
+
+from aligntok.tokenizer.adapter import Adapter
+from aligntok.tokenizer.decoder import Decoder
+from aligntok.tokenizer.discriminator import PatchDiscriminator
+from aligntok.tokenizer.foundation import EncoderDescription, FoundationEncoder, create_random_encoder
+from aligntok.tokenizer.model import (
+    AlignedTokenizer,
+    TokenizerOutput,
+    build_discriminator,
+    build_tokenizer,
+    to_signed,
+    to_unit,
+)
+from aligntok.tokenizer.vae import VAEEncoder, VAETokenizer
+
+__all__ = [
+    "Adapter",
+    "AlignedTokenizer",
+    "Decoder",
+    "EncoderDescription",
+    "FoundationEncoder",
+    "PatchDiscriminator",
+    "TokenizerOutput",
+    "VAEEncoder",
+    "VAETokenizer",
+    "build_discriminator",
+    "build_tokenizer",
+    "create_random_encoder",
+    "to_signed",
+    "to_unit",
+]
