@@ -208,7 +208,7 @@ def test_paper_scale_counts_and_shapes() -> None:
         model = build_tokenizer(p.tokenizer, p.latent, vit, desc, p.data.resolution)
         out = model(torch.rand(1, 3, 256, 256))
     roles = {name: count(m) for name, m in model.modules_by_role().items()}
-    assert roles["encoder"] == 304_367_616  # ViT-L/14: 24 blocks, 1024 wide
+    assert roles["encoder"] == 303_227_904  # ViT-L/14: 24 blocks, 1024 wide, pos_embed for 16x16 tokens
     assert roles["adapter"] == 1024 * 1024 + 1024 + 1024 * 32 + 32 < 3_000_000
     assert 41_000_000 < roles["decoder"] < 43_000_000
     assert out.latent.shape == (1, 32, 16, 16) and out.reconstruction.shape == (1, 3, 256, 256)

@@ -138,22 +138,17 @@ class FoundationEncoder(nn.Module):
         return {f"block{k}": fmap for k, fmap in zip(blocks, maps, strict=True)}
 
 
-def dinov2_img_size(arch: str) -> int | None:
-    """timm's DINOv2 archs (patch 14) are built at 518: their 37x37 position table matches the weights."""
-    return 518 if "dinov2" in arch and "patch14" in arch else None
-
-
 def create_random_encoder(arch: str, depth: int, image_size: int) -> tuple[nn.Module, EncoderDescription]:
     """A randomly initialised timm ViT with `depth` blocks and its description (no weights are read).
+
+    The position embedding is sized for `image_size`, as the `encoder` stage exports it.
 
     Build under `with torch.device("meta"):` to count parameters of a large arch without allocating them.
     """
     import timm
 
-    kwargs: dict[str, Any] = {"pretrained": False, "depth": depth, "dynamic_img_size": True, "num_classes": 0}
-    img_size = dinov2_img_size(arch)
-    if img_size is not None:
-        kwargs["img_size"] = img_size
+    kwargs: dict[str, Any] = {"pretrained": False, "depth": depth, "dynamic_img_size": True, "num_classes": 0,
+                              "img_size": image_size}
     vit = timm.create_model(arch, **kwargs)
     cfg = vit.pretrained_cfg
     desc = EncoderDescription(

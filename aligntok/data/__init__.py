@@ -1,0 +1,1 @@
+"""Data ingestion: image sources, per-image policy and WebDataset shard writing."""
