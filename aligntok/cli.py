@@ -9,6 +9,7 @@ arguments and calls the library; heavy imports happen inside the handlers so tha
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -58,12 +59,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from aligntok.data.ingest import ingest
 
     source = args.source or params.data.source
-    summary = ingest(source, Path(args.out_dir), params.data, progress=not args.no_progress)
-    log.info(
-        "ingest %s: %d inputs -> %d train, %d val, %d rejected in %.1f s (%.0f images/s)",
-        source, summary.inputs, summary.train, summary.val, summary.rejected,
-        summary.seconds, summary.images_per_s,
-    )
+    ingest(source, Path(args.out_dir), params.data, progress=not args.no_progress)  # logs its summary
     return 0
 
 
@@ -79,11 +75,51 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_tokenizer(args: argparse.Namespace) -> int:
+    params = _params(args)
+    from aligntok.tokenizer.stages import StagePaths, run_tokenizer_stage
+
+    paths = StagePaths(data=Path(args.data), encoder=Path(args.encoder), out=Path(args.out),
+                       previous=Path(args.previous) if args.previous else None,
+                       checkpoints=Path(args.checkpoints),
+                       metrics=Path(args.metrics) if args.metrics else None)
+    result = run_tokenizer_stage(args.command, params, paths, register=not args.no_register,
+                                 progress=not args.no_progress)
+    print(json.dumps({args.command: result.metrics, "receipt": result.receipt}, indent=2))
+    return 0
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    from aligntok.tokenizer.files import encode_files
+
+    count = encode_files(args.model, [Path(p) for p in args.images], Path(args.out))
+    log.info("encoded %d images -> %s", count, args.out)
+    return 0
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    from aligntok.tokenizer.files import decode_file
+
+    written = decode_file(args.model, Path(args.latents), Path(args.out_dir))
+    log.info("decoded %d latents -> %s", len(written), args.out_dir)
+    return 0
+
+
+TOKENIZER_STAGES = {
+    "align_latent": ("stage 1: train adapter + decoder on the frozen encoder", None),
+    "align_perceptual": ("stage 2: fine-tune encoder, adapter, decoder with semantic preservation",
+                         "models/tokenizer/align_latent"),
+    "refine_decoder": ("stage 3: refine the decoder on the fixed latent", "models/tokenizer/align_perceptual"),
+    "vae_baseline": ("baseline: a convolutional VAE with the same latent shape, from scratch", None),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aligntok",
         description="Align a vision foundation encoder into a diffusion tokenizer. "
-        "Pipeline stages (run by `dvc repro`): encoder, ingest, validate.",
+        "Pipeline stages (run by `dvc repro`): encoder, ingest, validate, align_latent, "
+        "align_perceptual, refine_decoder, vae_baseline.",
     )
     parser.add_argument("--params", default="params.yaml", metavar="PATH",
                         help="parameter file (default: params.yaml; presets in configs/)")
@@ -114,6 +150,30 @@ def build_parser() -> argparse.ArgumentParser:
                    "stage `validate`: Great Expectations checks of shards + manifest; fails on any failed expectation")
     validate.add_argument("data_dir", help="folder written by `aligntok ingest`")
     validate.add_argument("--report-dir", help="where validation.json/.txt go (default: DATA_DIR)")
+
+    for stage, (text, previous) in TOKENIZER_STAGES.items():
+        command = add(stage, cmd_train_tokenizer, f"stage `{stage}`: {text}")
+        command.add_argument("--data", default="data/shards", help="ingest folder (default: data/shards)")
+        command.add_argument("--encoder", default="models/encoder", help="encoder stage folder")
+        command.add_argument("--out", default=f"models/tokenizer/{stage}", help="output folder")
+        command.add_argument("--previous", default=previous, help="the previous stage's folder"
+                             + (f" (default: {previous})" if previous else ""))
+        command.add_argument("--checkpoints", default="checkpoints",
+                             help="in-progress checkpoints, kept across reruns for resume (default: checkpoints)")
+        command.add_argument("--metrics", help="metrics JSON (default: OUT/metrics.json)")
+        command.add_argument("--no-register", action="store_true", help="skip MLflow tracking and registry")
+        command.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    encode = add("encode", cmd_encode, "encode image files to latents with a tokenizer")
+    encode.add_argument("images", nargs="+", help="image files")
+    encode.add_argument("--model", required=True,
+                        help="tokenizer folder or registry URI, e.g. models:/aligntok-tokenizer@stage3")
+    encode.add_argument("--out", required=True, help="output .safetensors (latents + file names)")
+
+    decode = add("decode", cmd_decode, "decode latents (from `aligntok encode`) to PNG images")
+    decode.add_argument("latents", help=".safetensors written by `aligntok encode`")
+    decode.add_argument("--model", required=True, help="tokenizer folder or registry URI")
+    decode.add_argument("--out-dir", required=True, help="folder for the PNG images")
     return parser
 
 

@@ -1,0 +1,484 @@
+"""`ingest`: a data source to train/val WebDataset shards, a manifest and a rejection list.
+
+Outputs in OUT_DIR (a contract: the validate stage reads them):
+
+- `train-000000.tar`, ..., `val-000000.tar`, ...: shards of at most `shard_max_count` samples
+  and `shard_max_bytes` bytes of file (a shard always takes at least one sample). A sample
+  is `<key>.cls` (label, ASCII decimal), `<key>.json` ({key, source_path, label, class_name,
+  sha256}) and `<key>.png` or `<key>.jpg` (RGB, resolution²); `key` is the first 16 hex
+  digits of the sha256 of the source bytes. Tar headers are fixed (USTAR, mtime 0,
+  uid/gid 0, user/group `aligntok`, mode 0444), so a re-run writes byte-identical files.
+- `manifest.parquet`: one row per accepted image, in shard order (train, then val).
+- `rejected.csv`: `path,reason`, one row per rejected input, sorted by path.
+- `dataset.json`: source, classes, resolution, image format, counts, shard names, params.
+
+How it runs:
+1. One streaming pass reads every input of the source, in the source's order, and a pool
+   of `workers` spawned processes hashes, probes, decodes, converts, resizes and encodes
+   it (ordered, at most a few chunks in flight). Accepted outputs are appended to a spool
+   file; only their metadata stays in memory.
+2. Exact duplicates (same sha256) keep the copy with the smallest source path. Each image
+   gets its split from a hash of (seed, sha256) and its place from another, so neither
+   depends on enumeration order or on `workers`.
+3. Shards are planned from the exact sizes, then written from the spool by the same pool,
+   one shard per task.
+
+Everything is built in `OUT_DIR/.partial` and moved in at the end, the manifest and
+`dataset.json` last (the old ones are deleted first), so a manifest on disk never names an
+incomplete shard; stale shards of an earlier run are removed. OUT_DIR must be new, empty
+or hold only these outputs: anything else makes `ingest` refuse rather than mix.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import hashlib
+import io
+import itertools
+import json
+import logging
+import multiprocessing
+import os
+import re
+import shutil
+import tarfile
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, NamedTuple, TypeVar
+
+from tqdm import tqdm
+
+from aligntok.config import DataConfig
+from aligntok.data.images import ENCODED_EXTENSION, ImagePolicy, ProcessedImage, process_image
+from aligntok.data.sources import ImageFolder, IngestError, Source, SourceItem, open_source
+
+__all__ = ["IngestError", "IngestSummary", "ingest", "plan_shards", "split_of", "tar_size"]
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val")
+MANIFEST, REJECTED, DATASET = "manifest.parquet", "rejected.csv", "dataset.json"
+SHARD_NAME = re.compile(r"^(train|val)-\d{6}\.tar$")
+STAGING, SPOOL = ".partial", "spool.bin"
+_MAX_CHUNK = 32  # inputs per pool task: amortises IPC for 28×28 images
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+
+@dataclass(frozen=True)
+class IngestSummary:
+    """What one `ingest` call did. `shards` maps split to the shard paths written."""
+
+    source: str
+    out_dir: Path
+    classes: list[str]
+    inputs: int
+    train: int
+    val: int
+    rejected: int
+    seconds: float
+    images_per_s: float
+    shards: dict[str, list[Path]]
+
+
+class _Outcome(NamedTuple):
+    """A worker's answer for one input: the image, or the reason it was rejected unread."""
+
+    source_path: str
+    label: int | None
+    image: ProcessedImage | None
+    reason: str | None
+
+
+@dataclass(slots=True)
+class _Record:
+    """An accepted image: its metadata and where its encoded bytes sit in the spool."""
+
+    source_path: str
+    label: int
+    image: ProcessedImage  # without the encoded bytes: those live in the spool
+    offset: int
+    length: int
+    split: str = ""
+    shard: str = ""
+
+    @property
+    def key(self) -> str:
+        return self.image.sha256[:16]
+
+
+@dataclass
+class _Collected:
+    """Result of the pass: accepted images by sha256 (with every copy's path), and rejections."""
+
+    inputs: int = 0
+    records: dict[str, _Record] = field(default_factory=dict)
+    copies: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+
+
+class _ShardTask(NamedTuple):
+    """One shard to write: (key, spool offset, length, small entries) per sample, in order."""
+
+    path: Path
+    spool: Path
+    image_key: str
+    samples: list[tuple[str, int, int, dict[str, bytes]]]
+
+
+def ingest(
+    source: str, out_dir: Path, cfg: DataConfig, progress: bool = True, limit: int | None = None
+) -> IngestSummary:
+    """Ingest `source` (a `DataConfig.source` spec) into shards in `out_dir`; see the module doc.
+
+    `limit` keeps only the first `limit` inputs of the source (for tests and benchmarks).
+    Raises `IngestError` for a missing or empty source, an unknown scheme or an unusable
+    `out_dir`.
+    """
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    src = open_source(source, cfg)
+    _check_out_dir(out_dir, src)
+    staging = _fresh_staging(out_dir)
+    try:
+        with _Pool(cfg.workers) as pool:
+            summary = _ingest_into(src, source, out_dir, staging, cfg, pool, progress, limit, start)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info(
+        "ingest %s: %d inputs -> %d train, %d val, %d rejected in %.1f s (%.0f images/s); %d+%d shards in %s",
+        source, summary.inputs, summary.train, summary.val, summary.rejected, summary.seconds,
+        summary.images_per_s, len(summary.shards["train"]), len(summary.shards["val"]), out_dir,
+    )  # fmt: skip
+    if summary.train + summary.val == 0:
+        log.warning("ingest %s: no input was accepted; see %s", source, out_dir / REJECTED)
+    return summary
+
+
+def _ingest_into(
+    src: Source, source: str, out_dir: Path, staging: Path, cfg: DataConfig,
+    pool: _Pool, progress: bool, limit: int | None, start: float,
+) -> IngestSummary:  # fmt: skip
+    with open(staging / SPOOL, "w+b") as spool:
+        collected = _collect(src, ImagePolicy.from_config(cfg), pool, spool, progress, limit)
+    records, rejected = _resolve_duplicates(collected)
+    classes = src.classes()
+    records, shard_names = _write_all_shards(records, classes, staging, cfg, pool, progress)
+    (staging / SPOOL).unlink()
+    counts = _checked_counts(collected.inputs, records, rejected)
+    _log_rejections(rejected)
+    _write_rejected(rejected, staging / REJECTED)
+    _write_manifest(records, classes, staging / MANIFEST)
+    _write_dataset_json(source, classes, counts, shard_names, cfg, staging / DATASET)
+    _publish(staging, out_dir, [name for names in shard_names.values() for name in names])
+    seconds = time.perf_counter() - start
+    return IngestSummary(
+        source=source, out_dir=out_dir, classes=classes, inputs=counts["inputs"], train=counts["train"],
+        val=counts["val"], rejected=counts["rejected"], seconds=seconds,
+        images_per_s=counts["inputs"] / max(seconds, 1e-9),
+        shards={split: [out_dir / name for name in names] for split, names in shard_names.items()},
+    )  # fmt: skip
+
+
+def _checked_counts(inputs: int, records: list[_Record], rejected: list[tuple[str, str]]) -> dict[str, int]:
+    """{inputs, train, val, rejected}, asserting that every input was accounted for."""
+    val = sum(record.split == "val" for record in records)
+    counts = {"inputs": inputs, "train": len(records) - val, "val": val, "rejected": len(rejected)}
+    if inputs != counts["train"] + counts["val"] + counts["rejected"]:
+        raise AssertionError(f"ingest lost inputs: {counts}")
+    return counts
+
+
+def split_of(sha256: str, seed: int, val_fraction: float) -> str:
+    """`val` iff sha256(f"{seed}:split:{sha256}") read as a number in [0, 1) is below `val_fraction`."""
+    digest = hashlib.sha256(f"{seed}:split:{sha256}".encode()).digest()
+    return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
+
+
+def _write_order(record: _Record, seed: int) -> str:
+    return hashlib.sha256(f"{seed}:order:{record.image.sha256}".encode()).hexdigest()
+
+
+# --- output folder ----------------------------------------------------------------------------
+
+
+def _check_out_dir(out_dir: Path, src: Source) -> None:
+    """Refuse an `out_dir` that is a file, lies inside an image-folder source or holds other files."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise IngestError(f"{out_dir}: output path exists and is not a folder")
+    if isinstance(src, ImageFolder) and out_dir.resolve().is_relative_to(src.root.resolve()):
+        raise IngestError(f"{out_dir}: output folder lies inside the source folder {src.root}")
+    if not out_dir.is_dir():
+        return
+    ours = {MANIFEST, REJECTED, DATASET, STAGING}
+    unrelated = sorted(p.name for p in out_dir.iterdir() if p.name not in ours and not SHARD_NAME.match(p.name))
+    if unrelated:
+        shown = ", ".join(unrelated[:5]) + (", ..." if len(unrelated) > 5 else "")
+        raise IngestError(
+            f"{out_dir}: refusing to write into a folder that holds files other than ingest outputs ({shown}); "
+            "use a new or empty folder"
+        )
+
+
+def _fresh_staging(out_dir: Path) -> Path:
+    staging = out_dir / STAGING
+    shutil.rmtree(staging, ignore_errors=True)  # left over from an interrupted run
+    staging.mkdir(parents=True)
+    return staging
+
+
+def _publish(staging: Path, out_dir: Path, shard_names: list[str]) -> None:
+    """Move the finished outputs from `staging` into `out_dir`, manifest and dataset.json last."""
+    for name in (DATASET, MANIFEST):
+        (out_dir / name).unlink(missing_ok=True)
+    keep = set(shard_names)
+    for stale in out_dir.iterdir():
+        if SHARD_NAME.match(stale.name) and stale.name not in keep:
+            stale.unlink()
+    for name in [*shard_names, REJECTED, MANIFEST, DATASET]:
+        os.replace(staging / name, out_dir / name)
+    staging.rmdir()
+
+
+# --- the pass over the source -----------------------------------------------------------------
+
+
+def _process_item(item: SourceItem, policy: ImagePolicy) -> _Outcome:
+    """Worker entry point (module level, so spawned workers can unpickle it)."""
+    if item.data is None:
+        return _Outcome(item.source_path, item.label, None, item.reason or "unreadable")
+    return _Outcome(item.source_path, item.label, process_image(item.data, policy), None)
+
+
+def _collect(
+    src: Source, policy: ImagePolicy, pool: _Pool, spool: IO[bytes], progress: bool, limit: int | None
+) -> _Collected:
+    """Run every input through the policy; spool accepted images, group copies by sha256."""
+    items: Iterable[SourceItem] = src if limit is None else itertools.islice(src, limit)
+    total = src.count()
+    if total is not None and limit is not None:
+        total = min(total, limit)
+    collected = _Collected()
+    work = functools.partial(_process_item, policy=policy)
+    with tqdm(total=total, unit="img", desc="ingest", disable=not progress, smoothing=0.1) as bar:
+        for outcome in pool.imap(work, items, total):
+            collected.inputs += 1
+            _add(collected, outcome, spool)
+            bar.update()
+    return collected
+
+
+def _add(collected: _Collected, outcome: _Outcome, spool: IO[bytes]) -> None:
+    image = outcome.image
+    if image is None or image.encoded is None or outcome.label is None:
+        reason = outcome.reason or (image.reason if image is not None else None) or "no label"
+        collected.rejected.append((outcome.source_path, reason))
+        return
+    copy = (outcome.source_path, outcome.label)
+    if image.sha256 in collected.records:  # identical bytes give identical output: keep the path only
+        collected.copies[image.sha256].append(copy)
+        return
+    offset = spool.tell()
+    spool.write(image.encoded)
+    meta = ProcessedImage(image.sha256, image.width, image.height, image.mode, None, None)
+    collected.records[image.sha256] = _Record(outcome.source_path, outcome.label, meta, offset, len(image.encoded))
+    collected.copies[image.sha256] = [copy]
+
+
+def _resolve_duplicates(collected: _Collected) -> tuple[list[_Record], list[tuple[str, str]]]:
+    """Keep the copy with the smallest source path of each sha256; reject the others."""
+    records, rejected = [], list(collected.rejected)
+    for sha, record in collected.records.items():
+        copies = sorted(collected.copies[sha])
+        (record.source_path, record.label), duplicates = copies[0], copies[1:]
+        rejected.extend((path, f"duplicate of {record.source_path}") for path, _ in duplicates)
+        records.append(record)
+    if len({record.key for record in records}) != len(records):
+        raise AssertionError("two different images share a 16-hex-digit key prefix")
+    return records, sorted(rejected)
+
+
+class _Pool:
+    """Ordered maps over `workers` spawned processes, or in this process when `workers` is 0.
+
+    Spawned (not forked) workers are safe whatever threads the caller runs; a worker that
+    dies raises `BrokenProcessPool` instead of hanging.
+    """
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        context = multiprocessing.get_context("spawn")
+        self._executor = ProcessPoolExecutor(workers, mp_context=context) if workers else None
+
+    def __enter__(self) -> _Pool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def imap(self, fn: Callable[[_T], _R], items: Iterable[_T], total: int | None = None) -> Iterator[_R]:
+        """`map(fn, items)` in order, reading `items` at most a few chunks ahead of the results.
+
+        (`Pool.imap` and `Executor.map` would read all of `items` up front.)
+        """
+        if self._executor is None:
+            yield from map(fn, items)
+            return
+        chunksize = max(1, min(_MAX_CHUNK, (total or 10**9) // (8 * self.workers)))
+        iterator, pending = iter(items), deque[Future[list[_R]]]()
+        while chunk := list(itertools.islice(iterator, chunksize)):
+            pending.append(self._executor.submit(_map_chunk, fn, chunk))
+            if len(pending) >= 4 * self.workers:
+                yield from pending.popleft().result()
+        while pending:
+            yield from pending.popleft().result()
+
+
+def _map_chunk(fn: Callable[[_T], _R], chunk: list[_T]) -> list[_R]:
+    return [fn(item) for item in chunk]
+
+
+# --- shards -----------------------------------------------------------------------------------
+
+
+def tar_size(entry_sizes: Iterable[int]) -> int:
+    """Bytes that entries of these sizes take in a tar: a 512-byte header each, data padded to 512."""
+    return sum(tarfile.BLOCKSIZE + _round_up(size, tarfile.BLOCKSIZE) for size in entry_sizes)
+
+
+def plan_shards(sample_sizes: list[int], max_count: int, max_bytes: int) -> list[int]:
+    """Shard index of each sample (sizes from `tar_size`), filling shards in order.
+
+    A shard closes at `max_count` samples or before a sample that would make the file
+    (end-of-archive blocks and padding to 10240-byte records included) exceed `max_bytes`;
+    a sample larger than that alone still gets a shard of its own.
+    """
+    shard, count, offset, plan = 0, 0, 0, []
+    for size in sample_sizes:
+        file_size = _round_up(offset + size + 2 * tarfile.BLOCKSIZE, tarfile.RECORDSIZE)
+        if count and (count >= max_count or file_size > max_bytes):
+            shard, count, offset = shard + 1, 0, 0
+        plan.append(shard)
+        count, offset = count + 1, offset + size
+    return plan
+
+
+def _round_up(size: int, multiple: int) -> int:
+    return -(-size // multiple) * multiple
+
+
+def _write_all_shards(
+    records: list[_Record], classes: list[str], staging: Path, cfg: DataConfig, pool: _Pool, progress: bool
+) -> tuple[list[_Record], dict[str, list[str]]]:
+    """Plan each split's shards (records in seeded order) and write them in the pool.
+
+    Sets `record.split` and `record.shard`; returns the records in written order (train
+    shards, then val shards) and the shard names per split.
+    """
+    image_key = ENCODED_EXTENSION[cfg.image_format]
+    tasks: list[_ShardTask] = []
+    written: list[_Record] = []
+    names: dict[str, list[str]] = {split: [] for split in SPLITS}
+    for record in records:
+        record.split = split_of(record.image.sha256, cfg.seed, cfg.val_fraction)
+    for split in SPLITS:
+        chosen = sorted((r for r in records if r.split == split), key=lambda r: _write_order(r, cfg.seed))
+        written.extend(chosen)
+        samples = [(r.key, r.offset, r.length, _small_entries(r, classes)) for r in chosen]
+        sizes = [tar_size([length, *map(len, small.values())]) for _, _, length, small in samples]
+        plan = plan_shards(sizes, cfg.shard_max_count, cfg.shard_max_bytes)
+        for index, group in itertools.groupby(zip(plan, chosen, samples, strict=True), key=lambda t: t[0]):
+            names[split].append(f"{split}-{index:06d}.tar")
+            members = list(group)
+            for _, record, _ in members:
+                record.shard = names[split][-1]
+            tasks.append(_ShardTask(staging / names[split][-1], staging / SPOOL, image_key, [m[2] for m in members]))
+    with tqdm(total=len(records), unit="img", desc="shards", disable=not progress) as bar:
+        for count in pool.imap(_write_shard, tasks):
+            bar.update(count)
+    return written, names
+
+
+def _small_entries(record: _Record, classes: list[str]) -> dict[str, bytes]:
+    meta = {
+        "key": record.key, "source_path": record.source_path, "label": record.label,
+        "class_name": classes[record.label], "sha256": record.image.sha256,
+    }  # fmt: skip
+    return {"cls": str(record.label).encode("ascii"), "json": json.dumps(meta).encode("utf-8")}
+
+
+def _write_shard(task: _ShardTask) -> int:
+    """Write one shard (USTAR, fixed headers, entries sorted by extension); returns its sample count."""
+    with open(task.spool, "rb") as spool, tarfile.open(task.path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, offset, length, small in task.samples:
+            spool.seek(offset)
+            entries = {task.image_key: spool.read(length), **small}
+            for ext in sorted(entries):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode = len(entries[ext]), 0, 0o444
+                info.uname = info.gname = "aligntok"
+                tar.addfile(info, io.BytesIO(entries[ext]))
+    return len(task.samples)
+
+
+# --- tables -----------------------------------------------------------------------------------
+
+
+def _write_manifest(records: list[_Record], classes: list[str], path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema(
+        [("key", pa.string()), ("source_path", pa.string()), ("split", pa.string()), ("label", pa.int64()),
+         ("class_name", pa.string()), ("width", pa.int64()), ("height", pa.int64()), ("mode", pa.string()),
+         ("sha256", pa.string()), ("shard", pa.string())]
+    )  # fmt: skip
+    columns = {
+        "key": [r.key for r in records],
+        "source_path": [r.source_path for r in records],
+        "split": [r.split for r in records],
+        "label": [r.label for r in records],
+        "class_name": [classes[r.label] for r in records],
+        "width": [r.image.width for r in records],
+        "height": [r.image.height for r in records],
+        "mode": [r.image.mode for r in records],
+        "sha256": [r.image.sha256 for r in records],
+        "shard": [r.shard for r in records],
+    }
+    pq.write_table(pa.table(columns, schema=schema), path)
+
+
+def _write_rejected(rejected: list[tuple[str, str]], path: Path) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as stream:
+        writer = csv.writer(stream, lineterminator="\n")
+        writer.writerow(["path", "reason"])
+        writer.writerows(rejected)
+
+
+def _write_dataset_json(
+    source: str, classes: list[str], counts: dict[str, int], shards: dict[str, list[str]], cfg: DataConfig, path: Path
+) -> None:
+    description = {
+        "source": source,
+        "classes": classes,
+        "resolution": cfg.resolution,
+        "image_format": cfg.image_format,
+        "counts": counts,
+        "shards": shards,
+        "params": {**cfg.model_dump(mode="json"), "source": source},  # the source actually ingested
+    }
+    path.write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
+
+
+def _log_rejections(rejected: list[tuple[str, str]]) -> None:
+    if rejected:
+        reasons = Counter(re.split(r":| of | '", reason)[0] for _, reason in rejected)
+        log.info("rejected %d inputs: %s (see %s)", len(rejected), dict(reasons.most_common()), REJECTED)

@@ -1,0 +1,110 @@
+"""Training batches from the ingest shards.
+
+The tokenizer stages read one split's encoded images into memory (a few hundred bytes to a
+few hundred KB each), decode only the images of each batch, and draw each step's batch from a generator seeded by (seed, step). A batch is therefore a pure
+function of the step: a resumed run sees exactly the batches an uninterrupted run
+would have seen, and ranks under DDP can take disjoint slices of the same global batch.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+
+
+def decode_image(data: bytes) -> torch.Tensor:
+    """Encoded image bytes -> (3, H, W) uint8 RGB."""
+    array = np.array(Image.open(io.BytesIO(data)).convert("RGB"))  # (H, W, 3)
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+@dataclass
+class ImageSet:
+    """N encoded images (decoded per batch), labels (N,) int64 and record keys."""
+
+    encoded: list[bytes]
+    labels: torch.Tensor
+    keys: list[str]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> images (B, 3, R, R) float in [0, 1], labels (B,)."""
+        images = torch.stack([decode_image(self.encoded[int(i)]) for i in indices])  # (B, 3, R, R) uint8
+        return images.float().div_(255.0), self.labels[indices]
+
+
+def read_dataset_info(data_dir: Path) -> dict:
+    path = data_dir / "dataset.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; run `aligntok ingest` (DVC stage `ingest`) first")
+    return json.loads(path.read_text())
+
+
+def iter_shard(path: Path):
+    """Yield (key, image bytes, label) from one shard, in stored order."""
+    records: dict[str, dict[str, bytes]] = {}
+    order: list[str] = []
+    with tarfile.open(path) as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, _, ext = member.name.rpartition("/")[2].partition(".")
+            if key not in records:
+                records[key] = {}
+                order.append(key)
+            records[key][ext] = tar.extractfile(member).read()
+    for key in order:
+        fields = records[key]
+        image = next((fields[e] for e in IMAGE_EXTENSIONS if e in fields), None)
+        if image is None or "cls" not in fields:
+            raise ValueError(f"{path}: record {key!r} lacks an image or a cls field")
+        yield key, image, int(fields["cls"])
+
+
+def load_split(data_dir: Path, split: str, limit: int | None = None, progress: bool = True) -> ImageSet:
+    """Read the `split` shards of an ingest folder (the first `limit` records, if given)."""
+    info = read_dataset_info(data_dir)
+    shards = info["shards"].get(split) or []
+    if not shards:
+        raise ValueError(f"{data_dir}: no {split!r} shards in dataset.json")
+    total = info["counts"][split] if limit is None else min(limit, info["counts"][split])
+    encoded: list[bytes] = []
+    labels: list[int] = []
+    keys: list[str] = []
+    bar = tqdm(total=total, desc=f"read {split}", unit="img", disable=not progress, leave=False)
+    for shard in shards:
+        for key, data, label in iter_shard(data_dir / shard):
+            if len(keys) == total:
+                break
+            encoded.append(data)
+            labels.append(label)
+            keys.append(key)
+            bar.update()
+    bar.close()
+    if len(keys) != total:
+        raise ValueError(f"{data_dir}: {split} shards hold {len(keys)} records, dataset.json says {total}")
+    log.info("read %d %s images from %d shards (%.1f MB encoded)", total, split, len(shards),
+             sum(map(len, encoded)) / 1e6)
+    return ImageSet(encoded=encoded, labels=torch.tensor(labels, dtype=torch.int64), keys=keys)
+
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
+    """The indices of step `step`'s batch: uniform without replacement within the batch."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.randperm(n, generator=generator)[:batch_size] if batch_size <= n else \
+        torch.randint(n, (batch_size,), generator=generator)
