@@ -17,12 +17,13 @@ from typing import Any, Callable
 
 import yaml
 
+from aligntok.errors import AligntokError
 from aligntok.config import ConfigError, Params, dump_params, load_params
 
 log = logging.getLogger("aligntok")
 
 
-class CommandError(RuntimeError):
+class CommandError(AligntokError, RuntimeError):
     """An expected failure: printed as one line, exit code 1."""
 
 
@@ -184,9 +185,6 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         return args.handler(args)
-    except (ConfigError, CommandError) as exc:
-        print(f"aligntok {args.command}: error: {exc}", file=sys.stderr)
-        return 1
-    except FileNotFoundError as exc:
+    except (AligntokError, FileNotFoundError) as exc:
         print(f"aligntok {args.command}: error: {exc}", file=sys.stderr)
         return 1

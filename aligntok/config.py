@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from aligntok.errors import AligntokError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
-class ConfigError(ValueError):
+class ConfigError(AligntokError, ValueError):
     """A parameter file that cannot be used; the message names file, key and value."""
 
 

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from aligntok.errors import AligntokError
 from aligntok.config import DataConfig
 from aligntok.data.images import IMAGE_EXTENSIONS
 
@@ -46,7 +47,7 @@ WEBDATASET_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
 _URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 
 
-class IngestError(ValueError):
+class IngestError(AligntokError, ValueError):
     """A source or output folder that cannot be ingested; the message names the path or value."""
 
 

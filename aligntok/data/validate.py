@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from aligntok.errors import AligntokError
 from aligntok.config import ValidateConfig
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ ID_COLUMNS = {
 """Columns that GX copies into each failing row's description, so a report names the culprit."""
 
 
-class DatasetFormatError(ValueError):
+class DatasetFormatError(AligntokError, ValueError):
     """A contract file exists but cannot be read as the ingest contract describes."""
 
 

@@ -35,6 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from aligntok.errors import AligntokError
+
 log = logging.getLogger(__name__)
 
 ARCH = "vit_small_patch14_dinov2"
@@ -55,7 +57,7 @@ _RENAMES: list[tuple[str, str]] = [
 _QKV = re.compile(r"^backbone\.encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)$")
 
 
-class OnnxImportError(RuntimeError):
+class OnnxImportError(AligntokError, RuntimeError):
     """The ONNX graph does not have the structure this importer maps."""
 
 

@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 import torch
 
+from aligntok.errors import AligntokError
 from aligntok.config import EncoderConfig
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ DESCRIPTION_FILE = "encoder.json"
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 
-class EncoderSourceError(RuntimeError):
+class EncoderSourceError(AligntokError, RuntimeError):
     """An encoder source or setting that cannot be used; the message says which and why."""
 
 

@@ -17,12 +17,13 @@ from typing import Any, Callable, Protocol
 import torch
 from tqdm import tqdm
 
+from aligntok.errors import AligntokError
 from aligntok.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(AligntokError, RuntimeError):
     """A loss went NaN/inf; the last good checkpoint is left in place."""
 
 
@@ -97,6 +98,7 @@ def run_loop(
     on_log: Callable[[int, dict[str, float]], None] | None = None,
     on_checkpoint: Callable[[int], None] | None = None,
     is_main_process: bool = True,
+    progress: bool = True,
 ) -> TrainResult:
     """Train from the last checkpoint (if `checkpoint` exists) up to `settings.steps`.
 
@@ -113,7 +115,7 @@ def run_loop(
     logs: dict[str, float] = {}
     began = time.perf_counter()
     bar = tqdm(range(start, settings.steps), initial=start, total=settings.steps, desc=settings.name,
-               unit="step", disable=not is_main_process, dynamic_ncols=True)
+               unit="step", disable=not (is_main_process and progress), dynamic_ncols=True)
     for step in bar:
         factor = warmup_factor(step, settings.warmup_steps)
         for role, opt in optimizers.items():

@@ -1,0 +1,109 @@
+"""`Tokenizer`: the public, load-and-use face of a trained tokenizer.
+
+A tokenizer folder holds `tokenizer.safetensors` (weights) and `tokenizer.json` (everything
+needed to rebuild the module: kind, model config, latent config, encoder description,
+resolution). `Tokenizer.load` takes such a folder, its safetensors file, or a registry URI
+(`models:/aligntok-tokenizer@stage3`).
+
+Value ranges: `encode` takes images (B, 3, H, W) float in [0, 1] (any H, W: the encoder resizes
+to its input size) and returns latents (B, C, h, w); `decode` returns images (B, 3, R, R) in [0, 1].
+Both run in batches of `batch_size` under `torch.no_grad()`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from aligntok.config import LatentConfig, TokenizerConfig
+from aligntok.train.checkpoint import atomic_save_safetensors, atomic_write_text
+
+WEIGHTS = "tokenizer.safetensors"
+CONFIG = "tokenizer.json"
+FORMAT = "aligntok-tokenizer/1"
+
+
+def save_tokenizer_folder(folder: Path, model: torch.nn.Module, description: dict[str, Any]) -> None:
+    """Write weights + JSON description (each atomically)."""
+    atomic_save_safetensors(model.state_dict(), folder / WEIGHTS, {"format": FORMAT})
+    atomic_write_text(folder / CONFIG, json.dumps({"format": FORMAT, **description}, indent=2) + "\n")
+
+
+def build_from_description(description: dict[str, Any]) -> torch.nn.Module:
+    """An untrained module with the architecture a tokenizer.json describes."""
+    from aligntok.tokenizer.foundation import EncoderDescription, create_random_encoder
+    from aligntok.tokenizer.model import build_tokenizer
+
+    tokenizer_cfg = TokenizerConfig.model_validate(description["tokenizer"])
+    latent_cfg = LatentConfig.model_validate(description["latent"])
+    desc = EncoderDescription.coerce(description["encoder"])
+    vit = None
+    if tokenizer_cfg.kind == "aligned":
+        vit, _ = create_random_encoder(desc.arch, desc.depth, desc.image_size)
+    return build_tokenizer(tokenizer_cfg, latent_cfg, vit, desc, int(description["resolution"]))
+
+
+def resolve_folder(source: str | Path) -> Path:
+    """A tokenizer folder from a folder, its safetensors/json file, or a `models:/` / `runs:/` URI."""
+    text = str(source)
+    if text.startswith(("models:/", "runs:/")):
+        from aligntok.tracking import download_model_files
+
+        return download_model_files(text)
+    path = Path(text)
+    folder = path.parent if path.suffix in {".safetensors", ".json"} else path
+    if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
+        raise FileNotFoundError(f"{source}: not a tokenizer folder (needs {WEIGHTS} and {CONFIG})")
+    return folder
+
+
+class Tokenizer:
+    """A trained tokenizer in eval mode: `encode` images to latents and `decode` them back."""
+
+    def __init__(self, model: torch.nn.Module, description: dict[str, Any], batch_size: int = 64) -> None:
+        self.model = model.eval()
+        self.description = description
+        self.batch_size = batch_size
+
+    @classmethod
+    def load(cls, source: str | Path, device: str | torch.device = "cpu", batch_size: int = 64) -> Tokenizer:
+        folder = resolve_folder(source)
+        description = json.loads((folder / CONFIG).read_text())
+        if description.get("format") != FORMAT:
+            raise ValueError(f"{folder / CONFIG}: format {description.get('format')!r}, expected {FORMAT!r}")
+        model = build_from_description(description)
+        model.load_state_dict(load_file(str(folder / WEIGHTS)))
+        return cls(model.to(device), description, batch_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, h, w)."""
+        return tuple(self.model.latent_shape)  # type: ignore[return-value]
+
+    @property
+    def resolution(self) -> int:
+        return int(self.description["resolution"])
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) in [0, 1] -> latents (B, C, h, w)."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"encode expects images (B, 3, H, W), got {tuple(images.shape)}")
+        chunks = [self.model.encode(part.to(self.device).float()) for part in images.split(self.batch_size)]
+        return torch.cat(chunks).cpu()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents (B, C, h, w) -> images (B, 3, R, R) in [0, 1]."""
+        if latents.ndim != 4 or tuple(latents.shape[1:]) != self.latent_shape:
+            raise ValueError(f"decode expects latents (B, {self.latent_shape}), got {tuple(latents.shape)}")
+        chunks = [self.model.decode(part.to(self.device).float()) for part in latents.split(self.batch_size)]
+        return torch.cat(chunks).cpu()

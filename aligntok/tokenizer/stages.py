@@ -1,0 +1,344 @@
+"""The tokenizer training stages, as data run by the one training loop.
+
+| stage            | trains                    | losses                              | starts from        |
+|------------------|---------------------------|-------------------------------------|--------------------|
+| align_latent     | adapter, decoder          | L1 + perceptual + GAN               | the encoder stage  |
+| align_perceptual | encoder, adapter, decoder | + semantic preservation (EMA kept)  | align_latent       |
+| refine_decoder   | decoder                   | L1 + perceptual + GAN               | align_perceptual   |
+| vae_baseline     | VAE encoder, decoder      | L1 + perceptual + GAN + KL          | scratch            |
+
+Which roles train and the loss weights come from the stage's params section; nothing in the
+loop knows which stage it runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from aligntok.config import ConfigError, Params, TrainStageConfig
+from aligntok.data.loader import ImageSet, batch_indices, load_split
+from aligntok.losses import (
+    PerceptualLoss,
+    adaptive_gan_weight,
+    gan_weight_at,
+    hinge_d_loss,
+    hinge_g_loss,
+    kl_loss,
+    l1_loss,
+    semantic_preservation_loss,
+)
+from aligntok.metrics import psnr, ssim
+from aligntok.tokenizer.api import Tokenizer, save_tokenizer_folder
+from aligntok.tokenizer.model import build_discriminator, build_tokenizer, to_signed, to_unit
+from aligntok.train.checkpoint import TrainState, atomic_write_text
+from aligntok.train.loop import LoopSettings, StepLosses, run_loop
+
+log = logging.getLogger(__name__)
+
+STAGES = {"align_latent": 1, "align_perceptual": 2, "refine_decoder": 3, "vae_baseline": 0}
+PREVIOUS = {"align_perceptual": "align_latent", "refine_decoder": "align_perceptual"}
+REGISTERED_MODEL = {"aligned": "aligntok-tokenizer", "vae": "aligntok-vae-baseline"}
+PERCEPTUAL_BLOCKS = (2, 4)
+"""Encoder blocks the perceptual distance compares: early, generic features, and cheap to run
+(blocks beyond the exported depth are dropped)."""
+
+
+@dataclass(frozen=True)
+class StagePaths:
+    data: Path
+    """Folder written by `ingest` (shards, manifest, dataset.json)."""
+    encoder: Path
+    """Folder written by the `encoder` stage."""
+    out: Path
+    """This stage's folder: tokenizer.safetensors/json, metrics.json, receipt.json."""
+    previous: Path | None = None
+    """The previous stage's folder (stages 2 and 3)."""
+    checkpoints: Path = Path("checkpoints")
+    """Where in-progress checkpoints live (outside DVC outs, so a rerun can resume)."""
+    metrics: Path | None = None
+    """Metrics JSON (DVC metrics); default `out/metrics.json`."""
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def set_trainable(model: nn.Module, roles: list[str]) -> None:
+    by_role = model.modules_by_role()
+    unknown = set(roles) - set(by_role)
+    if unknown:
+        raise ValueError(f"train: {sorted(unknown)} are not parts of a {model.kind} tokenizer ({sorted(by_role)})")
+    for role, module in by_role.items():
+        module.requires_grad_(role in roles)
+
+
+def param_groups(model: nn.Module, cfg: TrainStageConfig) -> list[dict[str, Any]]:
+    """One AdamW group per trained role; the foundation encoder runs at lr x encoder_lr_scale."""
+    groups = []
+    for role, module in model.modules_by_role().items():
+        if role in cfg.train:
+            scale = cfg.encoder_lr_scale if (role == "encoder" and model.kind == "aligned") else 1.0
+            groups.append({"params": list(module.parameters()), "lr": cfg.lr * scale, "name": role})
+    return groups
+
+
+class TokenizerObjective:
+    """L_rec = l1 + perceptual + w_g * GAN, plus semantic preservation (stage 2) and KL (VAE)."""
+
+    def __init__(self, model: nn.Module, cfg: TrainStageConfig, perceptual: PerceptualLoss | None,
+                 discriminator: nn.Module | None, semantic_target: nn.Module | None) -> None:
+        self.model, self.w, self.perceptual = model, cfg.losses, perceptual
+        self.discriminator, self.semantic_target = discriminator, semantic_target
+
+    def __call__(self, batch: tuple[torch.Tensor, torch.Tensor], step: int) -> StepLosses:
+        images, _ = batch  # (B, 3, R, R) in [0, 1]
+        out = self.model(images)
+        x, x_hat = to_signed(images), out.reconstruction  # (B, 3, R, R) in [-1, 1]
+        l1 = l1_loss(x, x_hat)
+        rec = self.w.l1 * l1
+        logs = {"l1": l1.item()}
+        if self.perceptual is not None and self.w.perceptual > 0:
+            p = self.perceptual(x, x_hat)
+            rec = rec + self.w.perceptual * p
+            logs["perceptual"] = p.item()
+        total = rec
+        if self.semantic_target is not None and self.w.semantic > 0:
+            with torch.no_grad():
+                z_star = self.semantic_target(images)  # (B, C, h, w), frozen stage-1 encoder + adapter
+            sp = semantic_preservation_loss(out.latent, z_star)
+            total = total + self.w.semantic * sp
+            logs["semantic"] = sp.item()
+        if out.posterior_mean is not None and self.w.kl > 0:
+            kl = kl_loss(out.posterior_mean, out.posterior_logvar)
+            total = total + self.w.kl * kl
+            logs["kl"] = kl.item()
+        aux: dict[str, torch.Tensor] = {}
+        if self.discriminator is not None and gan_weight_at(step, self.w.gan_start) > 0:
+            g = hinge_g_loss(self.discriminator(x_hat))
+            weight = adaptive_gan_weight(rec, g, self.model.last_layer, self.w.gan)
+            total = total + weight * g
+            aux["discriminator"] = hinge_d_loss(self.discriminator(x), self.discriminator(x_hat.detach()))
+            logs |= {"gan_g": g.item(), "gan_weight": float(weight)}
+        return StepLosses(main=total, aux=aux, logs=logs)
+
+
+class SemanticTarget(nn.Module):
+    """A frozen snapshot of encoder + adapter: z* = A*(E*(x)) for the semantic preservation loss."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.encoder = copy.deepcopy(model.encoder).requires_grad_(False).eval()
+        self.adapter = copy.deepcopy(model.adapter).requires_grad_(False).eval()
+
+    def train(self, mode: bool = True) -> SemanticTarget:
+        return super().train(False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.adapter(self.encoder(images))  # (B, C, h, w)
+
+
+@torch.no_grad()
+def evaluate_reconstruction(model: nn.Module, val: ImageSet, batch_size: int = 64) -> dict[str, float]:
+    """Mean PSNR (dB) and SSIM of encode -> decode over the validation images."""
+    model.eval()
+    scores = {"psnr": [], "ssim": []}
+    for start in range(0, len(val), batch_size):
+        images, _ = val.batch(torch.arange(start, min(start + batch_size, len(val))))
+        recon = model.decode(model.encode(images))
+        scores["psnr"].append(psnr(images, recon))
+        scores["ssim"].append(ssim(images, recon))
+    return {f"val_{k}": float(torch.cat(v).mean()) for k, v in scores.items()}
+
+
+def reconstruction_grid(model: nn.Module, images: torch.Tensor) -> np.ndarray:
+    """Originals (top row) above reconstructions (bottom row): (H, W, 3) uint8."""
+    from torchvision.utils import make_grid
+
+    model.eval()
+    with torch.no_grad():
+        recon = model.decode(model.encode(images))
+    grid = make_grid(torch.cat([images, recon]), nrow=len(images), padding=2, pad_value=1.0)
+    return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def fingerprint(stage: str, params: Params, paths: StagePaths) -> str:
+    """Identifies what a checkpoint was trained from: resume only into the same configuration."""
+    inputs = {"stage": stage, "params": params.to_dict(),
+              "manifest": file_sha256(paths.data / "manifest.parquet"),
+              "encoder": file_sha256(paths.encoder / "encoder.safetensors")}
+    if paths.previous is not None:
+        inputs["previous"] = file_sha256(paths.previous / "tokenizer.safetensors")
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_stage_model(stage: str, params: Params, paths: StagePaths) -> tuple[nn.Module, dict[str, Any]]:
+    """The model a stage starts from and the encoder description it carries."""
+    from aligntok.encoder import load_encoder
+
+    if stage in PREVIOUS:
+        if paths.previous is None:
+            raise ValueError(f"stage {stage} needs the folder of {PREVIOUS[stage]} (--previous)")
+        tokenizer = Tokenizer.load(paths.previous)
+        return tokenizer.model, tokenizer.description["encoder"]
+    vit, desc = load_encoder(paths.encoder)
+    kind = "vae" if stage == "vae_baseline" else params.tokenizer.kind
+    cfg = params.tokenizer.model_copy(update={"kind": kind})
+    try:
+        return build_tokenizer(cfg, params.latent, vit, desc, params.data.resolution), desc
+    except ValueError as exc:  # shapes that do not fit together: a parameter problem
+        raise ConfigError(f"stage {stage}: {exc}") from None
+
+
+def perceptual_loss(paths: StagePaths) -> PerceptualLoss:
+    """Perceptual distance on the frozen foundation encoder from the `encoder` stage (never fine-tuned)."""
+    from aligntok.encoder import load_encoder
+    from aligntok.tokenizer.foundation import FoundationEncoder
+
+    vit, desc = load_encoder(paths.encoder)
+    blocks = [b for b in PERCEPTUAL_BLOCKS if b <= desc["depth"]] or [desc["depth"]]
+    return PerceptualLoss(FoundationEncoder(vit, desc), blocks=blocks)
+
+
+@dataclass
+class StageResult:
+    metrics: dict[str, float]
+    out: Path
+    receipt: dict[str, Any] | None
+
+
+def run_tokenizer_stage(stage: str, params: Params, paths: StagePaths, register: bool = True,
+                        progress: bool = True) -> StageResult:
+    """Train one stage (resuming from its checkpoint if one matches), evaluate, save, register."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown tokenizer stage {stage!r}; known: {sorted(STAGES)}")
+    cfg: TrainStageConfig = getattr(params, stage)
+    torch.manual_seed(cfg.seed)
+    model, encoder_desc = build_stage_model(stage, params, paths)
+    set_trainable(model, cfg.train)
+    semantic = SemanticTarget(model) if cfg.losses.semantic > 0 else None
+    perceptual = perceptual_loss(paths) if cfg.losses.perceptual > 0 else None
+    discriminator = build_discriminator(params.tokenizer.discriminator, params.data.resolution) \
+        if cfg.losses.gan > 0 else None
+
+    train = load_split(paths.data, "train", progress=progress)
+    val = load_split(paths.data, "val", limit=cfg.val_images, progress=progress)
+    modules: dict[str, nn.Module] = {"model": model}
+    optimizers = {"main": torch.optim.AdamW(param_groups(model, cfg), betas=tuple(cfg.betas),
+                                            weight_decay=cfg.weight_decay)}
+    if cfg.ema_decay is not None:
+        modules["ema"] = copy.deepcopy(model).requires_grad_(False)
+    if discriminator is not None:
+        modules["discriminator"] = discriminator
+        optimizers["discriminator"] = torch.optim.AdamW(discriminator.parameters(), lr=cfg.disc_lr,
+                                                        betas=tuple(cfg.betas))
+    state = TrainState(step=0, modules=modules, optimizers=optimizers)
+    key = fingerprint(stage, params, paths)
+    checkpoint = paths.checkpoints / stage / f"{key}.safetensors"
+    run = _tracking_run(stage, params, cfg, checkpoint) if register else None
+    grid_images = val.batch(torch.arange(min(8, len(val))))[0]
+    logger = _Logger(run, model, grid_images, cfg.image_every)
+    settings = LoopSettings(steps=cfg.steps, warmup_steps=cfg.warmup_steps, grad_clip=cfg.grad_clip,
+                            ema_decay=cfg.ema_decay, checkpoint_every=cfg.checkpoint_every,
+                            log_every=cfg.log_every, name=stage)
+    try:
+        result = run_loop(
+            settings=settings, state=state,
+            objective=TokenizerObjective(model, cfg, perceptual, discriminator, semantic),
+            batches=lambda step: train.batch(batch_indices(len(train), cfg.batch_size, cfg.seed, step)),
+            checkpoint=checkpoint, sidecar=lambda: {"mlflow_run_id": run.run_id if run else None,
+                                                    "fingerprint": key},
+            on_log=logger, progress=progress,
+        )
+        final = modules.get("ema", model)
+        metrics = {**evaluate_reconstruction(final, val), "steps": float(cfg.steps),
+                   "train_seconds": result.seconds, **{f"final_{k}": v for k, v in result.last_logs.items()}}
+        return _finish(stage, params, paths, final, encoder_desc, metrics, run, perceptual)
+    except BaseException:
+        if run is not None:
+            run.finish("FAILED")
+        raise
+
+
+class _Logger:
+    """Per-step losses to MLflow; a reconstruction grid every `image_every` steps."""
+
+    def __init__(self, run: Any, model: nn.Module, grid_images: torch.Tensor, image_every: int) -> None:
+        self.run, self.model, self.grid_images, self.image_every = run, model, grid_images, image_every
+        self.last_grid = 0
+
+    def __call__(self, step: int, logs: dict[str, float]) -> None:
+        if self.run is None:
+            return
+        self.run.metrics(logs, step)
+        if step // self.image_every > self.last_grid:
+            self.last_grid = step // self.image_every
+            self.run.image(reconstruction_grid(self.model, self.grid_images), f"reconstruction_step{step:06d}.png")
+            self.model.train()
+
+
+def _tracking_run(stage: str, params: Params, cfg: TrainStageConfig, checkpoint: Path) -> Any:
+    from aligntok.tracking import StageRun
+
+    logged = {stage: cfg.model_dump(mode="json"), "tokenizer": params.tokenizer.model_dump(mode="json"),
+              "latent": params.latent.model_dump(mode="json"), "encoder": params.encoder.model_dump(mode="json"),
+              "data.resolution": params.data.resolution}
+    resumed = None
+    sidecar = checkpoint.with_suffix(".json")
+    if sidecar.is_file():
+        resumed = json.loads(sidecar.read_text()).get("mlflow_run_id")
+    return StageRun(stage, logged, resume_run_id=resumed)
+
+
+def _finish(stage: str, params: Params, paths: StagePaths, model: nn.Module, encoder_desc: dict[str, Any],
+            metrics: dict[str, float], run: Any, perceptual: PerceptualLoss | None) -> StageResult:
+    from aligntok.tracking import git_commit
+
+    manifest_sha = file_sha256(paths.data / "manifest.parquet")
+    description = {
+        "kind": getattr(model, "kind", "aligned"), "stage": stage, "stage_number": STAGES[stage],
+        "tokenizer": params.tokenizer.model_dump(mode="json") | {"kind": getattr(model, "kind", "aligned")},
+        "latent": params.latent.model_dump(mode="json"), "encoder": encoder_desc,
+        "resolution": params.data.resolution, "metrics": metrics,
+        "perceptual_loss": perceptual.name if perceptual is not None else None,
+        "manifest_sha256": manifest_sha, "git_commit": git_commit(),
+    }
+    save_tokenizer_folder(paths.out, model, description)
+    metrics_path = paths.metrics or paths.out / "metrics.json"
+    atomic_write_text(metrics_path, json.dumps({stage: metrics}, indent=2) + "\n")
+    log.info("%s: val PSNR %.2f dB, SSIM %.4f -> %s", stage, metrics["val_psnr"], metrics["val_ssim"], paths.out)
+    receipt = None
+    if run is not None:
+        from aligntok.tracking import register_pyfunc
+
+        run.metrics({k: v for k, v in metrics.items()}, int(metrics["steps"]))
+        run.artifact(metrics_path)
+        number = STAGES[stage]
+        kind = description["kind"]
+        rec = register_pyfunc(
+            run, model_name=REGISTERED_MODEL[kind],
+            code_path=Path(__file__).with_name("pyfunc.py"),
+            artifacts={"weights": paths.out / "tokenizer.safetensors", "config": paths.out / "tokenizer.json"},
+            tags={"stage": str(number) if number else stage, "manifest_sha256": manifest_sha,
+                  "git_commit": description["git_commit"],
+                  **{k: f"{v:.6g}" for k, v in metrics.items() if k.startswith("val_")}},
+            alias=f"stage{number}" if number else "baseline",
+        )
+        rec.write(paths.out / "receipt.json")
+        receipt = json.loads((paths.out / "receipt.json").read_text())
+        run.finish()
+    return StageResult(metrics=metrics, out=paths.out, receipt=receipt)

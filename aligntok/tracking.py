@@ -1,0 +1,190 @@
+"""Every MLflow call of the project lives here.
+
+Runs are addressed by explicit run ids through `MlflowClient` (MLflow's fluent "active
+run" is thread-local and easy to leak between stages). The tracking URI comes from
+`MLFLOW_TRACKING_URI`, else a SQLite file in the working directory (the repo root under
+DVC), with artifacts in `mlartifacts/` beside it. Nothing is configured at import.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT = "aligntok"
+PARENT_RUN_ENV = "ALIGNTOK_PARENT_RUN_ID"
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+def client() -> Any:
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=tracking_uri(), registry_uri=tracking_uri())
+
+
+def experiment_id(mlflow_client: Any, name: str = EXPERIMENT) -> str:
+    found = mlflow_client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        location = Path("mlartifacts").resolve().as_uri()
+    return mlflow_client.create_experiment(name, artifact_location=location)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            _flatten(f"{prefix}.{key}" if prefix else str(key), inner, out)
+    else:
+        out[prefix] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+
+
+class StageRun:
+    """One MLflow run for one pipeline stage (nested under `ALIGNTOK_PARENT_RUN_ID` if set)."""
+
+    def __init__(self, stage: str, params: dict[str, Any], tags: dict[str, str] | None = None,
+                 resume_run_id: str | None = None) -> None:
+        self.client = client()
+        if resume_run_id and self._reopen(resume_run_id):
+            return
+        all_tags = {"stage": stage, "git_commit": git_commit(), "mlflow.runName": stage, **(tags or {})}
+        parent = os.environ.get(PARENT_RUN_ENV)
+        if parent:
+            all_tags["mlflow.parentRunId"] = parent
+        run = self.client.create_run(experiment_id(self.client), tags=all_tags, run_name=stage)
+        self.run_id: str = run.info.run_id
+        flat: dict[str, str] = {}
+        _flatten("", params, flat)
+        items = list(flat.items())
+        from mlflow.entities import Param
+
+        for start in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=[Param(k, v[:6000]) for k, v in items[start:start + 100]])
+        log.info("MLflow run %s (%s) at %s", self.run_id, stage, tracking_uri())
+
+    def _reopen(self, run_id: str) -> bool:
+        """Continue an interrupted run of the same checkpoint instead of starting a new one."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            return False
+        if run.info.lifecycle_stage != "active":
+            return False
+        self.client.update_run(run_id, status="RUNNING")
+        self.run_id = run_id
+        log.info("MLflow run %s resumed at %s", run_id, tracking_uri())
+        return True
+
+    def metrics(self, values: dict[str, float], step: int | None = None) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step or 0) for k, v in values.items() if np.isfinite(v)]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def image(self, image: np.ndarray, name: str) -> None:
+        """Log an (H, W, 3) uint8 image as `images/<name>`."""
+        self.client.log_image(self.run_id, image, artifact_file=f"images/{name}")
+
+    def artifact(self, path: Path, folder: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), folder)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """What a registering stage writes as its DVC out: which registry entry it created."""
+
+    run_id: str
+    model: str
+    version: str
+    alias: str | None
+    tracking_uri: str
+
+    def write(self, path: Path) -> None:
+        from aligntok.train.checkpoint import atomic_write_text
+
+        atomic_write_text(path, json.dumps(asdict(self), indent=2) + "\n")
+
+
+def register_pyfunc(
+    run: StageRun,
+    *,
+    model_name: str,
+    code_path: Path,
+    artifacts: dict[str, Path],
+    tags: dict[str, str],
+    alias: str | None,
+) -> Receipt:
+    """Log a pyfunc model "from code" (`code_path` calls `mlflow.models.set_model`) over
+    the given artifact files, register it as a new version of `model_name`, tag it and
+    point `alias` at it. Weights travel as files (safetensors); nothing is pickled."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / "model"
+        mlflow.pyfunc.save_model(
+            path=str(local), python_model=str(code_path),
+            artifacts={k: str(v) for k, v in artifacts.items()}, pip_requirements=[],
+        )
+        run.client.log_artifacts(run.run_id, str(local), "model")
+    try:
+        run.client.create_registered_model(model_name)
+    except MlflowException as exc:
+        if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
+            raise
+    version = run.client.create_model_version(
+        model_name, source=f"runs:/{run.run_id}/model", run_id=run.run_id, tags=tags,
+    ).version
+    if alias:
+        run.client.set_registered_model_alias(model_name, alias, version)
+    log.info("registered %s version %s%s", model_name, version, f" as @{alias}" if alias else "")
+    return Receipt(run_id=run.run_id, model=model_name, version=str(version), alias=alias,
+                   tracking_uri=tracking_uri())
+
+
+def download_model_files(uri: str, dest: Path | None = None) -> Path:
+    """Fetch a registered model (`models:/name@alias`) and return its artifacts folder."""
+    import mlflow
+
+    target = dest or Path(tempfile.mkdtemp(prefix="aligntok-model-"))
+    local = Path(mlflow.artifacts.download_artifacts(
+        artifact_uri=uri, dst_path=str(target), tracking_uri=tracking_uri(), registry_uri=tracking_uri()))
+    artifacts = local / "artifacts"
+    if not artifacts.is_dir():
+        shutil.rmtree(target, ignore_errors=True)
+        raise FileNotFoundError(f"{uri}: no artifacts folder in the downloaded model")
+    return artifacts

@@ -1,0 +1,219 @@
+"""The tokenizer stages end to end on a tiny dataset: what each stage trains, the semantic
+target, resume after SIGKILL, and registration in MLflow."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from aligntok.config import EncoderConfig, Params, parse_params
+from aligntok.encoder import export_encoder
+from aligntok.tokenizer.api import Tokenizer
+from aligntok.tokenizer.stages import SemanticTarget, StagePaths, build_stage_model, run_tokenizer_stage
+
+from shards_fixture import write_dataset
+
+TINY = {
+    "encoder": {"depth": 2, "image_size": 56},  # 4x4 latent grid
+    "latent": {"channels": 4},
+    "data": {"resolution": 16},
+    "tokenizer": {"decoder": {"channels": 16, "channel_mult": [1, 2, 2], "num_res_blocks": 1},
+                  "discriminator": {"channels": 8, "layers": 2}},
+    "align_latent": {"train": ["adapter", "decoder"], "steps": 4, "batch_size": 4, "lr": 1e-3,
+                     "checkpoint_every": 2, "val_images": 4, "losses": {"gan_start": 2}},
+    "align_perceptual": {"train": ["encoder", "adapter", "decoder"], "steps": 3, "batch_size": 4, "lr": 1e-3,
+                         "encoder_lr_scale": 1.0, "ema_decay": 0.5, "val_images": 4,
+                         "losses": {"semantic": 1.0}},
+    "refine_decoder": {"train": ["decoder"], "steps": 3, "batch_size": 4, "lr": 1e-3, "val_images": 4},
+    "vae_baseline": {"train": ["encoder", "decoder"], "steps": 3, "batch_size": 4, "lr": 1e-3, "val_images": 4,
+                     "losses": {"kl": 1e-6}},
+}
+
+
+@pytest.fixture(scope="module")
+def params() -> Params:
+    return parse_params(TINY)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory, params: Params) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("inputs")
+    data = write_dataset(root / "data")
+    export_encoder(EncoderConfig(**TINY["encoder"]), root / "encoder")
+    return data, root / "encoder"
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory: pytest.TempPathFactory, params: Params, inputs: tuple[Path, Path]) -> dict[str, Path]:
+    """Stages 1-3 run once (no registry) for the tests that inspect their outputs."""
+    root = tmp_path_factory.mktemp("chain")
+    data, encoder = inputs
+    folders: dict[str, Path] = {}
+    previous = None
+    for stage in ("align_latent", "align_perceptual", "refine_decoder"):
+        folders[stage] = root / stage
+        paths = StagePaths(data=data, encoder=encoder, out=folders[stage], previous=previous,
+                           checkpoints=root / "checkpoints")
+        run_tokenizer_stage(stage, params, paths, register=False, progress=False)
+        previous = folders[stage]
+    return folders
+
+
+def weights(folder: Path, prefix: str) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in load_file(str(folder / "tokenizer.safetensors")).items() if k.startswith(prefix)}
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_stage1_leaves_the_encoder_bit_for_bit_and_trains_adapter_and_decoder(
+        chain: dict[str, Path], params: Params, inputs: tuple[Path, Path]) -> None:
+    data, encoder = inputs
+    torch.manual_seed(params.align_latent.seed)  # the stage seeds the same way before building
+    initial, _ = build_stage_model("align_latent", params, StagePaths(data=data, encoder=encoder, out=Path()))
+    start = {k: v for k, v in initial.state_dict().items()}
+    trained = load_file(str(chain["align_latent"] / "tokenizer.safetensors"))
+    exported = load_file(str(encoder / "encoder.safetensors"))
+    encoder_keys = [k for k in trained if k.startswith("encoder.vit.")]
+    assert encoder_keys and all(torch.equal(trained[k], exported[k.removeprefix("encoder.vit.")]) for k in encoder_keys)
+    for role in ("adapter.", "decoder."):
+        changed = [k for k in trained if k.startswith(role) and not torch.equal(trained[k], start[k])]
+        assert changed, f"no {role} parameter changed in stage 1"
+
+
+def test_stage2_fine_tunes_everything_and_stage3_only_the_decoder(chain: dict[str, Path]) -> None:
+    s1, s2, s3 = chain["align_latent"], chain["align_perceptual"], chain["refine_decoder"]
+    for role in ("encoder.", "adapter.", "decoder."):
+        assert not same(weights(s1, role), weights(s2, role)), f"stage 2 did not train {role}"
+    assert same(weights(s2, "encoder."), weights(s3, "encoder."))
+    assert same(weights(s2, "adapter."), weights(s3, "adapter."))
+    assert not same(weights(s2, "decoder."), weights(s3, "decoder."))
+
+
+def test_semantic_target_is_the_frozen_stage1_snapshot(chain: dict[str, Path]) -> None:
+    stage1 = Tokenizer.load(chain["align_latent"])
+    model = Tokenizer.load(chain["align_latent"]).model
+    target = SemanticTarget(model)
+    images = torch.rand(2, 3, 16, 16)
+    before = target(images)
+    with torch.no_grad():  # the live encoder moves, as in stage 2
+        for p in model.encoder.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    assert torch.equal(target(images), before)
+    assert (before - stage1.encode(images)).abs().max() < 1e-5, (before - stage1.encode(images)).abs().max()
+    assert not torch.allclose(model.encode(images), before)
+    assert all(not p.requires_grad for p in target.parameters())
+
+
+def test_outputs_load_and_round_trip(chain: dict[str, Path]) -> None:
+    tokenizer = Tokenizer.load(chain["refine_decoder"] / "tokenizer.safetensors")
+    images = torch.rand(5, 3, 16, 16)
+    latents = tokenizer.encode(images)
+    assert latents.shape == (5, 4, 4, 4)
+    decoded = tokenizer.decode(latents)
+    assert decoded.shape == (5, 3, 16, 16) and 0 <= decoded.min() and decoded.max() <= 1
+    metrics = yaml.safe_load((chain["refine_decoder"] / "metrics.json").read_text())["refine_decoder"]
+    assert {"val_psnr", "val_ssim"} <= set(metrics) and np.isfinite(metrics["val_psnr"])
+    with pytest.raises(ValueError, match=r"latents \(B, \(4, 4, 4\)\)"):
+        tokenizer.decode(torch.zeros(1, 3, 4, 4))
+
+
+def test_vae_baseline_has_the_same_latent_shape(params: Params, inputs: tuple[Path, Path], tmp_path: Path) -> None:
+    data, encoder = inputs
+    result = run_tokenizer_stage("vae_baseline", params,
+                                 StagePaths(data=data, encoder=encoder, out=tmp_path / "vae",
+                                            checkpoints=tmp_path / "ck"), register=False, progress=False)
+    tokenizer = Tokenizer.load(result.out)
+    assert tokenizer.description["kind"] == "vae"
+    assert tokenizer.encode(torch.rand(2, 3, 16, 16)).shape == (2, 4, 4, 4)
+
+
+def _stage_command(params_file: Path, inputs: tuple[Path, Path], out: Path, checkpoints: Path) -> list[str]:
+    data, encoder = inputs
+    return [sys.executable, "-m", "aligntok", "--params", str(params_file), "align_latent", "--data", str(data),
+            "--encoder", str(encoder), "--out", str(out), "--checkpoints", str(checkpoints),
+            "--no-register", "--no-progress"]
+
+
+def test_sigkill_mid_stage_then_rerun_resumes_to_identical_weights(inputs: tuple[Path, Path], tmp_path: Path) -> None:
+    raw = {**TINY, "align_latent": {**TINY["align_latent"], "steps": 24, "checkpoint_every": 3,
+                                    "losses": {"gan_start": 6}}}
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    reference = tmp_path / "reference"
+    subprocess.run(_stage_command(params_file, inputs, reference, tmp_path / "ck-ref"), check=True, env=env,
+                   capture_output=True, timeout=300)
+
+    killed = tmp_path / "killed"
+    checkpoints = tmp_path / "ck"
+    process = subprocess.Popen(_stage_command(params_file, inputs, killed, checkpoints), env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        sidecars = list(checkpoints.glob("align_latent/*.json"))
+        if sidecars and yaml.safe_load(sidecars[0].read_text())["step"] >= 9:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "the stage finished before it could be killed; make it longer"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    step_at_kill = yaml.safe_load(sidecars[0].read_text())["step"]
+    assert 9 <= step_at_kill < 24 and not (killed / "tokenizer.safetensors").exists()
+
+    rerun = subprocess.run(_stage_command(params_file, inputs, killed, checkpoints), env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"resuming from step {step_at_kill}" in rerun.stderr
+    a, b = load_file(str(reference / "tokenizer.safetensors")), load_file(str(killed / "tokenizer.safetensors"))
+    assert a.keys() == b.keys()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+def test_three_stages_register_versions_and_aliases(params: Params, inputs: tuple[Path, Path],
+                                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    data, encoder = inputs
+    previous = None
+    for number, stage in enumerate(("align_latent", "align_perceptual", "refine_decoder"), start=1):
+        out = tmp_path / stage
+        result = run_tokenizer_stage(stage, params, StagePaths(data=data, encoder=encoder, out=out,
+                                     previous=previous, checkpoints=tmp_path / "ck"), progress=False)
+        receipt = yaml.safe_load((out / "receipt.json").read_text())
+        assert receipt == {**result.receipt, "version": str(number), "alias": f"stage{number}",
+                           "model": "aligntok-tokenizer"}
+        previous = out
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    for number in (1, 2, 3):
+        version = client.get_model_version_by_alias("aligntok-tokenizer", f"stage{number}")
+        assert str(version.version) == str(number)
+        assert version.tags["stage"] == str(number)
+        assert len(version.tags["manifest_sha256"]) == 64 and version.tags["git_commit"]
+        run = client.get_run(version.run_id)
+        assert "val_psnr" in run.data.metrics and "loss" in run.data.metrics
+        assert run.data.params["align_latent.steps" if number == 1 else "tokenizer.kind"]
+    model = mlflow.pyfunc.load_model("models:/aligntok-tokenizer@stage3")
+    images = np.random.default_rng(0).random((3, 3, 16, 16), dtype=np.float32)
+    latents = model.predict({"op": "encode", "images": images})
+    assert latents.shape == (3, 4, 4, 4)
+    expected = Tokenizer.load(tmp_path / "refine_decoder").encode(torch.from_numpy(images)).numpy()
+    np.testing.assert_allclose(latents, expected, rtol=0, atol=1e-6)
+    decoded = model.predict({"op": "decode", "latents": latents})
+    assert decoded.shape == (3, 3, 16, 16)
+    artifacts = client.list_artifacts(version.run_id, "images")
+    assert artifacts == [] or all(a.path.endswith(".png") for a in artifacts)
