@@ -217,3 +217,31 @@ def test_three_stages_register_versions_and_aliases(params: Params, inputs: tupl
     assert decoded.shape == (3, 3, 16, 16)
     artifacts = client.list_artifacts(version.run_id, "images")
     assert artifacts == [] or all(a.path.endswith(".png") for a in artifacts)
+
+
+def test_encode_and_decode_commands_on_image_files(chain: dict[str, Path], tmp_path: Path,
+                                                   imagenet_sample: Path) -> None:
+    from aligntok.cli import main
+
+    photos = sorted(imagenet_sample.glob("*.JPEG"))[:3]
+    latents = tmp_path / "latents.safetensors"
+    model = str(chain["refine_decoder"])
+    assert main(["encode", *map(str, photos), "--model", model, "--out", str(latents)]) == 0
+    assert load_file(str(latents))["latents"].shape == (3, 4, 4, 4)
+    assert main(["decode", str(latents), "--model", model, "--out-dir", str(tmp_path / "decoded")]) == 0
+    written = sorted((tmp_path / "decoded").glob("*.png"))
+    assert [p.stem for p in written] == sorted(p.stem for p in photos)
+    from PIL import Image
+
+    assert Image.open(written[0]).size == (16, 16)
+
+
+def test_encode_command_names_an_unreadable_file(chain: dict[str, Path], tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from aligntok.cli import main
+
+    bad = tmp_path / "not-an-image.png"
+    bad.write_text("hello")
+    code = main(["encode", str(bad), "--model", str(chain["refine_decoder"]), "--out", str(tmp_path / "z.st")])
+    assert code == 1
+    assert f"{bad}: cannot read image" in capsys.readouterr().err

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from aligntok.config import LatentConfig, TokenizerConfig
+from aligntok.errors import AligntokError
 from aligntok.train.checkpoint import atomic_save_safetensors, atomic_write_text
 
 WEIGHTS = "tokenizer.safetensors"
@@ -74,7 +75,7 @@ class Tokenizer:
         folder = resolve_folder(source)
         description = json.loads((folder / CONFIG).read_text())
         if description.get("format") != FORMAT:
-            raise ValueError(f"{folder / CONFIG}: format {description.get('format')!r}, expected {FORMAT!r}")
+            raise AligntokError(f"{folder / CONFIG}: format {description.get('format')!r}, expected {FORMAT!r}")
         model = build_from_description(description)
         model.load_state_dict(load_file(str(folder / WEIGHTS)))
         return cls(model.to(device), description, batch_size)

@@ -11,6 +11,7 @@ from PIL import Image, ImageOps
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from aligntok.errors import AligntokError
 from aligntok.tokenizer.api import Tokenizer
 
 
@@ -21,7 +22,7 @@ def read_image(path: Path, side: int) -> torch.Tensor:
             image = ImageOps.exif_transpose(image).convert("RGB")
             image = ImageOps.fit(image, (side, side), method=Image.Resampling.BICUBIC)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"{path}: cannot read image: {exc}") from None
+        raise AligntokError(f"{path}: cannot read image: {exc}") from None
     return torch.from_numpy(np.asarray(image)).permute(2, 0, 1).float() / 255.0
 
 
