@@ -17,10 +17,9 @@ import copy
 import hashlib
 import json
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,7 +39,7 @@ from aligntok.losses import (
 )
 from aligntok.metrics import psnr, ssim
 from aligntok.tokenizer.api import Tokenizer, save_tokenizer_folder
-from aligntok.tokenizer.model import build_discriminator, build_tokenizer, to_signed, to_unit
+from aligntok.tokenizer.model import build_discriminator, build_tokenizer, to_signed
 from aligntok.train.checkpoint import TrainState, atomic_write_text
 from aligntok.train.loop import LoopSettings, StepLosses, run_loop
 
