@@ -23,7 +23,7 @@ def read_image(path: Path, side: int) -> torch.Tensor:
             image = ImageOps.fit(image, (side, side), method=Image.Resampling.BICUBIC)
     except (OSError, ValueError) as exc:
         raise AligntokError(f"{path}: cannot read image: {exc}") from None
-    return torch.from_numpy(np.asarray(image)).permute(2, 0, 1).float() / 255.0
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255.0
 
 
 def encode_files(model: str, images: list[Path], out: Path) -> int:
