@@ -134,7 +134,7 @@ class Receipt:
     tracking_uri: str
 
     def write(self, path: Path) -> None:
-        from aligntok.train.checkpoint import atomic_write_text
+        from aligntok.fileio import atomic_write_text
 
         atomic_write_text(path, json.dumps(asdict(self), indent=2) + "\n")
 

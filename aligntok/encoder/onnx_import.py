@@ -24,7 +24,6 @@ straight through a Cast into the patch Conv). Importing reads the file with `onn
 from __future__ import annotations
 
 import copy
-import hashlib
 import importlib.util
 import logging
 import math
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 
 from aligntok.errors import AligntokError
+from aligntok.fileio import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -71,15 +71,6 @@ def locate_embedded_onnx() -> Path:
         if path.is_file():
             return path
     raise OnnxImportError(f"{ONNX_RELATIVE_PATH} not found in {list(spec.submodule_search_locations)}")
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class _Graph:

@@ -19,9 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -29,6 +27,7 @@ from typing import Any, Callable
 import torch
 
 from aligntok.errors import AligntokError
+from aligntok.fileio import atomic_write, sha256_file
 from aligntok.config import EncoderConfig
 
 log = logging.getLogger(__name__)
@@ -170,7 +169,6 @@ def _check_keys(path: Path, arch: str, state: dict[str, torch.Tensor]) -> None:
 
 
 def _from_file(path: Path, configured_arch: str | None) -> ResolvedSource:
-    from aligntok.encoder.onnx_import import sha256_file
     from safetensors.torch import load_file
 
     if not path.is_file():
@@ -194,17 +192,6 @@ def resolve_source(cfg: EncoderConfig) -> ResolvedSource:
     if kind == "file":
         return _from_file(Path(name).expanduser(), cfg.arch)
     raise EncoderSourceError(f"encoder.source '{cfg.source}': unknown scheme '{kind}'")
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder, then rename over `path`."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _describe(cfg: EncoderConfig, source: ResolvedSource, model: torch.nn.Module, total_depth: int) -> dict[str, Any]:
@@ -248,9 +235,9 @@ def export_encoder(cfg: EncoderConfig, out_dir: Path) -> dict[str, Any]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metadata = {"arch": source.arch, "depth": str(cfg.depth), "source": cfg.source, "format": "pt"}
-    _atomic_write(out_dir / WEIGHTS_FILE, lambda tmp: save_file(kept, str(tmp), metadata=metadata))
+    atomic_write(out_dir / WEIGHTS_FILE, lambda tmp: save_file(kept, str(tmp), metadata=metadata))
     text = json.dumps(description, indent=2) + "\n"
-    _atomic_write(out_dir / DESCRIPTION_FILE, lambda tmp: tmp.write_text(text))
+    atomic_write(out_dir / DESCRIPTION_FILE, lambda tmp: tmp.write_text(text))
     log.info("exported %s: %d of %d blocks, %d tensors, %.1fM params, %dx%d input -> %s",
              source.arch, cfg.depth, total_depth, len(kept), description["num_params"] / 1e6,
              cfg.image_size, cfg.image_size, out_dir)

@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 
 from aligntok.config import LatentConfig, TokenizerConfig
 from aligntok.errors import AligntokError
-from aligntok.train.checkpoint import atomic_save_safetensors, atomic_write_text
+from aligntok.fileio import atomic_write_text
+from aligntok.train.checkpoint import atomic_save_safetensors
 
 WEIGHTS = "tokenizer.safetensors"
 CONFIG = "tokenizer.json"

@@ -40,7 +40,8 @@ from aligntok.losses import (
 from aligntok.metrics import psnr, ssim
 from aligntok.tokenizer.api import Tokenizer, save_tokenizer_folder
 from aligntok.tokenizer.model import build_discriminator, build_tokenizer, to_signed
-from aligntok.train.checkpoint import TrainState, atomic_write_text
+from aligntok.fileio import atomic_write_text, sha256_file
+from aligntok.train.checkpoint import TrainState
 from aligntok.train.loop import LoopSettings, StepLosses, run_loop
 
 log = logging.getLogger(__name__)
@@ -67,14 +68,6 @@ class StagePaths:
     """Where in-progress checkpoints live (outside DVC outs, so a rerun can resume)."""
     metrics: Path | None = None
     """Metrics JSON (DVC metrics); default `out/metrics.json`."""
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def set_trainable(model: nn.Module, roles: list[str]) -> None:
@@ -178,10 +171,10 @@ def reconstruction_grid(model: nn.Module, images: torch.Tensor) -> np.ndarray:
 def fingerprint(stage: str, params: Params, paths: StagePaths) -> str:
     """Identifies what a checkpoint was trained from: resume only into the same configuration."""
     inputs = {"stage": stage, "params": params.to_dict(),
-              "manifest": file_sha256(paths.data / "manifest.parquet"),
-              "encoder": file_sha256(paths.encoder / "encoder.safetensors")}
+              "manifest": sha256_file(paths.data / "manifest.parquet"),
+              "encoder": sha256_file(paths.encoder / "encoder.safetensors")}
     if paths.previous is not None:
-        inputs["previous"] = file_sha256(paths.previous / "tokenizer.safetensors")
+        inputs["previous"] = sha256_file(paths.previous / "tokenizer.safetensors")
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -307,7 +300,7 @@ def _finish(stage: str, params: Params, paths: StagePaths, model: nn.Module, enc
             metrics: dict[str, float], run: Any, perceptual: PerceptualLoss | None) -> StageResult:
     from aligntok.tracking import git_commit
 
-    manifest_sha = file_sha256(paths.data / "manifest.parquet")
+    manifest_sha = sha256_file(paths.data / "manifest.parquet")
     description = {
         "kind": getattr(model, "kind", "aligned"), "stage": stage, "stage_number": STAGES[stage],
         "tokenizer": params.tokenizer.model_dump(mode="json") | {"kind": getattr(model, "kind", "aligned")},
