@@ -170,7 +170,8 @@ def reconstruction_grid(model: nn.Module, images: torch.Tensor) -> np.ndarray:
 
 def fingerprint(stage: str, params: Params, paths: StagePaths) -> str:
     """Identifies what a checkpoint was trained from: resume only into the same configuration."""
-    inputs = {"stage": stage, "params": params.to_dict(),
+    relevant = {k: v for k, v in params.to_dict().items() if k in (stage, "tokenizer", "latent", "encoder")}
+    inputs = {"stage": stage, "params": relevant, "resolution": params.data.resolution,
               "manifest": sha256_file(paths.data / "manifest.parquet"),
               "encoder": sha256_file(paths.encoder / "encoder.safetensors")}
     if paths.previous is not None:
