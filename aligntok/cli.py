@@ -106,6 +106,36 @@ def cmd_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache_latents(args: argparse.Namespace) -> int:
+    params = _params(args)
+    from aligntok.diffusion.latents import cache_latents, dist_info
+
+    rank, world_size, _ = dist_info()
+    cache_latents(args.tokenizer, Path(args.data), Path(args.out), params.cache_latents,
+                  progress=not args.no_progress, rank=rank, world_size=world_size)
+    return 0
+
+
+def cmd_train_dit(args: argparse.Namespace) -> int:
+    params = _params(args)
+    from aligntok.diffusion.train import DiTPaths, run_train_dit
+
+    paths = DiTPaths(latents=Path(args.latents), tokenizer=Path(args.tokenizer), out=Path(args.out),
+                     checkpoints=Path(args.checkpoints), metrics=Path(args.metrics) if args.metrics else None)
+    metrics = run_train_dit(params, paths, register=not args.no_register, progress=not args.no_progress)
+    print(json.dumps({"train_dit": metrics}, indent=2))
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from aligntok.diffusion.sampling import write_samples
+
+    written = write_samples(args.model, classes=args.classes, per_class=args.per_class, steps=args.steps,
+                            cfg_scale=args.cfg, seed=args.seed, out=Path(args.out))
+    log.info("wrote %s and %d images beside it", args.out, len(written))
+    return 0
+
+
 TOKENIZER_STAGES = {
     "align_latent": ("stage 1: train adapter + decoder on the frozen encoder", None),
     "align_perceptual": ("stage 2: fine-tune encoder, adapter, decoder with semantic preservation",
@@ -164,6 +194,34 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--metrics", help="metrics JSON (default: OUT/metrics.json)")
         command.add_argument("--no-register", action="store_true", help="skip MLflow tracking and registry")
         command.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    cache = add("cache_latents", cmd_cache_latents,
+                "stage `cache_latents`: encode every training image and its flip with the stage-3 tokenizer")
+    cache.add_argument("--tokenizer", default="models/tokenizer/refine_decoder",
+                       help="tokenizer folder or registry URI (default: models/tokenizer/refine_decoder)")
+    cache.add_argument("--data", default="data/shards", help="ingest folder (default: data/shards)")
+    cache.add_argument("--out", default="data/latents", help="latent shards + stats.json (default: data/latents)")
+    cache.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    dit = add("train_dit", cmd_train_dit,
+              "stage `train_dit`: a LightningDiT with flow matching on the cached latents (torchrun-able)")
+    dit.add_argument("--latents", default="data/latents", help="cache_latents folder")
+    dit.add_argument("--tokenizer", default="models/tokenizer/refine_decoder", help="tokenizer folder")
+    dit.add_argument("--out", default="models/dit", help="output folder (default: models/dit)")
+    dit.add_argument("--checkpoints", default="checkpoints", help="in-progress checkpoints (default: checkpoints)")
+    dit.add_argument("--metrics", help="metrics JSON (default: OUT/metrics.json)")
+    dit.add_argument("--no-register", action="store_true", help="skip MLflow tracking and registry")
+    dit.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    sample = add("sample", cmd_sample, "generate class-conditional images with a trained DiT")
+    sample.add_argument("--model", required=True, help="DiT folder or registry URI, e.g. models:/aligntok-dit@latest")
+    sample.add_argument("--classes", type=int, nargs="*", help="class indices (default: all)")
+    sample.add_argument("--per-class", type=int, default=8, help="images per class (default: 8)")
+    sample.add_argument("--steps", type=int, help="ODE steps (default: the model's sample.steps)")
+    sample.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the model's)")
+    sample.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+    sample.add_argument("--out", default="samples/grid.png",
+                        help="grid PNG; the individual images go beside it (default: samples/grid.png)")
 
     encode = add("encode", cmd_encode, "encode image files to latents with a tokenizer")
     encode.add_argument("images", nargs="+", help="image files")

@@ -155,6 +155,65 @@ def _stage(train: list[str], steps: int, **kw: Any) -> TrainStageConfig:
     return TrainStageConfig(train=train, steps=steps, **kw)
 
 
+class CacheLatentsConfig(Section):
+    """Latent cache (`cache_latents` stage): every training image and its horizontal flip."""
+
+    max_images: int | None = Field(8000, ge=1)
+    """Training images to cache (the first N in shard order); null = all."""
+    batch_size: int = Field(64, ge=1)
+    shard_size: int = Field(1000, ge=1)
+    """Records per latent shard (the unit of resume and of rank assignment under torchrun)."""
+
+
+class DiTConfig(Section):
+    """LightningDiT model over the latent grid (`train_dit` stage)."""
+
+    preset: str = "LightningDiT-T/1"
+    """A name from `aligntok.diffusion.dit.PRESETS` (depth, width, heads, patch size)."""
+    qk_norm: bool = False
+    class_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    """Label dropout for classifier-free guidance (the null class)."""
+
+
+class TrainDiTConfig(Section):
+    """The diffusion transformer's training run (`train_dit` stage)."""
+
+    steps: int = Field(2000, ge=1)
+    batch_size: int = Field(64, ge=1)
+    """Global batch: split evenly across ranks under torchrun."""
+    lr: float = Field(2e-4, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    betas: list[float] = Field(default_factory=lambda: [0.9, 0.95])
+    warmup_steps: int = Field(100, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0.0)
+    ema_decay: float = Field(0.999, gt=0.0, lt=1.0)
+    checkpoint_every: int = Field(250, ge=1)
+    log_every: int = Field(25, ge=1)
+    sample_every: int = Field(1000, ge=1)
+    """Steps between grids of class-conditional samples logged to MLflow."""
+    t_mean: float = 0.0
+    t_std: float = Field(1.0, gt=0.0)
+    """Logit-normal timestep sampling: t = sigmoid(N(t_mean, t_std))."""
+    seed: int = Field(0, ge=0)
+
+    @field_validator("betas")
+    @classmethod
+    def _two_betas(cls, value: list[float]) -> list[float]:
+        if len(value) != 2 or not all(0.0 <= b < 1.0 for b in value):
+            raise ValueError("must be two numbers in [0, 1)")
+        return value
+
+
+class SampleConfig(Section):
+    """Sampling defaults (MLflow grids, `aligntok sample`, the registered model)."""
+
+    steps: int = Field(50, ge=1, le=1000)
+    cfg_scale: float = Field(4.0, ge=0.0)
+    cfg_interval: list[float] | None = None
+    """[t_low, t_high]: apply guidance only for t in this interval (null: always)."""
+    method: Literal["euler", "heun"] = "euler"
+
+
 class DataConfig(Section):
     """Images to WebDataset shards (`ingest` stage)."""
 
@@ -208,6 +267,10 @@ class Params(Section):
     refine_decoder: TrainStageConfig = _stage(["decoder"], 150)
     vae_baseline: TrainStageConfig = _stage(
         ["encoder", "decoder"], 300, losses=LossWeights(perceptual=0.0, kl=1e-6))
+    cache_latents: CacheLatentsConfig = CacheLatentsConfig()
+    dit: DiTConfig = DiTConfig()
+    train_dit: TrainDiTConfig = TrainDiTConfig()
+    sample: SampleConfig = SampleConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
 

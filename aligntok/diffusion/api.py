@@ -1,0 +1,86 @@
+"""`DiffusionModel`: a trained DiT packaged with its latent statistics and tokenizer.
+
+A DiT folder (the `train_dit` out) holds `dit.safetensors` (EMA weights), `dit.json`,
+`stats.json` and `tokenizer/`. `DiffusionModel.load` takes that folder or a registry URI
+(`models:/aligntok-dit@latest`); `generate(labels, ...)` returns images (B, 3, R, R) in [0, 1].
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from aligntok.config import DiTConfig
+from aligntok.diffusion.dit import build_dit
+from aligntok.diffusion.latents import LatentNormalizer
+from aligntok.errors import AligntokError
+from aligntok.tokenizer.api import Tokenizer
+
+WEIGHTS, CONFIG, FORMAT = "dit.safetensors", "dit.json", "aligntok-dit/1"
+
+
+def resolve_folder(source: str | Path) -> Path:
+    """A DiT folder from a folder or a `models:/` / `runs:/` URI (pyfunc artifacts are re-assembled)."""
+    text = str(source)
+    if text.startswith(("models:/", "runs:/")):
+        from aligntok.tracking import download_model_files
+
+        return assemble_folder(download_model_files(text))
+    folder = Path(text)
+    if not (folder / CONFIG).is_file():
+        raise FileNotFoundError(f"{source}: not a DiT folder (needs {WEIGHTS}, {CONFIG}, stats.json, tokenizer/)")
+    return folder
+
+
+def assemble_folder(artifacts: Path) -> Path:
+    """A registered model's artifacts folder (files by their own names) -> the DiT folder layout."""
+    if (artifacts / CONFIG).is_file() and (artifacts / "tokenizer" / "tokenizer.json").is_file():
+        return artifacts
+    folder = artifacts / "dit"
+    (folder / "tokenizer").mkdir(parents=True, exist_ok=True)
+    for target in (WEIGHTS, CONFIG, "stats.json", "tokenizer/tokenizer.safetensors", "tokenizer/tokenizer.json"):
+        source = artifacts / Path(target).name
+        if not source.is_file():
+            raise AligntokError(f"{artifacts}: the registered model lacks {Path(target).name}")
+        shutil.copyfile(source, folder / target)
+    return folder
+
+
+class DiffusionModel:
+    def __init__(self, dit: torch.nn.Module, normalizer: LatentNormalizer, tokenizer: Tokenizer,
+                 description: dict) -> None:
+        self.dit, self.normalizer, self.tokenizer, self.description = dit.eval(), normalizer, tokenizer, description
+
+    @classmethod
+    def load(cls, source: str | Path) -> DiffusionModel:
+        folder = resolve_folder(source)
+        description = json.loads((folder / CONFIG).read_text())
+        if description.get("format") != FORMAT:
+            raise AligntokError(f"{folder / CONFIG}: format {description.get('format')!r}, expected {FORMAT!r}")
+        C, h, _ = description["latent_shape"]
+        dit = build_dit(DiTConfig.model_validate(description["dit"]), C, h, description["num_classes"])
+        dit.load_state_dict(load_file(str(folder / WEIGHTS)))
+        return cls(dit, LatentNormalizer.load(folder / "stats.json"), Tokenizer.load(folder / "tokenizer"), description)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.description.get("classes") or range(self.description["num_classes"]))
+
+    def generate(self, labels: torch.Tensor | list[int], steps: int | None = None, cfg_scale: float | None = None,
+                 seed: int = 0, interval: list[float] | None = None, method: str | None = None) -> torch.Tensor:
+        """Class labels (B,) -> images (B, 3, R, R) in [0, 1] (defaults from the model's `sample` settings)."""
+        from aligntok.diffusion.train import generate
+
+        labels = torch.as_tensor(labels, dtype=torch.long)
+        if labels.ndim != 1 or (labels < 0).any() or (labels >= self.description["num_classes"]).any():
+            raise AligntokError(f"labels must be class indices in [0, {self.description['num_classes']}), "
+                                f"got {labels.tolist()}")
+        defaults = self.description["sample"]
+        return generate(self.dit, self.normalizer, self.tokenizer, labels,
+                        steps or defaults["steps"], defaults["cfg_scale"] if cfg_scale is None else cfg_scale,
+                        interval if interval is not None else defaults["cfg_interval"], seed,
+                        method or defaults["method"])

@@ -1,0 +1,446 @@
+"""The latent cache: every training image and its horizontal flip, encoded once by the tokenizer.
+
+`cache_latents` writes `latents-NNNNNN.safetensors` shards (shard i holds records
+[i·shard_size, (i+1)·shard_size) of the train split, in shard order) and `stats.json`, the
+per-channel mean/std over all cached latents (both views). A shard whose metadata says it is
+complete is skipped, so a killed run redoes only unfinished shards; under torchrun, rank r
+encodes shards i with i % world_size == r.
+
+Shard file: tensors `latent` (n, C, h, w) float32, `latent_flip` (n, C, h, w) float32 (the
+latent of `torch.flip(image, dims=[-1])`), `label` (n,) int64; metadata (strings) `format`,
+`index`, `count`, `keys` (JSON list of record keys), `tokenizer_sha256`.
+
+`LatentNormalizer` is the one place that normalises and de-normalises latents; diffusion code
+decodes only through `LatentNormalizer.decode`, which de-normalises first (forgetting that step
+gives FID ~130). `load_latents` reads the cache into a `LatentSet` whose batches are normalised
+and a pure function of (seed, step).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from aligntok.config import CacheLatentsConfig
+from aligntok.data.loader import ImageSet, batch_indices, iter_shard, read_dataset_info
+from aligntok.errors import AligntokError
+from aligntok.fileio import atomic_write_text, sha256_file
+from aligntok.tokenizer.api import WEIGHTS, Tokenizer, resolve_folder
+from aligntok.train.checkpoint import atomic_save_safetensors
+
+log = logging.getLogger(__name__)
+
+FORMAT = "aligntok-latents/1"
+STATS = "stats.json"
+SHARD_PATTERN = re.compile(r"^latents-(\d{6})\.safetensors$")
+MIN_STD = 1e-6
+"""Floor on a channel's std, so a dead channel normalises to 0 instead of NaN."""
+
+
+def shard_name(index: int) -> str:
+    return f"latents-{index:06d}.safetensors"
+
+
+class DistInfo(NamedTuple):
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def dist_info() -> DistInfo:
+    """This process's place under torchrun: the process group if one is initialised, else the
+    `RANK` / `WORLD_SIZE` / `LOCAL_RANK` variables torchrun sets (0, 1, 0 without them)."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank)
+    return DistInfo(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), local_rank)
+
+
+@dataclass
+class CacheSummary:
+    """What one `cache_latents` call did (on this rank)."""
+
+    out_dir: Path
+    images: int
+    """Records in the whole cache (each cached twice: plain and flipped)."""
+    shards: int
+    encoded: list[int] = field(default_factory=list)
+    """Shard indices this call encoded."""
+    skipped: list[int] = field(default_factory=list)
+    """Shard indices of this rank found complete and left alone."""
+    removed: list[str] = field(default_factory=list)
+    """Stale files removed (shards beyond the new count)."""
+    encoded_images: int = 0
+    seconds: float = 0.0
+    images_per_s: float = 0.0
+    """Encodes per second, both views counted."""
+    stats_written: bool = False
+
+
+# ---------------------------------------------------------------------------- writing the cache
+
+
+def cache_latents(tokenizer: str | Path, data_dir: Path, out_dir: Path, cfg: CacheLatentsConfig,
+                  progress: bool = True, rank: int = 0, world_size: int = 1,
+                  device: str | torch.device | None = None) -> CacheSummary:
+    """Encode the first `cfg.max_images` train records of an ingest folder (and their flips) into
+    latent shards under `out_dir`; rank 0 then writes `stats.json` once every shard exists.
+
+    `tokenizer` is a tokenizer folder, its safetensors file or a `models:/` URI. `device` defaults
+    to `cuda:LOCAL_RANK` where CUDA is available, else the CPU.
+    """
+    if not 0 <= rank < world_size:
+        raise AligntokError(f"rank {rank} is outside world size {world_size}")
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    info, total = _train_records(data_dir, cfg.max_images)
+    num_shards = math.ceil(total / cfg.shard_size)
+    try:
+        folder = resolve_folder(tokenizer)
+    except FileNotFoundError as exc:
+        raise AligntokError(str(exc)) from None
+    tokenizer_sha = sha256_file(folder / WEIGHTS)
+    if device is None:
+        device = f"cuda:{dist_info().local_rank}" if torch.cuda.is_available() else "cpu"
+    model = Tokenizer.load(folder, device=device, batch_size=cfg.batch_size)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = CacheSummary(out_dir=out_dir, images=total, shards=num_shards)
+    if rank == 0:
+        (out_dir / STATS).unlink(missing_ok=True)  # rewritten below, once the shards are final
+        summary.removed = _remove_stale(out_dir, num_shards, remove_tmp=world_size == 1)
+
+    mine = [i for i in range(num_shards) if i % world_size == rank]
+    sizes = {i: min(cfg.shard_size, total - i * cfg.shard_size) for i in mine}
+    # metadata-only check first (for the bar's total); the record keys are checked as they stream by
+    pending = {i for i in mine if not _shard_complete(out_dir / shard_name(i), i, sizes[i], tokenizer_sha)}
+    bar = tqdm(total=2 * sum(sizes[i] for i in pending), unit="img", disable=not progress,
+               desc=f"cache latents (rank {rank}/{world_size})" if world_size > 1 else "cache latents")
+    start = time.perf_counter()
+    chunks = _chunks(data_dir, info, total, cfg.shard_size) if mine else iter(())
+    for index, (keys, encoded, labels) in enumerate(chunks):
+        if index % world_size != rank:
+            continue
+        if _shard_complete(out_dir / shard_name(index), index, len(keys), tokenizer_sha, keys):
+            summary.skipped.append(index)
+        else:
+            if index not in pending:  # right count but other records: re-encode after all
+                bar.total += 2 * len(keys)
+            _encode_shard(model, out_dir / shard_name(index), index, keys, encoded, labels,
+                          cfg.batch_size, tokenizer_sha, bar)
+            summary.encoded.append(index)
+            summary.encoded_images += len(keys)
+        if index + world_size >= num_shards:
+            break  # this rank's last shard: the remaining tars need not be read
+    bar.close()
+    summary.seconds = time.perf_counter() - start
+    summary.images_per_s = 2 * summary.encoded_images / summary.seconds if summary.encoded_images else 0.0
+    log.info("cache_latents rank %d/%d: encoded %d shards (%d images + flips), skipped %d of its %d shards "
+             "in %.1f s (%.1f images/s, both views) -> %s", rank, world_size, len(summary.encoded),
+             summary.encoded_images, len(summary.skipped), len(mine), summary.seconds,
+             summary.images_per_s, out_dir)
+
+    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    if rank == 0:
+        summary.stats_written = _write_stats_if_complete(out_dir, num_shards, info, str(tokenizer),
+                                                         tokenizer_sha, tuple(model.latent_shape))
+    return summary
+
+
+def _train_records(data_dir: Path, max_images: int | None) -> tuple[dict[str, Any], int]:
+    """dataset.json and how many train records the cache takes."""
+    if not data_dir.is_dir():
+        raise AligntokError(f"{data_dir}: ingest folder not found; run `aligntok ingest` first")
+    try:
+        info = read_dataset_info(data_dir)
+    except FileNotFoundError as exc:
+        raise AligntokError(str(exc)) from None
+    available = int(info.get("counts", {}).get("train", 0))
+    if not info.get("shards", {}).get("train") or available == 0:
+        raise AligntokError(f"{data_dir / 'dataset.json'}: the train split is empty (no shards or 0 records)")
+    return info, available if max_images is None else min(max_images, available)
+
+
+def _records(data_dir: Path, info: dict[str, Any], total: int) -> Iterator[tuple[str, bytes, int]]:
+    """The first `total` train records, in shard order."""
+    seen = 0
+    for shard in info["shards"]["train"]:
+        for record in iter_shard(data_dir / shard):
+            if seen == total:
+                return
+            seen += 1
+            yield record
+    if seen < total:
+        raise AligntokError(f"{data_dir}: train shards hold {seen} records, dataset.json says {total}")
+
+
+def _chunks(data_dir: Path, info: dict[str, Any], total: int,
+            size: int) -> Iterator[tuple[list[str], list[bytes], list[int]]]:
+    """Records grouped by latent shard: (keys, image bytes, labels), `size` records each."""
+    chunk: tuple[list[str], list[bytes], list[int]] = ([], [], [])
+    for key, data, label in _records(data_dir, info, total):
+        chunk[0].append(key)
+        chunk[1].append(data)
+        chunk[2].append(label)
+        if len(chunk[0]) == size:
+            yield chunk
+            chunk = ([], [], [])
+    if chunk[0]:
+        yield chunk
+
+
+def _shard_complete(path: Path, index: int, count: int, tokenizer_sha: str,
+                    keys: list[str] | None = None) -> bool:
+    """True when `path` holds `count` records (these `keys`, if given), encoded by this tokenizer."""
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+    except Exception:  # truncated or foreign file: re-encode it
+        return False
+    return (meta.get("format") == FORMAT and meta.get("index") == str(index)
+            and meta.get("count") == str(count) and meta.get("tokenizer_sha256") == tokenizer_sha
+            and (keys is None or meta.get("keys") == json.dumps(keys)))
+
+
+def _encode_shard(model: Tokenizer, path: Path, index: int, keys: list[str], encoded: list[bytes],
+                  labels: list[int], batch_size: int, tokenizer_sha: str, bar: tqdm) -> None:
+    """Encode one shard's images and their flips, in batches from the shard's start, and write it."""
+    images = ImageSet(encoded=encoded, labels=torch.tensor(labels, dtype=torch.int64), keys=keys)
+    plain, flipped = [], []
+    with torch.no_grad():
+        for batch in torch.arange(len(images)).split(batch_size):
+            x, _ = images.batch(batch)  # (B, 3, H, W) in [0, 1]
+            plain.append(model.encode(x))  # (B, C, h, w)
+            flipped.append(model.encode(torch.flip(x, dims=[-1])))  # (B, C, h, w)
+            bar.update(2 * len(batch))
+    tensors = {"latent": torch.cat(plain).float(), "latent_flip": torch.cat(flipped).float(),
+               "label": images.labels}
+    metadata = {"format": FORMAT, "index": str(index), "count": str(len(keys)), "keys": json.dumps(keys),
+                "tokenizer_sha256": tokenizer_sha}
+    atomic_save_safetensors(tensors, path, metadata)
+
+
+def _existing_shards(out_dir: Path) -> dict[int, Path]:
+    found = {}
+    for path in out_dir.iterdir():
+        match = SHARD_PATTERN.match(path.name)
+        if match:
+            found[int(match.group(1))] = path
+    return found
+
+
+def _remove_stale(out_dir: Path, num_shards: int, remove_tmp: bool) -> list[str]:
+    """Remove shards beyond the new count (and, single-process, temporaries of killed runs)."""
+    removed = []
+    for index, path in sorted(_existing_shards(out_dir).items()):
+        if index >= num_shards:
+            path.unlink()
+            removed.append(path.name)
+    if remove_tmp:
+        for path in out_dir.glob(".latents-*.safetensors.tmp-*"):
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    if removed:
+        log.info("cache_latents: removed %d stale files from %s", len(removed), out_dir)
+    return removed
+
+
+# ---------------------------------------------------------------------------- statistics
+
+
+def channel_stats(out_dir: Path, names: list[str]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per-channel mean and std (unbiased, like `torch.std`) over the `latent` and `latent_flip`
+    tensors of the given shards, merged shard by shard in float64 (Chan et al.), so memory holds one
+    shard at a time. -> mean (C,), std (C,), number of latents (two per record)."""
+    count, mean, m2, latents = 0, None, None, 0
+    for name in names:
+        with safe_open(str(out_dir / name), framework="pt") as handle:
+            for view in ("latent", "latent_flip"):
+                z = handle.get_tensor(view).double()  # (n, C, h, w)
+                latents += z.shape[0]
+                values = z.transpose(0, 1).reshape(z.shape[1], -1)  # (C, n·h·w)
+                n_b = values.shape[1]
+                mean_b = values.mean(dim=1)
+                m2_b = ((values - mean_b[:, None]) ** 2).sum(dim=1)
+                if mean is None:
+                    count, mean, m2 = n_b, mean_b, m2_b
+                    continue
+                delta = mean_b - mean
+                total = count + n_b
+                mean = mean + delta * (n_b / total)
+                m2 = m2 + m2_b + delta ** 2 * (count * n_b / total)
+                count = total
+    if mean is None or count < 2:
+        raise AligntokError(f"{out_dir}: too few cached values to compute channel statistics")
+    return mean, (m2 / (count - 1)).sqrt(), latents
+
+
+def _write_stats_if_complete(out_dir: Path, num_shards: int, info: dict[str, Any], source: str,
+                             tokenizer_sha: str, latent_shape: tuple[int, int, int]) -> bool:
+    names = [shard_name(i) for i in range(num_shards)]
+    missing = [n for n in names if not (out_dir / n).is_file()]
+    if missing:
+        log.warning("cache_latents: %d of %d shards are not written yet (e.g. %s; other ranks still "
+                    "running?): %s not written; rerun rank 0 once they exist", len(missing), num_shards,
+                    missing[0], STATS)
+        return False
+    start = time.perf_counter()
+    mean, std, count = channel_stats(out_dir, names)
+    classes = list(info.get("classes", []))
+    stats = {"format": FORMAT, "mean": mean.tolist(), "std": std.tolist(), "count": count,
+             "images": count // 2, "latent_shape": list(latent_shape), "tokenizer": source,
+             "tokenizer_sha256": tokenizer_sha, "num_classes": len(classes), "classes": classes,
+             "shards": names}
+    atomic_write_text(out_dir / STATS, json.dumps(stats, indent=2) + "\n")
+    log.info("cache_latents: %s over %d latents (%d shards) in %.1f s: mean |mu| %.3f, std in [%.3f, %.3f]",
+             STATS, count, num_shards, time.perf_counter() - start, mean.abs().mean(), std.min(), std.max())
+    return True
+
+
+# ---------------------------------------------------------------------------- normalisation
+
+
+class LatentNormalizer:
+    """Per-channel normalisation of latents (B, C, h, w) with the cache's mean and std.
+
+    The only place latents are normalised or de-normalised; `decode` de-normalises first.
+    """
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        if mean.ndim != 1 or mean.shape != std.shape:
+            raise ValueError(f"mean and std must both be (C,), got {tuple(mean.shape)} and {tuple(std.shape)}")
+        self.mean = mean.float()  # (C,)
+        self.std = std.float().clamp_min(MIN_STD)  # (C,)
+
+    @classmethod
+    def load(cls, path: str | Path) -> LatentNormalizer:
+        """From a `stats.json` (or the cache folder holding it)."""
+        stats = read_stats(path)
+        return cls(torch.tensor(stats["mean"], dtype=torch.float64), torch.tensor(stats["std"], dtype=torch.float64))
+
+    @property
+    def channels(self) -> int:
+        return self.mean.shape[0]
+
+    def _broadcast(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if z.ndim != 4 or z.shape[1] != self.channels:
+            raise ValueError(f"expected latents (B, {self.channels}, h, w), got {tuple(z.shape)}")
+        shape = (1, self.channels, 1, 1)
+        return self.mean.to(z).view(shape), self.std.to(z).view(shape)
+
+    def normalise(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) raw latents -> (B, C, h, w) with per-channel mean 0, std 1 over the cache."""
+        mean, std = self._broadcast(z)
+        return (z - mean) / std
+
+    def denormalise(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) normalised latents -> (B, C, h, w) raw tokenizer latents."""
+        mean, std = self._broadcast(z)
+        return z * std + mean
+
+    def decode(self, tokenizer: Tokenizer, z_normalised: torch.Tensor) -> torch.Tensor:
+        """Normalised latents (B, C, h, w) -> images (B, 3, R, R) in [0, 1]: de-normalise, then decode."""
+        if tuple(tokenizer.latent_shape)[0] != self.channels:
+            raise AligntokError(f"tokenizer latent {tuple(tokenizer.latent_shape)} does not match the "
+                                f"{self.channels} channels of these latent statistics")
+        return tokenizer.decode(self.denormalise(z_normalised))
+
+
+def read_stats(path: str | Path) -> dict[str, Any]:
+    """The parsed `stats.json` of a latent cache (the file or its folder)."""
+    path = Path(path)
+    path = path / STATS if path.is_dir() else path
+    if not path.is_file():
+        raise AligntokError(f"{path}: latent statistics not found; run `cache_latents` first")
+    return json.loads(path.read_text())
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+@dataclass
+class LatentSet:
+    """The cached latents in memory: plain and flipped views (N, C, h, w), labels (N,)."""
+
+    latent: torch.Tensor
+    latent_flip: torch.Tensor
+    label: torch.Tensor
+    normalizer: LatentNormalizer
+    classes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return self.label.shape[0]
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return tuple(self.latent.shape[1:])  # type: ignore[return-value]
+
+    def to(self, device: str | torch.device) -> LatentSet:
+        """A copy with the tensors on `device` (indices and flips are still drawn on the CPU)."""
+        return LatentSet(self.latent.to(device), self.latent_flip.to(device), self.label.to(device),
+                         self.normalizer, self.classes)
+
+    def gather(self, indices: torch.Tensor, flips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """indices (B,), flips (B,) bool -> normalised latents (B, C, h, w), labels (B,)."""
+        indices = indices.to(self.latent.device)
+        flips = flips.to(self.latent.device).view(-1, 1, 1, 1)
+        z = torch.where(flips, self.latent_flip[indices], self.latent[indices])  # (B, C, h, w)
+        return self.normalizer.normalise(z), self.label[indices]
+
+    def batch(self, indices: torch.Tensor, flip_generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """indices (B,) -> (z (B, C, h, w) normalised, y (B,)); each sample's view (plain or
+        flipped) is drawn with probability 1/2 from `flip_generator`."""
+        flips = torch.rand(indices.shape[0], generator=flip_generator) < 0.5  # (B,)
+        return self.gather(indices, flips)
+
+    def batch_for_step(self, step: int, batch_size: int, seed: int, rank: int = 0,
+                       world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's slice of step `step`'s global batch of `batch_size` samples:
+        (z (batch_size / world_size, C, h, w) normalised, y). The global batch (indices and flips)
+        depends on (seed, step) only, so resume and DDP see exactly the same data."""
+        if batch_size % world_size or not 0 <= rank < world_size:
+            raise ValueError(f"batch size {batch_size} must split evenly over {world_size} ranks "
+                             f"(rank {rank})")
+        indices = batch_indices(len(self), batch_size, seed, step)  # (batch_size,)
+        flip_generator = torch.Generator().manual_seed((seed * 1_000_003 + step) * 2 + 1)
+        flips = torch.rand(batch_size, generator=flip_generator) < 0.5  # (batch_size,)
+        part = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
+        return self.gather(indices[part], flips[part])
+
+
+def load_latents(cache_dir: str | Path) -> LatentSet:
+    """Read every shard that `stats.json` lists into memory."""
+    cache_dir = Path(cache_dir)
+    if not cache_dir.is_dir():
+        raise AligntokError(f"{cache_dir}: latent cache folder not found; run `cache_latents` first")
+    stats = read_stats(cache_dir)
+    parts: dict[str, list[torch.Tensor]] = {"latent": [], "latent_flip": [], "label": []}
+    for name in stats["shards"]:
+        path = cache_dir / name
+        if not path.is_file():
+            raise AligntokError(f"{path}: listed in {STATS} but missing; rerun `cache_latents`")
+        tensors = load_file(str(path))
+        for key, values in parts.items():
+            values.append(tensors[key])
+    latent = torch.cat(parts["latent"])  # (N, C, h, w)
+    if list(latent.shape[1:]) != list(stats["latent_shape"]) or latent.shape[0] != stats["images"]:
+        raise AligntokError(f"{cache_dir}: shards hold {tuple(latent.shape)}, {STATS} says "
+                            f"{stats['images']} x {stats['latent_shape']}; rerun `cache_latents`")
+    log.info("loaded %d cached latents %s (+ flips) from %s", latent.shape[0], tuple(latent.shape[1:]), cache_dir)
+    return LatentSet(latent=latent, latent_flip=torch.cat(parts["latent_flip"]), label=torch.cat(parts["label"]),
+                     normalizer=LatentNormalizer.load(cache_dir / STATS), classes=list(stats.get("classes", [])))

@@ -1,0 +1,258 @@
+"""The latent cache on a tiny dataset and tokenizer: contents, statistics, resume, rank split,
+the one normalisation point, and the latent batch loader."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from aligntok.config import CacheLatentsConfig, EncoderConfig, Params, parse_params
+from aligntok.data.loader import load_split
+from aligntok.diffusion.latents import (STATS, LatentNormalizer, LatentSet, cache_latents, dist_info,
+                                        load_latents, read_stats, shard_name)
+from aligntok.encoder import export_encoder
+from aligntok.errors import AligntokError
+from aligntok.tokenizer.api import Tokenizer
+from aligntok.tokenizer.stages import StagePaths, run_tokenizer_stage
+
+from shards_fixture import edit_meta, write_dataset
+
+TINY = {
+    "encoder": {"depth": 2, "image_size": 56},  # 4x4 latent grid
+    "latent": {"channels": 4},
+    "data": {"resolution": 16},
+    "tokenizer": {"decoder": {"channels": 16, "channel_mult": [1, 2, 2], "num_res_blocks": 1},
+                  "discriminator": {"channels": 8, "layers": 2}},
+    "align_latent": {"train": ["adapter", "decoder"], "steps": 2, "batch_size": 4, "lr": 1e-3,
+                     "val_images": 2, "losses": {"gan": 0.0, "perceptual": 0.0}},
+}
+CFG = CacheLatentsConfig(max_images=None, batch_size=3, shard_size=5)
+"""24 train records -> shards of 5, 5, 5, 5, 4 (the second one crosses a tar boundary)."""
+SHARDS = [shard_name(i) for i in range(5)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: on a shared 2-core machine, two threads that wait on each other make
+    these tiny convolutions up to 100x slower (results are the same either way)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny ingest folder and a 2-step stage-1 tokenizer (no registry)."""
+    root = tmp_path_factory.mktemp("latents")
+    params: Params = parse_params(TINY)
+    data = write_dataset(root / "data")
+    export_encoder(EncoderConfig(**TINY["encoder"]), root / "encoder")
+    paths = StagePaths(data=data, encoder=root / "encoder", out=root / "tokenizer", checkpoints=root / "ckpt")
+    run_tokenizer_stage("align_latent", params, paths, register=False, progress=False)
+    return {"root": root, "data": data, "tokenizer": root / "tokenizer"}
+
+
+@pytest.fixture(scope="module")
+def cache(setup: dict[str, Path]) -> Path:
+    """The single-process cache, written once."""
+    out = setup["root"] / "cache"
+    summary = cache_latents(setup["tokenizer"], setup["data"], out, CFG, progress=False)
+    assert summary.encoded == [0, 1, 2, 3, 4] and summary.stats_written and summary.images_per_s > 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer(setup: dict[str, Path]) -> Tokenizer:
+    return Tokenizer.load(setup["tokenizer"])
+
+
+def shard_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """All shards concatenated: latent, latent_flip (N, C, h, w), label (N,)."""
+    shards = [load_file(str(folder / name)) for name in SHARDS]
+    return {key: torch.cat([s[key] for s in shards]) for key in ("latent", "latent_flip", "label")}
+
+
+def same_shard(a: Path, b: Path) -> bool:
+    """Equal tensors and metadata (the file bytes can differ: safetensors orders metadata keys freely)."""
+    with safe_open(str(a), framework="pt") as fa, safe_open(str(b), framework="pt") as fb:
+        if fa.metadata() != fb.metadata() or set(fa.keys()) != set(fb.keys()):
+            return False
+        return all(torch.equal(fa.get_tensor(k), fb.get_tensor(k)) for k in fa.keys())
+
+
+def copy_cache(cache: Path, to: Path) -> Path:
+    shutil.copytree(cache, to)
+    return to
+
+
+def test_cache_holds_every_image_and_its_flip_with_channel_stats(
+        cache: Path, setup: dict[str, Path], tokenizer: Tokenizer) -> None:
+    assert sorted(p.name for p in cache.iterdir()) == sorted([*SHARDS, STATS])
+    train = load_split(setup["data"], "train", progress=False)
+    images, labels = train.batch(torch.arange(len(train)))  # (24, 3, 16, 16)
+    cached = shard_tensors(cache)
+    assert cached["latent"].shape == cached["latent_flip"].shape == (24, 4, 4, 4)
+    assert cached["latent"].dtype == torch.float32 and cached["label"].dtype == torch.int64
+    assert torch.equal(cached["label"], labels)
+    assert torch.allclose(cached["latent"], tokenizer.encode(images), atol=1e-5)
+    assert torch.allclose(cached["latent_flip"], tokenizer.encode(torch.flip(images, dims=[-1])), atol=1e-5)
+    assert not torch.allclose(cached["latent"], cached["latent_flip"], atol=1e-3)  # noise is not symmetric
+
+    stats = read_stats(cache)
+    both = torch.cat([cached["latent"], cached["latent_flip"]]).transpose(0, 1).reshape(4, -1)  # (C, 2N·h·w)
+    assert torch.allclose(torch.tensor(stats["mean"]), both.mean(dim=1), atol=1e-5)
+    assert torch.allclose(torch.tensor(stats["std"]), both.std(dim=1), atol=1e-5)
+    assert stats["count"] == 48 and stats["images"] == 24 and stats["latent_shape"] == [4, 4, 4]
+    assert stats["num_classes"] == 3 and stats["classes"] == ["tshirt", "trouser", "pullover"]
+    assert stats["shards"] == SHARDS and stats["tokenizer"] == str(setup["tokenizer"])
+    meta = json.loads((setup["data"] / "dataset.json").read_text())
+    assert meta["counts"]["train"] == 24
+
+
+def test_rerun_after_a_killed_run_redoes_only_the_unfinished_shards(
+        cache: Path, setup: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = copy_cache(cache, tmp_path / "cache")
+    (out / SHARDS[1]).unlink()  # never written
+    (out / SHARDS[3]).write_bytes((cache / SHARDS[3]).read_bytes()[:100])  # torn (a non-atomic writer)
+    (out / STATS).unlink()
+    (out / f".{SHARDS[1]}.tmp-12345").write_bytes(b"half")  # a killed run's temporary
+    kept = {name: (out / name).stat().st_mtime_ns for name in (SHARDS[0], SHARDS[2], SHARDS[4])}
+    calls = []
+    encode = Tokenizer.encode
+    monkeypatch.setattr(Tokenizer, "encode", lambda self, x: calls.append(len(x)) or encode(self, x))
+
+    summary = cache_latents(setup["tokenizer"], setup["data"], out, CFG, progress=False)
+    assert summary.encoded == [1, 3] and summary.skipped == [0, 2, 4] and summary.encoded_images == 10
+    assert calls == [3, 3, 2, 2] * 2  # two shards of 5, batches of 3: plain and flipped
+    assert {name: (out / name).stat().st_mtime_ns for name in kept} == kept
+    assert sorted(p.name for p in out.iterdir()) == sorted([*SHARDS, STATS])
+    assert all(same_shard(out / name, cache / name) for name in SHARDS)
+    assert (out / STATS).read_text() == (cache / STATS).read_text()
+
+    calls.clear()
+    again = cache_latents(setup["tokenizer"], setup["data"], out, CFG, progress=False)
+    assert again.encoded == [] and calls == [] and again.stats_written
+
+
+def test_fewer_images_re_encode_the_changed_shard_and_remove_stale_ones(
+        cache: Path, setup: dict[str, Path], tmp_path: Path) -> None:
+    out = copy_cache(cache, tmp_path / "cache")
+    cfg = CacheLatentsConfig(max_images=13, batch_size=3, shard_size=5)
+    summary = cache_latents(setup["tokenizer"], setup["data"], out, cfg, progress=False)
+    assert summary.skipped == [0, 1] and summary.encoded == [2]  # shard 2 now holds 3 records, not 5
+    assert summary.removed == [SHARDS[3], SHARDS[4]]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*SHARDS[:3], STATS])
+    latents = load_latents(out)
+    full = shard_tensors(cache)
+    assert len(latents) == 13 and read_stats(out)["count"] == 26
+    assert torch.equal(latents.latent, full["latent"][:13]) and torch.equal(latents.label, full["label"][:13])
+
+
+def test_two_ranks_write_disjoint_shards_whose_union_is_the_single_process_cache(
+        cache: Path, setup: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "cache"
+    first = cache_latents(setup["tokenizer"], setup["data"], out, CFG, progress=False, rank=0, world_size=2)
+    assert first.encoded == [0, 2, 4] and not first.stats_written  # rank 1 has not run: no stats yet
+    assert not (out / STATS).exists()
+    second = cache_latents(setup["tokenizer"], setup["data"], out, CFG, progress=False, rank=1, world_size=2)
+    assert second.encoded == [1, 3] and not second.stats_written  # only rank 0 writes stats
+    assert all(same_shard(out / name, cache / name) for name in SHARDS)
+    finish = cache_latents(setup["tokenizer"], setup["data"], out, CFG, progress=False, rank=0, world_size=2)
+    assert finish.encoded == [] and finish.skipped == [0, 2, 4] and finish.stats_written
+    assert (out / STATS).read_bytes() == (cache / STATS).read_bytes()
+
+
+def test_dist_info_reads_torchrun_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert dist_info() == (0, 1, 0)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert dist_info() == (3, 4, 1)
+    with pytest.raises(AligntokError, match="rank 4 is outside world size 4"):
+        cache_latents("unused", Path("unused"), Path("unused"), CFG, rank=4, world_size=4)
+
+
+def test_normaliser_round_trip_and_normalised_cache_statistics(cache: Path, tokenizer: Tokenizer) -> None:
+    normalizer = LatentNormalizer.load(cache / STATS)
+    cached = shard_tensors(cache)
+    z = cached["latent"][:6]  # (6, C, h, w)
+    assert torch.allclose(normalizer.denormalise(normalizer.normalise(z)), z, atol=1e-5)
+    assert torch.allclose(tokenizer.decode(normalizer.denormalise(normalizer.normalise(z))),
+                          tokenizer.decode(z), atol=1e-5)
+    # the diffusion decode path de-normalises: it must equal decoding the raw latent
+    assert torch.allclose(normalizer.decode(tokenizer, normalizer.normalise(z)), tokenizer.decode(z), atol=1e-5)
+    assert not torch.allclose(tokenizer.decode(normalizer.normalise(z)), tokenizer.decode(z), atol=1e-3)
+
+    both = normalizer.normalise(torch.cat([cached["latent"], cached["latent_flip"]]))  # (2N, C, h, w)
+    per_channel = both.transpose(0, 1).reshape(4, -1)
+    assert torch.allclose(per_channel.mean(dim=1), torch.zeros(4), atol=1e-5)
+    assert torch.allclose(per_channel.std(dim=1), torch.ones(4), atol=1e-5)
+    with pytest.raises(ValueError, match=r"\(B, 4, h, w\)"):
+        normalizer.normalise(torch.zeros(2, 3, 4, 4))
+
+
+def owners(latents: LatentSet, z: torch.Tensor) -> list[tuple[int, bool]]:
+    """For each normalised row of z: (record index, flipped?) it was taken from."""
+    plain = latents.normalizer.normalise(latents.latent)
+    flip = latents.normalizer.normalise(latents.latent_flip)
+    found = []
+    for row in z:
+        matches = [(i, False) for i in range(len(latents)) if torch.equal(row, plain[i])]
+        matches += [(i, True) for i in range(len(latents)) if torch.equal(row, flip[i])]
+        assert len(matches) == 1
+        found.append(matches[0])
+    return found
+
+
+def test_loader_draws_views_per_sample_and_splits_a_step_over_ranks(cache: Path) -> None:
+    latents = load_latents(cache)
+    assert len(latents) == 24 and latents.latent_shape == (4, 4, 4) and latents.classes[0] == "tshirt"
+    indices = torch.arange(24)
+    z, y = latents.batch(indices, torch.Generator().manual_seed(0))
+    assert z.shape == (24, 4, 4, 4) and torch.equal(y, latents.label)
+    views = owners(latents, z)
+    assert [i for i, _ in views] == list(range(24))
+    assert {flipped for _, flipped in views} == {False, True}  # per sample, not per batch
+    z_again, _ = latents.batch(indices, torch.Generator().manual_seed(0))
+    assert torch.equal(z, z_again)
+
+    z8, y8 = latents.batch_for_step(step=5, batch_size=8, seed=1)
+    z8b, y8b = latents.batch_for_step(step=5, batch_size=8, seed=1)
+    assert z8.shape == (8, 4, 4, 4) and torch.equal(z8, z8b) and torch.equal(y8, y8b)
+    assert not torch.equal(latents.batch_for_step(step=6, batch_size=8, seed=1)[0], z8)
+    parts = [latents.batch_for_step(step=5, batch_size=8, seed=1, rank=r, world_size=2) for r in (0, 1)]
+    assert all(p[0].shape == (4, 4, 4, 4) for p in parts)
+    assert torch.equal(torch.cat([p[0] for p in parts]), z8) and torch.equal(torch.cat([p[1] for p in parts]), y8)
+    mine = {i for i, _ in owners(latents, parts[0][0])}
+    theirs = {i for i, _ in owners(latents, parts[1][0])}
+    assert len(mine) == len(theirs) == 4 and not mine & theirs
+    with pytest.raises(ValueError, match="split evenly"):
+        latents.batch_for_step(step=0, batch_size=7, seed=1, rank=0, world_size=2)
+
+
+def test_clear_errors_for_missing_inputs(setup: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(AligntokError, match="ingest folder not found"):
+        cache_latents(setup["tokenizer"], tmp_path / "nowhere", tmp_path / "out", CFG, progress=False)
+    (tmp_path / "bare").mkdir()
+    with pytest.raises(AligntokError, match="dataset.json: not found"):
+        cache_latents(setup["tokenizer"], tmp_path / "bare", tmp_path / "out", CFG, progress=False)
+    empty = shutil.copytree(setup["data"], tmp_path / "empty")
+    edit_meta(empty, lambda meta: (meta["shards"].update(train=[]), meta["counts"].update(train=0)))
+    with pytest.raises(AligntokError, match="train split is empty"):
+        cache_latents(setup["tokenizer"], empty, tmp_path / "out", CFG, progress=False)
+    with pytest.raises(AligntokError, match="not a tokenizer folder"):
+        cache_latents(tmp_path / "no-tokenizer", setup["data"], tmp_path / "out", CFG, progress=False)
+    with pytest.raises(AligntokError, match="latent cache folder not found"):
+        load_latents(tmp_path / "no-cache")
+    with pytest.raises(AligntokError, match="stats.json: latent statistics not found"):
+        load_latents(tmp_path / "bare")

@@ -1,0 +1,144 @@
+"""train_dit end to end on a tiny latent cache: the global-batch slicing, DDP with 2 CPU
+processes against 1, registration + pyfunc, and `aligntok sample`."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from aligntok.config import CacheLatentsConfig, EncoderConfig, Params, parse_params
+from aligntok.diffusion.latents import cache_latents, load_latents
+from aligntok.diffusion.train import DiTPaths, run_train_dit, step_batch
+from aligntok.encoder import export_encoder
+from aligntok.tokenizer.stages import StagePaths, run_tokenizer_stage
+
+from shards_fixture import write_dataset
+
+TINY = {
+    "encoder": {"depth": 2, "image_size": 56},  # 4x4 latent grid
+    "latent": {"channels": 4},
+    "data": {"resolution": 16},
+    "tokenizer": {"decoder": {"channels": 16, "channel_mult": [1, 2, 2], "num_res_blocks": 1},
+                  "discriminator": {"channels": 8, "layers": 2}},
+    "align_latent": {"train": ["adapter", "decoder"], "steps": 2, "batch_size": 4, "lr": 1e-3,
+                     "val_images": 2, "losses": {"gan": 0.0, "perceptual": 0.0}},
+    "dit": {"preset": "LightningDiT-T/1", "class_dropout": 0.2},
+    "train_dit": {"steps": 6, "batch_size": 8, "lr": 1e-3, "warmup_steps": 2, "ema_decay": 0.9,
+                  "checkpoint_every": 3, "log_every": 1, "sample_every": 6},
+    "sample": {"steps": 3, "cfg_scale": 2.0},
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def params() -> Params:
+    return parse_params(TINY)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory, params: Params) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("dit")
+    data = write_dataset(root / "data")
+    export_encoder(EncoderConfig(**TINY["encoder"]), root / "encoder")
+    run_tokenizer_stage("align_latent", params, StagePaths(data=data, encoder=root / "encoder",
+                        out=root / "tokenizer", checkpoints=root / "ckpt"), register=False, progress=False)
+    cache_latents(root / "tokenizer", data, root / "latents", CacheLatentsConfig(max_images=None, batch_size=8,
+                  shard_size=10), progress=False)
+    return {"root": root, "latents": root / "latents", "tokenizer": root / "tokenizer"}
+
+
+def test_rank_slices_make_up_the_global_batch(setup: dict[str, Path]) -> None:
+    latents = load_latents(setup["latents"])
+    whole = step_batch(latents, 5, 8, 0, 0.5, 0.0, 1.0)
+    halves = [step_batch(latents, 5, 8, 0, 0.5, 0.0, 1.0, rank, 2) for rank in (0, 1)]
+    for field in ("z0", "y", "t", "eps", "drop"):
+        assert torch.equal(torch.cat([getattr(h, field) for h in halves]), getattr(whole, field)), field
+    again = step_batch(latents, 5, 8, 0, 0.5, 0.0, 1.0)
+    assert torch.equal(again.eps, whole.eps) and not torch.equal(step_batch(latents, 6, 8, 0, 0.5, 0.0, 1.0).eps,
+                                                                 whole.eps)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, raw: dict, paths: dict[str, str]) -> None:
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    history: list[float] = []
+    run_train_dit(parse_params(raw), DiTPaths(latents=Path(paths["latents"]), tokenizer=Path(paths["tokenizer"]),
+                  out=Path(paths["out"]), checkpoints=Path(paths["checkpoints"])), register=False, progress=False,
+                  on_log=lambda step, logs: history.append(logs["loss_global"]))
+    if rank == 0:
+        Path(paths["history"]).write_text(json.dumps(history))
+
+
+def test_two_processes_follow_the_single_process_loss_trajectory(setup: dict[str, Path], params: Params,
+                                                                 tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    single: list[float] = []
+    run_train_dit(params, DiTPaths(latents=setup["latents"], tokenizer=setup["tokenizer"], out=tmp_path / "one",
+                  checkpoints=tmp_path / "ck1"), register=False, progress=False,
+                  on_log=lambda step, logs: single.append(logs["loss_global"]))
+    paths = {"latents": str(setup["latents"]), "tokenizer": str(setup["tokenizer"]), "out": str(tmp_path / "two"),
+             "checkpoints": str(tmp_path / "ck2"), "history": str(tmp_path / "history.json")}
+    mp.spawn(_ddp_worker, args=(2, _free_port(), TINY, paths), nprocs=2, join=True)
+    double = json.loads((tmp_path / "history.json").read_text())
+    assert len(single) == len(double) == TINY["train_dit"]["steps"]
+    np.testing.assert_allclose(double, single, rtol=1e-4, atol=1e-6)
+    assert single[0] != single[-1]  # it trained
+    one, two = load_file(str(tmp_path / "one" / "dit.safetensors")), load_file(str(tmp_path / "two" / "dit.safetensors"))
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5)
+
+
+def test_registered_model_samples_and_sample_command(setup: dict[str, Path], params: Params, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
+
+    from aligntok.cli import main
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "dit"
+    run_train_dit(params, DiTPaths(latents=setup["latents"], tokenizer=setup["tokenizer"], out=out,
+                  checkpoints=tmp_path / "ck"), progress=False)
+    receipt = yaml.safe_load((out / "receipt.json").read_text())
+    assert receipt["model"] == "aligntok-dit" and receipt["version"] == "1"
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    artifacts = [a.path for a in client.list_artifacts(receipt["run_id"], "images")]
+    assert artifacts and all(a.endswith(".png") for a in artifacts)
+    model = mlflow.pyfunc.load_model("models:/aligntok-dit@latest")
+    images = model.predict({"labels": [0, 1, 2], "steps": 3, "cfg_scale": 2.0, "seed": 7})
+    assert images.shape == (3, 3, 16, 16) and 0 <= images.min() and images.max() <= 1
+    again = model.predict({"labels": [0, 1, 2], "steps": 3, "cfg_scale": 2.0, "seed": 7})
+    np.testing.assert_array_equal(images, again)
+
+    grid = tmp_path / "samples" / "grid.png"
+    assert main(["sample", "--model", str(out), "--classes", "0", "2", "--per-class", "2", "--steps", "3",
+                 "--cfg", "1.5", "--seed", "1", "--out", str(grid)]) == 0
+    from PIL import Image
+
+    assert Image.open(grid).size == (2 * 16 + 3 * 2, 2 * 16 + 3 * 2)
+    assert len(list((tmp_path / "samples" / "grid").glob("*.png"))) == 4
