@@ -142,3 +142,46 @@ def test_registered_model_samples_and_sample_command(setup: dict[str, Path], par
 
     assert Image.open(grid).size == (2 * 16 + 3 * 2, 2 * 16 + 3 * 2)
     assert len(list((tmp_path / "samples" / "grid").glob("*.png"))) == 4
+
+
+def test_sigkill_mid_training_then_rerun_gives_the_same_weights(setup: dict[str, Path], tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    raw = {**TINY, "train_dit": {**TINY["train_dit"], "steps": 80, "checkpoint_every": 5, "log_every": 5,
+                                 "sample_every": 1000}}
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(raw))
+
+    def command(out: str, checkpoints: str) -> list[str]:
+        return [sys.executable, "-m", "aligntok", "--params", str(params_file), "train_dit", "--latents",
+                str(setup["latents"]), "--tokenizer", str(setup["tokenizer"]), "--out", str(tmp_path / out),
+                "--checkpoints", str(tmp_path / checkpoints), "--no-register", "--no-progress"]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(command("reference", "ck-ref"), check=True, env=env, capture_output=True, timeout=300)
+    process = subprocess.Popen(command("killed", "ck"), env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline, step = time.monotonic() + 240, 0
+    while time.monotonic() < deadline and process.poll() is None:
+        sidecars = list((tmp_path / "ck").glob("train_dit/*.json"))
+        if sidecars:
+            try:
+                step = json.loads(sidecars[0].read_text())["step"]
+            except (ValueError, KeyError):  # caught mid-rename: read again
+                step = 0
+            if step >= 10:
+                break
+        time.sleep(0.02)
+    assert process.poll() is None, "training finished before it could be killed; make it longer"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert 10 <= step < 80 and not (tmp_path / "killed" / "dit.safetensors").exists()
+    rerun = subprocess.run(command("killed", "ck"), env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "resuming from step" in rerun.stderr
+    a = load_file(str(tmp_path / "reference" / "dit.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "dit.safetensors"))
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
