@@ -22,6 +22,13 @@ class ConfigError(AligntokError, ValueError):
     """A parameter file that cannot be used; the message names file, key and value."""
 
 
+def _two_betas(value: list[float]) -> list[float]:
+    """AdamW betas: two numbers in [0, 1)."""
+    if len(value) != 2 or not all(0.0 <= b < 1.0 for b in value):
+        raise ValueError("must be two numbers in [0, 1)")
+    return value
+
+
 class Section(BaseModel):
     # strict: "8" is not an int, 1 is not a bool; extra keys are errors, values are frozen.
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
@@ -143,12 +150,7 @@ class TrainStageConfig(Section):
             raise ValueError("must list each trained role (encoder, adapter, decoder) once")
         return value
 
-    @field_validator("betas")
-    @classmethod
-    def _two_betas(cls, value: list[float]) -> list[float]:
-        if len(value) != 2 or not all(0.0 <= b < 1.0 for b in value):
-            raise ValueError("must be two numbers in [0, 1)")
-        return value
+    _betas = field_validator("betas")(classmethod(lambda cls, value: _two_betas(value)))
 
 
 def _stage(train: list[str], steps: int, **kw: Any) -> TrainStageConfig:
@@ -196,12 +198,7 @@ class TrainDiTConfig(Section):
     """Logit-normal timestep sampling: t = sigmoid(N(t_mean, t_std))."""
     seed: int = Field(0, ge=0)
 
-    @field_validator("betas")
-    @classmethod
-    def _two_betas(cls, value: list[float]) -> list[float]:
-        if len(value) != 2 or not all(0.0 <= b < 1.0 for b in value):
-            raise ValueError("must be two numbers in [0, 1)")
-        return value
+    _betas = field_validator("betas")(classmethod(lambda cls, value: _two_betas(value)))
 
 
 class SampleConfig(Section):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,30 +21,19 @@ from aligntok.errors import AligntokError
 from aligntok.tokenizer.api import Tokenizer
 from aligntok.tokenizer.stages import StagePaths, run_tokenizer_stage
 
+from tiny import QUICK_STAGE1, TINY_MODEL, one_thread  # noqa: F401 (fixture)
 from shards_fixture import edit_meta, write_dataset
 
 TINY = {
-    "encoder": {"depth": 2, "image_size": 56},  # 4x4 latent grid
-    "latent": {"channels": 4},
-    "data": {"resolution": 16},
-    "tokenizer": {"decoder": {"channels": 16, "channel_mult": [1, 2, 2], "num_res_blocks": 1},
-                  "discriminator": {"channels": 8, "layers": 2}},
-    "align_latent": {"train": ["adapter", "decoder"], "steps": 2, "batch_size": 4, "lr": 1e-3,
-                     "val_images": 2, "losses": {"gan": 0.0, "perceptual": 0.0}},
+    **TINY_MODEL,
+    "align_latent": QUICK_STAGE1,
 }
 CFG = CacheLatentsConfig(max_images=None, batch_size=3, shard_size=5)
 """24 train records -> shards of 5, 5, 5, 5, 4 (the second one crosses a tar boundary)."""
 SHARDS = [shard_name(i) for i in range(5)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: on a shared 2-core machine, two threads that wait on each other make
-    these tiny convolutions up to 100x slower (results are the same either way)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tiny.one_thread
 
 
 @pytest.fixture(scope="module")

@@ -22,13 +22,10 @@ from aligntok.tokenizer.api import Tokenizer
 from aligntok.tokenizer.stages import SemanticTarget, StagePaths, build_stage_model, run_tokenizer_stage
 
 from shards_fixture import write_dataset
+from tiny import TINY_MODEL
 
 TINY = {
-    "encoder": {"depth": 2, "image_size": 56},  # 4x4 latent grid
-    "latent": {"channels": 4},
-    "data": {"resolution": 16},
-    "tokenizer": {"decoder": {"channels": 16, "channel_mult": [1, 2, 2], "num_res_blocks": 1},
-                  "discriminator": {"channels": 8, "layers": 2}},
+    **TINY_MODEL,
     "align_latent": {"train": ["adapter", "decoder"], "steps": 4, "batch_size": 4, "lr": 1e-3,
                      "checkpoint_every": 2, "val_images": 4, "losses": {"gan_start": 2}},
     "align_perceptual": {"train": ["encoder", "adapter", "decoder"], "steps": 3, "batch_size": 4, "lr": 1e-3,

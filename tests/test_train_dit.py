@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,16 +20,12 @@ from aligntok.diffusion.train import DiTPaths, run_train_dit, step_batch
 from aligntok.encoder import export_encoder
 from aligntok.tokenizer.stages import StagePaths, run_tokenizer_stage
 
+from tiny import QUICK_STAGE1, TINY_MODEL, one_thread  # noqa: F401 (fixture)
 from shards_fixture import write_dataset
 
 TINY = {
-    "encoder": {"depth": 2, "image_size": 56},  # 4x4 latent grid
-    "latent": {"channels": 4},
-    "data": {"resolution": 16},
-    "tokenizer": {"decoder": {"channels": 16, "channel_mult": [1, 2, 2], "num_res_blocks": 1},
-                  "discriminator": {"channels": 8, "layers": 2}},
-    "align_latent": {"train": ["adapter", "decoder"], "steps": 2, "batch_size": 4, "lr": 1e-3,
-                     "val_images": 2, "losses": {"gan": 0.0, "perceptual": 0.0}},
+    **TINY_MODEL,
+    "align_latent": QUICK_STAGE1,
     "dit": {"preset": "LightningDiT-T/1", "class_dropout": 0.2},
     "train_dit": {"steps": 6, "batch_size": 8, "lr": 1e-3, "warmup_steps": 2, "ema_decay": 0.9,
                   "checkpoint_every": 3, "log_every": 1, "sample_every": 6},
@@ -38,12 +33,7 @@ TINY = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tiny.one_thread
 
 
 @pytest.fixture(scope="module")
