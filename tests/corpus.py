@@ -8,6 +8,9 @@ JPEG with EXIF orientation 6, a hidden file, a nested one) and every kind of bad
 duplicate, unknown extension, file outside a class folder). It returns the expected
 rejection-reason prefix per relative path (None: accepted); `GOOD_IMAGES` gives the
 original mode and (width, height) after EXIF orientation of each accepted file.
+
+Builders of hostile inputs for `test_ingest_hostile.py` sit at the end (`png_bomb`,
+`ico_container`, `write_tar`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import io
 import shutil
 import struct
+import tarfile
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -172,3 +176,30 @@ def _truncated(image: Image.Image, fmt: str) -> bytes:
 
 def _save(image: Image.Image, path: Path, **options: object) -> None:
     image.save(path, **options)
+
+
+def ico_container(png: bytes) -> bytes:
+    """A Windows icon holding `png` as its one image, written by hand: ICONDIR + ICONDIRENTRY + PNG.
+
+    The entry claims 256×256 (0 means 256); Pillow reads the real size from the PNG inside.
+    """
+    icondir = struct.pack("<HHH", 0, 1, 1)  # reserved, type 1 (icon), one image
+    entry = struct.pack("<BBBBHHII", 0, 0, 0, 0, 1, 32, len(png), len(icondir) + 16)
+    return icondir + entry + png
+
+
+def noise_png(seed: int, size: int = 20) -> bytes:
+    """A `size`×`size` RGB PNG of seeded noise (distinct seeds give distinct files)."""
+    buffer = io.BytesIO()
+    _rgb(size, size, seed=seed).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    """A plain tar of `(name, bytes)` members, in order (for hand-made WebDataset shards)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))

@@ -7,8 +7,11 @@ start with a short stable prefix (`empty file`, `not an image`, `unreadable`,
 group them.
 
 The size checks read the header only: a decompression bomb is rejected before a
-single pixel is decoded. PIL's own bomb guard is switched off while we work
-(our `max_pixels` check is the authoritative one) and restored afterwards.
+single pixel is decoded. Only the formats named in `DataConfig.formats` are opened
+(a file in any other is rejected with its format named), and PIL's own bomb guard
+stays on at `max_pixels` while we work (its warning made an error), so that an
+image nested in a container that PIL decodes while opening it (the PNG inside an
+ICO) is refused from its header too.
 """
 
 from __future__ import annotations
@@ -16,12 +19,14 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+import struct
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps
 
 from aligntok.config import DataConfig
 
@@ -50,10 +55,15 @@ class ImagePolicy:
     background: int
     image_format: str
     jpeg_quality: int
+    formats: tuple[str, ...]
+    """Pillow format names that may be opened."""
 
     @classmethod
     def from_config(cls, cfg: DataConfig) -> ImagePolicy:
-        return cls(cfg.resolution, cfg.min_side, cfg.max_pixels, cfg.background, cfg.image_format, cfg.jpeg_quality)
+        return cls(
+            cfg.resolution, cfg.min_side, cfg.max_pixels, cfg.background, cfg.image_format, cfg.jpeg_quality,
+            tuple(cfg.formats),
+        )  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +89,7 @@ def process_image(data: bytes, policy: ImagePolicy) -> ProcessedImage:
     width = height = 0
     mode = ""
     try:
-        with _strict_pil():
+        with _strict_pil(policy.max_pixels):
             image = probe(data, policy)
             mode = image.mode
             image = decode(image)
@@ -93,28 +103,34 @@ def process_image(data: bytes, policy: ImagePolicy) -> ProcessedImage:
 
 
 @contextmanager
-def _strict_pil() -> Iterator[None]:
-    """Turn off PIL's bomb guard (we check `max_pixels` ourselves) and refuse truncated files."""
+def _strict_pil(max_pixels: int) -> Iterator[None]:
+    """PIL's bomb guard on at `max_pixels` (its warning an error, not only beyond 2x); truncated files refused."""
     saved = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
-    Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = None, False
+    Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = max_pixels, False
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
     finally:
         Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved
 
 
 def probe(data: bytes, policy: ImagePolicy) -> Image.Image:
-    """Open `data` lazily (header only) and apply the size limits; raises `Rejected`.
+    """Open `data` lazily (header only) and apply the format and size limits; raises `Rejected`.
 
     Only `size` and `mode` are read here: even `getexif()` decodes a whole PNG. Both
     limits hold whatever the EXIF orientation, so the sizes are the stored ones.
+    Call it inside `_strict_pil`, which guards images nested in containers.
     """
     if not data:
         raise Rejected("empty file")
     try:
-        image = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise Rejected(f"not an image: unknown format, starts with {data[:8]!r}") from None
+        image = open_allowed(data, policy.formats)
+    except Rejected:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        pixels = _bomb_pixels(exc)
+        raise Rejected(f"too large: an embedded image of {pixels} > max_pixels {policy.max_pixels}") from None
     except Exception as exc:  # noqa: BLE001 - any header failure is a rejection, never a crash
         raise Rejected(_describe_failure(exc)) from None
     width, height = image.size
@@ -123,6 +139,41 @@ def probe(data: bytes, policy: ImagePolicy) -> Image.Image:
     if min(width, height) < policy.min_side:
         raise Rejected(f"too small: {width}x{height}, shorter side < min_side {policy.min_side}")
     return image
+
+
+def open_allowed(data: bytes, formats: tuple[str, ...]) -> Image.Image:
+    """`Image.open(data, formats=formats)`, less its check of the outer image's size (`probe` makes it,
+    naming the size); the same plugins, tried in the same order, with the same errors skipped.
+
+    Raises `Rejected` naming the format when only a format outside `formats` recognises
+    the header: such a file is never handed to its plugin.
+    """
+    Image.init()
+    prefix = data[:16]
+    for name in Image.ID:
+        if name in formats and _accepts(name, prefix):
+            try:
+                return Image.OPEN[name][0](io.BytesIO(data), "")
+            except (SyntaxError, IndexError, TypeError, struct.error):
+                continue  # as `Image.open`: not this format after all
+    named = next((name for name in Image.ID if name not in formats and _accepts(name, prefix, guess=False)), None)
+    if named is not None:
+        raise Rejected(f"unsupported format: {named} (data.formats: {', '.join(formats)})")
+    raise Rejected(f"not an image: unknown format, starts with {data[:8]!r}")
+
+
+def _accepts(name: str, prefix: bytes, guess: bool = True) -> bool:
+    """Whether the plugin `name` recognises `prefix`; plugins without a check are tried iff `guess`."""
+    accept = Image.OPEN[name][1]
+    if accept is None:
+        return guess
+    result = accept(prefix)
+    return bool(result) and not isinstance(result, str)  # a string is PIL's "no, with a warning"
+
+
+def _bomb_pixels(exc: Exception) -> str:
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    return f"{found.group(1)} pixels" if found else "unknown size"
 
 
 def decode(image: Image.Image) -> Image.Image:
@@ -136,6 +187,8 @@ def decode(image: Image.Image) -> Image.Image:
 
 
 def _describe_failure(exc: Exception) -> str:
+    if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return f"too large: an embedded image of {_bomb_pixels(exc)} > max_pixels {Image.MAX_IMAGE_PIXELS}"
     message = re.sub(r" at 0x[0-9a-fA-F]+", "", str(exc)) or type(exc).__name__
     prefix = "truncated" if "truncat" in message.lower() else "unreadable"
     return f"{prefix}: {message}"

@@ -9,7 +9,10 @@ Outputs in OUT_DIR (a contract: the validate stage reads them):
   digits of the sha256 of the source bytes. Tar headers are fixed (USTAR, mtime 0,
   uid/gid 0, user/group `aligntok`, mode 0444), so a re-run writes byte-identical files.
 - `manifest.parquet`: one row per accepted image, in shard order (train, then val).
-- `rejected.csv`: `path,reason`, one row per rejected input, sorted by path.
+- `rejected.csv`: `path,reason`, one row per rejected input, sorted by path, every field
+  quoted (a name may hold a comma, quote, `\\r` or `\\n`). A path that is not valid UTF-8
+  is rejected (reason `unsupported name`) and written with each undecodable byte as
+  `\\xNN` and each backslash doubled: `codecs.escape_decode` gives its bytes back.
 - `dataset.json`: source, classes, resolution, image format, counts, shard names, params.
 
 How it runs:
@@ -26,12 +29,16 @@ How it runs:
 Everything is built in `OUT_DIR/.partial` and moved in at the end, the manifest and
 `dataset.json` last (the old ones are deleted first), so a manifest on disk never names an
 incomplete shard; stale shards of an earlier run are removed. OUT_DIR must be new, empty
-or hold only these outputs: anything else makes `ingest` refuse rather than mix.
+or hold only these outputs: anything else makes `ingest` refuse rather than mix. It must
+not be (or lie inside) a folder the source reads. While `ingest` runs it holds
+`OUT_DIR/.ingest.lock` (an flock, the file holding its pid): a second `ingest` into the
+same folder fails naming that pid, and a lock left by a run that died is taken over.
 """
 
 from __future__ import annotations
 
 import csv
+import fcntl
 import functools
 import hashlib
 import io
@@ -47,6 +54,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, NamedTuple, TypeVar
@@ -55,7 +63,7 @@ from tqdm import tqdm
 
 from aligntok.config import DataConfig
 from aligntok.data.images import ENCODED_EXTENSION, ImagePolicy, ProcessedImage, process_image
-from aligntok.data.sources import ImageFolder, IngestError, Source, SourceItem, open_source
+from aligntok.data.sources import IngestError, Source, SourceItem, open_source
 
 __all__ = ["IngestError", "IngestSummary", "ingest", "plan_shards", "split_of", "tar_size"]
 
@@ -64,8 +72,9 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val")
 MANIFEST, REJECTED, DATASET = "manifest.parquet", "rejected.csv", "dataset.json"
 SHARD_NAME = re.compile(r"^(train|val)-\d{6}\.tar$")
-STAGING, SPOOL = ".partial", "spool.bin"
+STAGING, SPOOL, LOCK = ".partial", "spool.bin", ".ingest.lock"
 _MAX_CHUNK = 32  # inputs per pool task: amortises IPC for 28×28 images
+UNSUPPORTED_NAME = "unsupported name: not valid UTF-8 (written with \\xNN for each undecodable byte, \\\\ for \\)"
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
@@ -138,20 +147,24 @@ def ingest(
     """Ingest `source` (a `DataConfig.source` spec) into shards in `out_dir`; see the module doc.
 
     `limit` keeps only the first `limit` inputs of the source (for tests and benchmarks).
-    Raises `IngestError` for a missing or empty source, an unknown scheme or an unusable
-    `out_dir`.
+    Raises `IngestError` for a missing or empty source, an unknown scheme, an unusable
+    `out_dir`, one that another `ingest` holds, or an unknown name in `cfg.formats`.
     """
     start = time.perf_counter()
     out_dir = Path(out_dir)
+    _check_formats(cfg.formats)
     src = open_source(source, cfg)
     _check_out_dir(out_dir, src)
-    staging = _fresh_staging(out_dir)
-    try:
-        with _Pool(cfg.workers) as pool:
-            summary = _ingest_into(src, source, out_dir, staging, cfg, pool, progress, limit, start)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with _locked(out_dir):
+        _check_out_dir_contents(out_dir)
+        staging = _fresh_staging(out_dir)
+        try:
+            with _Pool(cfg.workers) as pool:
+                summary = _ingest_into(src, source, out_dir, staging, cfg, pool, progress, limit, start)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     log.info(
         "ingest %s: %d inputs -> %d train, %d val, %d rejected in %.1f s (%.0f images/s); %d+%d shards in %s",
         source, summary.inputs, summary.train, summary.val, summary.rejected, summary.seconds,
@@ -209,15 +222,83 @@ def _write_order(record: _Record, seed: int) -> str:
 # --- output folder ----------------------------------------------------------------------------
 
 
+def _check_formats(formats: list[str]) -> None:
+    """Refuse a `data.formats` name that Pillow has no reader for."""
+    from PIL import Image
+
+    Image.init()
+    unknown = [name for name in formats if name not in Image.OPEN]
+    if unknown:
+        raise IngestError(
+            f"data.formats: Pillow cannot read {', '.join(unknown)}; it reads {', '.join(sorted(Image.OPEN))}"
+        )
+
+
 def _check_out_dir(out_dir: Path, src: Source) -> None:
-    """Refuse an `out_dir` that is a file, lies inside an image-folder source or holds other files."""
+    """Refuse an `out_dir` that is a file, or is or lies inside a folder the source reads."""
     if out_dir.exists() and not out_dir.is_dir():
         raise IngestError(f"{out_dir}: output path exists and is not a folder")
-    if isinstance(src, ImageFolder) and out_dir.resolve().is_relative_to(src.root.resolve()):
-        raise IngestError(f"{out_dir}: output folder lies inside the source folder {src.root}")
-    if not out_dir.is_dir():
-        return
-    ours = {MANIFEST, REJECTED, DATASET, STAGING}
+    for folder in src.folders():
+        if out_dir.resolve().is_relative_to(folder.resolve()):
+            raise IngestError(f"{out_dir}: output folder is or lies inside the source folder {folder}")
+
+
+@contextmanager
+def _locked(out_dir: Path) -> Iterator[None]:
+    """Hold `out_dir`'s lock while the body runs: an flock on `LOCK`, which holds our pid.
+
+    A second holder fails with `IngestError` naming the pid in the file. A lock file left by
+    a run that died holds no flock (the kernel drops it with the process) and is taken over.
+    """
+    path = out_dir / LOCK
+    while True:
+        stream = _open_lock_file(path)
+        try:
+            fcntl.flock(stream, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = stream.read(64).strip() or "unknown"
+            stream.close()
+            raise IngestError(
+                f"{out_dir}: another ingest (pid {holder}) is writing this folder (lock {path}); "
+                "wait for it to finish or use another folder"
+            ) from None
+        if _same_file(stream, path):
+            break
+        stream.close()  # its holder finished and removed it between our open and flock: try again
+    if previous := stream.read(64).strip():
+        log.warning("%s: taking over the lock of pid %s, which no longer holds it", path, previous)
+    stream.seek(0)
+    stream.truncate()
+    stream.write(f"{os.getpid()}\n")
+    stream.flush()
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # still holding the flock, so no one can be between open and flock
+        stream.close()
+
+
+def _open_lock_file(path: Path) -> IO[str]:
+    """Open (creating) the lock file for reading and writing; never through a link planted there."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise IngestError(f"{path}: cannot open the lock file ({exc.strerror or exc})") from None
+    return os.fdopen(fd, "r+", encoding="ascii", errors="replace")
+
+
+def _same_file(stream: IO[str], path: Path) -> bool:
+    try:
+        on_disk = path.stat()
+    except FileNotFoundError:
+        return False
+    held = os.fstat(stream.fileno())
+    return (held.st_dev, held.st_ino) == (on_disk.st_dev, on_disk.st_ino)
+
+
+def _check_out_dir_contents(out_dir: Path) -> None:
+    """Refuse an `out_dir` that holds anything but ingest outputs."""
+    ours = {MANIFEST, REJECTED, DATASET, STAGING, LOCK}
     unrelated = sorted(p.name for p in out_dir.iterdir() if p.name not in ours and not SHARD_NAME.match(p.name))
     if unrelated:
         shown = ", ".join(unrelated[:5]) + (", ..." if len(unrelated) > 5 else "")
@@ -252,6 +333,8 @@ def _publish(staging: Path, out_dir: Path, shard_names: list[str]) -> None:
 
 def _process_item(item: SourceItem, policy: ImagePolicy) -> _Outcome:
     """Worker entry point (module level, so spawned workers can unpickle it)."""
+    if not _is_utf8(item.source_path):  # no manifest, shard or table could store it as it is
+        return _Outcome(item.source_path, item.label, None, UNSUPPORTED_NAME)
     if item.data is None:
         return _Outcome(item.source_path, item.label, None, item.reason or "unreadable")
     return _Outcome(item.source_path, item.label, process_image(item.data, policy), None)
@@ -457,10 +540,35 @@ def _write_manifest(records: list[_Record], classes: list[str], path: Path) -> N
 
 
 def _write_rejected(rejected: list[tuple[str, str]], path: Path) -> None:
+    """`path,reason` rows, every field quoted; paths by `escape_name`, reasons made printable."""
     with open(path, "w", newline="", encoding="utf-8") as stream:
-        writer = csv.writer(stream, lineterminator="\n")
+        writer = csv.writer(stream, lineterminator="\n", quoting=csv.QUOTE_ALL)
         writer.writerow(["path", "reason"])
-        writer.writerows(rejected)
+        writer.writerows((escape_name(name), _utf8(reason)) for name, reason in rejected)
+
+
+def escape_name(name: str) -> str:
+    """`name` itself when it is valid UTF-8; otherwise, losslessly, each undecodable byte as `\\xNN`
+    and each backslash doubled (`codecs.escape_decode(result.encode())[0]` is the name's bytes)."""
+    if _is_utf8(name):
+        return name
+    try:
+        raw = name.encode("utf-8", "surrogateescape")  # what `os` and `tarfile` decoded it from
+    except UnicodeEncodeError:
+        raw = name.encode("utf-8", "surrogatepass")
+    return raw.replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _utf8(text: str) -> str:
+    return text if _is_utf8(text) else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _write_dataset_json(

@@ -8,12 +8,21 @@ A source spec (the syntax of `DataConfig.source`) names one of three sources:
 - `imagefolder:PATH`: one subfolder per class (ImageNet layout); labels are indices of the
   sorted class-folder names. Every non-folder entry under PATH is an input, in sorted
   relative-path order; ones that cannot be images are yielded with a rejection reason
-  (file at the root or in a hidden root folder, unknown extension, unreadable). Hidden
-  root folders (`.git`, `.ipynb_checkpoints`) are not classes.
-- `webdataset:URL`: existing shards (a local folder of `.tar` files, a path, a brace
-  pattern or any URL webdataset opens). The image is the first of the jpg/jpeg/png/webp/
-  bmp/tif/tiff entries, the label comes from `cls` (or `label`), and the class name from
-  the sample's `json` `class_name` when present, else `str(label)`.
+  (file at the root or in a hidden root folder, unknown extension, unreadable, larger
+  than `max_input_bytes`). Hidden root folders (`.git`, `.ipynb_checkpoints`) are not
+  classes. Links never lead out of PATH: a link to a file is read only when it resolves
+  inside PATH, a link to a folder is never followed (it is an input rejected with its
+  target, so a class folder that links to a sibling is not counted twice), and a folder
+  that cannot be listed is an input rejected with the reason.
+- `webdataset:URL`: existing shards: a local folder of `.tar` files, a path, a brace
+  pattern, `file://`, `http(s)://` or `s3://` URLs, and nothing else. Shards are read
+  here (tarfile over a local file, urllib, or `aws s3 cp URL -` run as an argument
+  list), never through webdataset's `gopen`, whose `pipe:` URLs and `GOPEN_REWRITE`
+  rules run shell commands. The image is the first of the jpg/jpeg/png/webp/bmp/tif/tiff
+  entries, the label comes from `cls` (or `label`), and the class name from the sample's
+  `json` `class_name` when present, else `str(label)`. A sample with an entry larger than
+  `max_input_bytes` or a label above `max_label` is rejected unread; a shard that is not a
+  readable tar stops the ingest with an error naming it.
 
 Sources yield `SourceItem`s lazily, so nothing but the current file is held in memory.
 """
@@ -25,10 +34,17 @@ import json
 import os
 import re
 import stat
+import subprocess
+import tarfile
+import tempfile
+import urllib.parse
+import urllib.request
+import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Protocol
+from typing import IO, Protocol
 
 import numpy as np
 
@@ -44,7 +60,14 @@ FASHION_MNIST_FILES = (
     ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 )
 WEBDATASET_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
+WEBDATASET_SCHEMES = ("file", "http", "https", "s3")
+"""URL schemes a `webdataset:` shard may have (besides a plain local path)."""
+_ALLOWED_SHARDS = "a local path, file://, http://, https:// or s3://"
 _URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+_KEY_AND_EXTENSION = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's sample key / entry split
+_METADATA_MEMBER = re.compile(r"__[^/]*__($|/)")  # skipped, as webdataset does
+_KEPT_ENTRIES = frozenset({*WEBDATASET_IMAGE_KEYS, "cls", "label", "json"})
+_MAX_SAMPLE_ENTRIES = 1_000  # a sample with more entries than this is malformed (bounds the memory per sample)
 
 
 class IngestError(AligntokError, ValueError):
@@ -74,6 +97,9 @@ class Source(Protocol):
     def classes(self) -> list[str]:
         """Class names in label order (complete once iteration has finished)."""
 
+    def folders(self) -> list[Path]:
+        """Local folders the inputs are read from (an output folder must lie outside them)."""
+
 
 def open_source(spec: str, cfg: DataConfig) -> Source:
     """Parse a source spec and open the source; raises `IngestError` with the spec at fault."""
@@ -81,10 +107,14 @@ def open_source(spec: str, cfg: DataConfig) -> Source:
         return FashionMNIST(Path(cfg.fashion_mnist_dir))
     scheme, _, rest = spec.partition(":")
     if scheme == "imagefolder" and rest:
-        return ImageFolder(Path(rest))
+        return ImageFolder(Path(rest), cfg.max_input_bytes)
     if scheme == "webdataset" and rest:
-        return WebDatasetSource(rest)
+        return WebDatasetSource(rest, cfg.max_input_bytes, cfg.max_label)
     raise IngestError(f"unknown source {spec!r}: expected 'fashion-mnist', 'imagefolder:<path>' or 'webdataset:<url>'")
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc) or type(exc).__name__
 
 
 class FashionMNIST:
@@ -105,6 +135,9 @@ class FashionMNIST:
 
     def classes(self) -> list[str]:
         return list(FASHION_MNIST_CLASSES)
+
+    def folders(self) -> list[Path]:
+        return [self.folder]
 
     def __iter__(self) -> Iterator[SourceItem]:
         for images_name, labels_name in FASHION_MNIST_FILES:
@@ -138,73 +171,160 @@ def _read_idx(path: Path, ndim: int) -> np.ndarray:
     return values.reshape(shape)
 
 
-class ImageFolder:
-    """An ImageNet-layout folder: `PATH/<class>/**/<file>`; every file under PATH is an input."""
+# --- image folders ----------------------------------------------------------------------------
 
-    def __init__(self, root: Path) -> None:
+
+class ImageFolder:
+    """An ImageNet-layout folder: `PATH/<class>/**/<file>`; every entry under PATH is an input."""
+
+    def __init__(self, root: Path, max_input_bytes: int) -> None:
         self.spec = f"imagefolder:{root}"
         self.root = root
+        self.max_input_bytes = max_input_bytes
         if not root.is_dir():
             raise IngestError(f"{root}: image folder not found" if not root.exists() else f"{root}: not a folder")
-        self._classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-        self._files = sorted(_walk_files(root))
-        if not self._files:
+        self._real_root = os.path.realpath(root)
+        try:
+            with os.scandir(root) as listing:
+                top = list(listing)
+        except OSError as exc:
+            raise IngestError(f"{root}: cannot list the image folder ({_reason(exc)})") from None
+        self._classes = sorted(e.name for e in top if _is_folder(e) and not e.name.startswith("."))
+        self._entries = _walk(root, self._real_root)
+        if not self._entries:
             raise IngestError(f"{root}: image folder is empty (no files)")
         if not self._classes:
-            raise IngestError(f"{root}: no class folders; expected one subfolder per class (ImageNet layout)")
+            links = sorted(e.name for e in top if e.is_symlink() and os.path.isdir(e.path))
+            hint = f"; links to folders are not followed ({len(links)}, e.g. {links[0]!r})" if links else ""
+            raise IngestError(f"{root}: no class folders; expected one subfolder per class (ImageNet layout){hint}")
         self._labels = {name: label for label, name in enumerate(self._classes)}
 
     def count(self) -> int:
-        return len(self._files)
+        return len(self._entries)
 
     def classes(self) -> list[str]:
         return list(self._classes)
 
-    def __iter__(self) -> Iterator[SourceItem]:
-        for relative in self._files:
-            yield self._item(relative)
+    def folders(self) -> list[Path]:
+        return [self.root]
 
-    def _item(self, relative: str) -> SourceItem:
+    def __iter__(self) -> Iterator[SourceItem]:
+        for relative, reason in self._entries:
+            yield self._item(relative, reason)
+
+    def _item(self, relative: str, reason: str | None) -> SourceItem:
         parts = PurePosixPath(relative).parts
         label = self._labels.get(parts[0]) if len(parts) > 1 else None
+        if reason is not None:
+            return SourceItem(relative, label, None, reason)
         if label is None:
             return SourceItem(relative, None, None, "not in a class folder")
         suffix = PurePosixPath(relative).suffix
         if suffix.lower() not in IMAGE_EXTENSIONS:
             return SourceItem(relative, label, None, f"unsupported extension '{suffix}'")
-        data, reason = _read_regular_file(self.root / relative)
+        data, reason = _read_inside(os.path.join(self.root, relative), self._real_root, self.max_input_bytes)
         return SourceItem(relative, label, data, reason)
 
 
-def _walk_files(root: Path) -> Iterator[str]:
-    """Relative POSIX paths of every non-folder entry under `root` (following folder links once)."""
-    visited: set[str] = set()
-    for folder, subfolders, files in os.walk(root, followlinks=True):
-        real = os.path.realpath(folder)
-        if real in visited:  # a link cycle or a second link to the same folder
-            subfolders[:] = []
-            continue
-        visited.add(real)
-        for name in files:
-            yield Path(folder, name).relative_to(root).as_posix()
-
-
-def _read_regular_file(path: Path) -> tuple[bytes | None, str | None]:
-    """(bytes, None), or (None, reason) for a broken link, a FIFO, a permission error..."""
+def _is_folder(entry: os.DirEntry[str]) -> bool:
+    """A real folder (not a link to one); False when the entry cannot even be examined."""
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            return None, "unreadable: not a regular file"
-        return path.read_bytes(), None
+        return entry.is_dir(follow_symlinks=False)
+    except OSError:
+        return False
+
+
+def _walk(root: Path, real_root: str) -> list[tuple[str, str | None]]:
+    """(relative POSIX path, rejection reason or None) of every non-folder entry under `root`, sorted.
+
+    Iterative, so any depth works. Links are not followed: a link to a folder is an entry
+    with its reason, any other link is judged when read. A folder that cannot be listed
+    is an entry with its reason, so that nothing under `root` vanishes unreported.
+    """
+    entries: list[tuple[str, str | None]] = []
+    pending = [""]
+    while pending:
+        relative = pending.pop()
+        try:
+            with os.scandir(os.path.join(root, relative)) as listing:
+                children = list(listing)
+        except OSError as exc:
+            if not relative:
+                raise IngestError(f"{root}: cannot list the image folder ({_reason(exc)})") from None
+            entries.append((relative, f"unreadable folder: {_reason(exc)}"))
+            continue
+        for child in children:
+            path = f"{relative}/{child.name}" if relative else child.name
+            if _is_folder(child):
+                pending.append(path)
+            elif child.is_symlink() and os.path.isdir(child.path):
+                entries.append((path, _folder_link_reason(child.path, real_root)))
+            else:
+                entries.append((path, None))
+    return sorted(entries)
+
+
+def _inside(real: str, real_root: str) -> bool:
+    return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
+
+
+def _folder_link_reason(link: str, real_root: str) -> str:
+    real = os.path.realpath(link)
+    if not _inside(real, real_root):
+        return f"outside the source folder: links to {real}"
+    target = os.path.relpath(real, real_root)
+    return f"link to a folder: not followed (its target {target!r} is read under its own path)"
+
+
+def _read_inside(path: str, real_root: str, max_bytes: int) -> tuple[bytes | None, str | None]:
+    """(bytes, None), or (None, reason) for a broken link, a link out of `real_root`, a FIFO, a
+    file over `max_bytes`, a permission error... The file is opened by its resolved path
+    without following links, so a link swapped in after the check is refused, not read."""
+    try:
+        info = os.stat(path)
     except OSError as exc:
-        return None, f"unreadable: {exc.strerror or exc}"
+        return None, f"unreadable: {_reason(exc)}"
+    real = os.path.realpath(path)
+    if not _inside(real, real_root):
+        return None, f"outside the source folder: links to {real}"
+    if not stat.S_ISREG(info.st_mode):
+        return None, "unreadable: not a regular file"
+    if info.st_size > max_bytes:
+        return None, f"too large: {info.st_size} bytes > max_input_bytes {max_bytes}"
+    try:
+        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as stream:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None, "unreadable: not a regular file"
+            data = stream.read(max_bytes + 1)
+    except OSError as exc:
+        return None, f"unreadable: {_reason(exc)}"
+    if len(data) > max_bytes:  # grew since the stat
+        return None, f"too large: more than max_input_bytes {max_bytes} bytes"
+    return data, None
+
+
+# --- WebDataset shards ------------------------------------------------------------------------
+
+
+@dataclass
+class _Sample:
+    """The entries of one sample that ingest uses (others are only named), or why it is rejected."""
+
+    key: str
+    entries: dict[str, bytes] = field(default_factory=dict)
+    names: set[str] = field(default_factory=set)
+    reason: str | None = None
 
 
 class WebDatasetSource:
     """Samples of existing WebDataset shards, in shard order then tar order."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, max_input_bytes: int, max_label: int) -> None:
         self.spec = f"webdataset:{url}"
         self.urls = _shard_urls(url)
+        self.max_input_bytes = max_input_bytes
+        self.max_label = max_label
         self._names: dict[int, str] = {}
 
     def count(self) -> None:
@@ -214,46 +334,128 @@ class WebDatasetSource:
         size = max(self._names, default=-1) + 1
         return [self._names.get(label, str(label)) for label in range(size)]
 
+    def folders(self) -> list[Path]:
+        local = (_local_path(url) for url in self.urls)
+        return sorted({path.parent for path in local if path is not None})
+
     def __iter__(self) -> Iterator[SourceItem]:
-        from webdataset.tariterators import tarfile_samples  # imports torch: only when used
+        for url in self.urls:
+            try:
+                with _open_shard(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+                    for sample in _tar_samples(tar, self.max_input_bytes):
+                        yield self._item(url, sample)
+            except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+                raise IngestError(f"{url}: cannot read this tar shard ({_describe(exc)})") from None
 
-        for sample in tarfile_samples([{"url": url} for url in self.urls]):
-            yield self._item(sample)
-
-    def _item(self, sample: dict[str, Any]) -> SourceItem:
-        path = f"{sample['__url__']}#{sample['__key__']}"
-        image_key = next((key for key in WEBDATASET_IMAGE_KEYS if key in sample), None)
+    def _item(self, url: str, sample: _Sample) -> SourceItem:
+        path = f"{url}#{sample.key}"
+        if sample.reason is not None:
+            return SourceItem(path, None, None, sample.reason)
+        image_key = next((key for key in WEBDATASET_IMAGE_KEYS if key in sample.entries), None)
         if image_key is None:
-            keys = ", ".join(sorted(k for k in sample if not k.startswith("__")))
+            keys = ", ".join(sorted(sample.names))
             reason = f"not an image: no {'/'.join(WEBDATASET_IMAGE_KEYS)} entry (has: {keys})"
             return SourceItem(path, None, None, reason)
-        label, reason = _sample_label(sample)
+        label, reason = _sample_label(sample.entries, self.max_label)
         if label is not None:
-            self._names.setdefault(label, _sample_class_name(sample) or str(label))
-        return SourceItem(path, label, sample[image_key] if reason is None else None, reason)
+            self._names.setdefault(label, _sample_class_name(sample.entries) or str(label))
+        return SourceItem(path, label, sample.entries[image_key] if reason is None else None, reason)
 
 
-def _sample_label(sample: dict[str, Any]) -> tuple[int | None, str | None]:
-    raw = sample.get("cls", sample.get("label"))
+def _describe(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _tar_samples(tar: tarfile.TarFile, max_bytes: int) -> Iterator[_Sample]:
+    """Group a tar stream's members into samples by key (webdataset's rule: up to the first dot of
+    the base name), reading only the entries ingest uses and none larger than `max_bytes`."""
+    current: _Sample | None = None
+    for member in tar:
+        tar.members = []  # a streamed TarFile would otherwise keep every header
+        if not member.isreg() or _METADATA_MEMBER.match(member.name):
+            continue
+        match = _KEY_AND_EXTENSION.match(member.name)
+        if match is None:
+            yield _Sample(member.name, reason="not a sample: a tar member without an extension")
+            continue
+        key, name = match.group(1), match.group(2).lower()
+        if current is None or key != current.key:
+            if current is not None:
+                yield current
+            current = _Sample(key)
+        _add_entry(current, name, member, tar, max_bytes)
+    _check_archive_end(tar)
+    if current is not None:
+        yield current
+
+
+def _check_archive_end(tar: tarfile.TarFile) -> None:
+    """Raise `tarfile.ReadError` unless the members ended at an end-of-archive block with only zeros after it.
+
+    A streamed `TarFile` ends its members quietly at a missing, cut or damaged header (past
+    the first one), so a shard cut at a member boundary or with a corrupt header would
+    otherwise lose its remaining samples without a word. `tar.offset` is where the header
+    that ended the members starts: a whole block was read there unless the data ran out.
+    """
+    stream = tar.fileobj
+    assert stream is not None
+    if stream.tell() - tar.offset != tarfile.BLOCKSIZE:
+        raise tarfile.ReadError("unexpected end of data: no end-of-archive block")
+    while chunk := stream.read(tarfile.RECORDSIZE):
+        if chunk.count(0) != len(chunk):
+            raise tarfile.ReadError("a damaged member header (or data after the end-of-archive block)")
+
+
+def _add_entry(sample: _Sample, name: str, member: tarfile.TarInfo, tar: tarfile.TarFile, max_bytes: int) -> None:
+    if sample.reason is not None:
+        return
+    if name in sample.names:
+        sample.reason = f"malformed sample: two '{name}' entries"
+    elif len(sample.names) >= _MAX_SAMPLE_ENTRIES:
+        sample.reason = f"malformed sample: more than {_MAX_SAMPLE_ENTRIES} entries"
+    elif name in _KEPT_ENTRIES and member.size > max_bytes:
+        sample.reason = f"too large: '{name}' entry of {member.size} bytes > max_input_bytes {max_bytes}"
+    elif name in _KEPT_ENTRIES:
+        stream = tar.extractfile(member)
+        assert stream is not None  # a regular member
+        sample.entries[name] = stream.read()
+    if sample.reason is None:
+        sample.names.add(name)
+    else:
+        sample.entries.clear()
+
+
+def _sample_label(entries: dict[str, bytes], max_label: int) -> tuple[int | None, str | None]:
+    raw = entries.get("cls", entries.get("label"))
     if raw is None:
         return None, "no label: sample has no 'cls' or 'label' entry"
     try:
-        label = int(bytes(raw).decode("ascii").strip())
+        label = int(raw.decode("ascii").strip())
     except (UnicodeDecodeError, ValueError):
-        return None, f"no label: 'cls' is not a decimal integer: {bytes(raw)[:20]!r}"
-    return (label, None) if label >= 0 else (None, f"no label: negative label {label}")
+        return None, f"no label: 'cls' is not a decimal integer: {raw[:20]!r}"
+    if label < 0:
+        return None, f"no label: negative label {label}"
+    if label > max_label:
+        return None, f"no label: label {label} > max_label {max_label}"
+    return label, None
 
 
-def _sample_class_name(sample: dict[str, Any]) -> str | None:
+def _sample_class_name(entries: dict[str, bytes]) -> str | None:
     try:
-        name = json.loads(sample["json"]).get("class_name")
-    except (KeyError, ValueError, AttributeError):
+        name = json.loads(entries["json"]).get("class_name")
+    except (KeyError, ValueError, AttributeError, RecursionError):
         return None
-    return name if isinstance(name, str) else None
+    if not isinstance(name, str) or len(name) > 1_000:
+        return None
+    try:
+        name.encode("utf-8")  # JSON may carry lone surrogates, which no table can store
+    except UnicodeEncodeError:
+        return None
+    return name
 
 
 def _shard_urls(url: str) -> list[str]:
-    """Shard URLs of a `webdataset:` spec; local shards must exist (checked up front)."""
+    """Shard URLs of a `webdataset:` spec: allowed schemes only; local shards must exist (checked up front)."""
     from webdataset.shardlists import expand_urls
 
     if not _URL_SCHEME.match(url) and Path(url).is_dir():
@@ -263,6 +465,65 @@ def _shard_urls(url: str) -> list[str]:
         return urls
     urls = expand_urls(url)
     for shard in urls:
-        if not _URL_SCHEME.match(shard) and not Path(shard).is_file():
+        local = _local_path(shard)  # refuses any other scheme
+        if local is not None and not local.is_file():
             raise IngestError(f"{shard}: shard not found (from webdataset:{url})")
     return urls
+
+
+def _local_path(url: str) -> Path | None:
+    """The file a local shard URL names, None for a remote one; `IngestError` for any other scheme."""
+    found = _URL_SCHEME.match(url)
+    if found is None:
+        return Path(url)
+    scheme = found.group(0)[:-1].lower()
+    if scheme not in WEBDATASET_SCHEMES:
+        raise IngestError(f"{url}: URL scheme '{scheme}:' is not allowed for shards; use {_ALLOWED_SHARDS}")
+    if scheme != "file":
+        return None
+    parsed = urllib.parse.urlparse(url)
+    if parsed.netloc not in ("", "localhost"):
+        raise IngestError(f"{url}: file:// URL names another host ({parsed.netloc}); use {_ALLOWED_SHARDS}")
+    return Path(urllib.request.url2pathname(parsed.path))
+
+
+@contextmanager
+def _open_shard(url: str) -> Iterator[IO[bytes]]:
+    """A binary stream of one shard: a local file, an HTTP(S) response or `aws s3 cp URL -`."""
+    local = _local_path(url)
+    if local is not None:
+        with open(local, "rb") as stream:
+            yield stream
+    elif url.lower().startswith("s3:"):
+        with _aws_s3_stream(url) as stream:
+            yield stream
+    else:
+        with urllib.request.urlopen(url, timeout=60) as response:  # noqa: S310 - scheme checked: http(s) only
+            yield response
+
+
+@contextmanager
+def _aws_s3_stream(url: str) -> Iterator[IO[bytes]]:
+    """`aws s3 cp URL -` (an argument list: no shell) as a stream; `IngestError` when it fails."""
+    with tempfile.TemporaryFile() as errors:
+        try:
+            process = subprocess.Popen(
+                ["aws", "s3", "cp", "--only-show-errors", url, "-"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors,
+            )  # fmt: skip
+        except OSError as exc:
+            raise IngestError(f"{url}: reading s3:// shards needs the AWS CLI (`aws`): {_reason(exc)}") from None
+        assert process.stdout is not None
+        try:
+            yield process.stdout
+            process.stdout.read()  # the tar's end padding, so that `aws` exits normally
+        except BaseException:
+            process.kill()
+            raise
+        finally:
+            process.stdout.close()
+            status = process.wait()
+        if status != 0:
+            errors.seek(0)
+            detail = errors.read().decode("utf-8", "replace").strip().splitlines()
+            raise IngestError(f"{url}: `aws s3 cp` failed (exit {status}): {detail[0] if detail else 'no message'}")
