@@ -17,11 +17,17 @@ import os
 import subprocess
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from aligntok.telemetry import disable_telemetry
 
-from aligntok.dag import stage_order
-from aligntok.tracking import PARENT_RUN_ENV, StageRun
+# An entry point may set the environment at import (the library never does): telemetry off before
+# Prefect reads its settings and before MLflow or a `dvc` subprocess starts.
+disable_telemetry()
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+
+from aligntok.dag import stage_order  # noqa: E402
+from aligntok.tracking import PARENT_RUN_ENV, StageRun  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

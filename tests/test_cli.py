@@ -12,7 +12,7 @@ from aligntok.cli import build_parser, main
 from conftest import REPO
 
 COMMANDS = {"config", "encoder", "ingest", "validate", "align_latent", "align_perceptual", "refine_decoder",
-            "vae_baseline", "cache_latents", "train_dit", "sample", "encode", "decode"}
+            "vae_baseline", "cache_latents", "train_dit", "fid_reference", "evaluate", "sample", "encode", "decode"}
 
 
 def run_module(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
@@ -30,9 +30,10 @@ def test_help_lists_every_command() -> None:
 
 
 def test_config_prints_resolved_params_with_overrides(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--params", str(REPO / "params.yaml"), "--set", "data.resolution=64", "config"]) == 0
+    assert main(["--params", str(REPO / "params.yaml"), "--set", "data.resolution=64",
+                 "--set", "encoder.image_size=224", "config"]) == 0
     resolved = json.loads(capsys.readouterr().out)
-    assert resolved["data"]["resolution"] == 64
+    assert (resolved["data"]["resolution"], resolved["encoder"]["image_size"]) == (64, 224)
     assert resolved["encoder"]["depth"] == 8
 
 

@@ -102,12 +102,6 @@ def test_report_dir_receives_the_reports(tmp_path: Path) -> None:
     assert not (root / "validation.json").exists() and not (root / "validation.txt").exists()
 
 
-def test_val_split_may_be_empty_when_val_fraction_is_zero(tmp_path: Path) -> None:
-    root = write_dataset(tmp_path / "data", val_per_class=0, val_fraction=0.0)
-    report = _validate(root)
-    assert report.success, format_summary(report)
-
-
 def test_one_constant_image_is_tolerated(tmp_path: Path) -> None:
     root = write_dataset(tmp_path / "data")
     constant = encode_image(np.full((16, 16, 3), 128, np.uint8))

@@ -7,18 +7,16 @@ A DiT folder (the `train_dit` out) holds `dit.safetensors` (EMA weights), `dit.j
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from aligntok.config import DiTConfig
+from aligntok.config import DiTConfig, SampleConfig
 from aligntok.diffusion.dit import build_dit
 from aligntok.diffusion.latents import LatentNormalizer
-from aligntok.errors import AligntokError
-from aligntok.tokenizer.api import Tokenizer
+from aligntok.errors import AligntokError, one_line
+from aligntok.tokenizer.api import Tokenizer, download, load_weights, read_description
 
 WEIGHTS, CONFIG, FORMAT = "dit.safetensors", "dit.json", "aligntok-dit/1"
 
@@ -27,9 +25,7 @@ def resolve_folder(source: str | Path) -> Path:
     """A DiT folder from a folder or a `models:/` / `runs:/` URI (pyfunc artifacts are re-assembled)."""
     text = str(source)
     if text.startswith(("models:/", "runs:/")):
-        from aligntok.tracking import download_model_files
-
-        return assemble_folder(download_model_files(text))
+        return assemble_folder(download(text))
     folder = Path(text)
     if not (folder / CONFIG).is_file():
         raise FileNotFoundError(f"{source}: not a DiT folder (needs {WEIGHTS}, {CONFIG}, stats.json, tokenizer/)")
@@ -56,22 +52,31 @@ class DiffusionModel:
         self.dit, self.normalizer, self.tokenizer, self.description = dit.eval(), normalizer, tokenizer, description
 
     @classmethod
-    def load(cls, source: str | Path) -> DiffusionModel:
+    def load(cls, source: str | Path, weights: Path | None = None) -> DiffusionModel:
+        """`weights`: another safetensors file of the same DiT (a training snapshot) instead of the folder's."""
         folder = resolve_folder(source)
-        description = json.loads((folder / CONFIG).read_text())
-        if description.get("format") != FORMAT:
-            raise AligntokError(f"{folder / CONFIG}: format {description.get('format')!r}, expected {FORMAT!r}")
-        C, h, _ = description["latent_shape"]
-        dit = build_dit(DiTConfig.model_validate(description["dit"]), C, h, description["num_classes"])
-        dit.load_state_dict(load_file(str(folder / WEIGHTS)))
-        return cls(dit, LatentNormalizer.load(folder / "stats.json"), Tokenizer.load(folder / "tokenizer"), description)
+        description = read_description(folder / CONFIG, FORMAT)
+        try:
+            SampleConfig.model_validate(description["sample"])  # generate() reads its defaults from there
+            C, h, _ = description["latent_shape"]
+            dit = build_dit(DiTConfig.model_validate(description["dit"]), C, h, description["num_classes"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise AligntokError(f"{folder / CONFIG}: cannot build the DiT it describes: {one_line(exc)}") from None
+        load_weights(dit, weights or folder / WEIGHTS)
+        try:
+            normalizer = LatentNormalizer.load(folder / "stats.json")
+        except (OSError, KeyError, TypeError, ValueError) as exc:
+            raise AligntokError(f"{folder / 'stats.json'}: cannot read the latent statistics: {one_line(exc)}") \
+                from None
+        return cls(dit, normalizer, Tokenizer.load(folder / "tokenizer"), description)
 
     @property
     def classes(self) -> list[str]:
         return list(self.description.get("classes") or range(self.description["num_classes"]))
 
     def generate(self, labels: torch.Tensor | list[int], steps: int | None = None, cfg_scale: float | None = None,
-                 seed: int = 0, interval: list[float] | None = None, method: str | None = None) -> torch.Tensor:
+                 seed: int = 0, interval: list[float] | None = None, method: str | None = None,
+                 timestep_shift: float | None = None) -> torch.Tensor:
         """Class labels (B,) -> images (B, 3, R, R) in [0, 1] (defaults from the model's `sample` settings)."""
         from aligntok.diffusion.train import generate
 
@@ -83,4 +88,5 @@ class DiffusionModel:
         return generate(self.dit, self.normalizer, self.tokenizer, labels,
                         steps or defaults["steps"], defaults["cfg_scale"] if cfg_scale is None else cfg_scale,
                         interval if interval is not None else defaults["cfg_interval"], seed,
-                        method or defaults["method"])
+                        method or defaults["method"],
+                        timestep_shift or defaults.get("timestep_shift", 1.0))

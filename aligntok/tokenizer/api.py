@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from aligntok.config import LatentConfig, TokenizerConfig
-from aligntok.errors import AligntokError
+from aligntok.errors import AligntokError, one_line
 from aligntok.fileio import atomic_write_text
 from aligntok.train.checkpoint import atomic_save_safetensors
 
@@ -49,13 +50,54 @@ def build_from_description(description: dict[str, Any]) -> torch.nn.Module:
     return build_tokenizer(tokenizer_cfg, latent_cfg, vit, desc, int(description["resolution"]))
 
 
+def download(uri: str) -> Path:
+    """A registered model's artifacts folder; an unknown name, alias or run is an `AligntokError`."""
+    from mlflow.exceptions import MlflowException
+
+    from aligntok.tracking import download_model_files
+
+    try:
+        return download_model_files(uri)
+    except MlflowException as exc:
+        raise AligntokError(f"{uri}: cannot fetch the model: {one_line(exc)}") from None
+
+
+def read_description(path: Path, expected_format: str) -> dict[str, Any]:
+    """The JSON sidecar of a model folder; unreadable JSON or another format is an `AligntokError`."""
+    try:
+        description = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or bad UTF-8
+        raise AligntokError(f"{path}: cannot read the model description: {one_line(exc)}") from None
+    found = description.get("format") if isinstance(description, dict) else type(description).__name__
+    if found != expected_format:
+        raise AligntokError(f"{path}: format {found!r}, expected {expected_format!r}")
+    return description
+
+
+def load_weights(module: torch.nn.Module, path: Path) -> None:
+    """Load a safetensors file into `module`; a corrupt file, or weights of another architecture than the
+    description beside it says, is an `AligntokError` naming the file."""
+    try:
+        state = load_file(str(path))
+    except (OSError, SafetensorError) as exc:
+        raise AligntokError(f"{path}: cannot read the weights: {one_line(exc)}") from None
+    expected = module.state_dict()
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    reshaped = sorted(k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape)
+    problems = [f"{len(names)} {what} (first {names[0]})" for what, names in
+                (("missing", missing), ("unexpected", unexpected), ("of another shape", reshaped)) if names]
+    if problems:
+        raise AligntokError(f"{path}: the tensors do not fit the architecture its description gives: "
+                            + ", ".join(problems))
+    module.load_state_dict(state)
+
+
 def resolve_folder(source: str | Path) -> Path:
     """A tokenizer folder from a folder, its safetensors/json file, or a `models:/` / `runs:/` URI."""
     text = str(source)
     if text.startswith(("models:/", "runs:/")):
-        from aligntok.tracking import download_model_files
-
-        return download_model_files(text)
+        return download(text)
     path = Path(text)
     folder = path.parent if path.suffix in {".safetensors", ".json"} else path
     if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
@@ -74,11 +116,13 @@ class Tokenizer:
     @classmethod
     def load(cls, source: str | Path, device: str | torch.device = "cpu", batch_size: int = 64) -> Tokenizer:
         folder = resolve_folder(source)
-        description = json.loads((folder / CONFIG).read_text())
-        if description.get("format") != FORMAT:
-            raise AligntokError(f"{folder / CONFIG}: format {description.get('format')!r}, expected {FORMAT!r}")
-        model = build_from_description(description)
-        model.load_state_dict(load_file(str(folder / WEIGHTS)))
+        description = read_description(folder / CONFIG, FORMAT)
+        try:
+            model = build_from_description(description)
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # RuntimeError: timm's unknown arch
+            raise AligntokError(f"{folder / CONFIG}: cannot build the tokenizer it describes: {one_line(exc)}") \
+                from None
+        load_weights(model, folder / WEIGHTS)
         return cls(model.to(device), description, batch_size)
 
     @property
