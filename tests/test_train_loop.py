@@ -99,3 +99,100 @@ def test_warmup_and_ema() -> None:
         ema.weight.fill_(0.0)
     update_ema(ema, model, decay=0.75)
     assert ema.weight.item() == pytest.approx(0.25)
+
+
+def _assert_same_modules(reference: TrainState, other: TrainState) -> None:
+    for role in reference.modules:
+        for (name, a), (_, b) in zip(reference.modules[role].state_dict().items(),
+                                     other.modules[role].state_dict().items()):
+            assert torch.equal(a, b), f"{role}.{name} differs"
+
+
+def test_resume_inside_the_warmup_gives_identical_weights(tmp_path: Path) -> None:
+    # The checkpoint at step 3 holds the warmed-up rate lr * 3/10; the resumed run must warm up from the
+    # base rate, not from that.
+    settings = LoopSettings(steps=16, warmup_steps=10, grad_clip=1.0, ema_decay=0.9, checkpoint_every=3, name="toy")
+
+    def run(path: Path, crash_at: int | None = None) -> TrainState:
+        state = make_state()
+        run_loop(settings=settings, state=state, objective=objective_for(state, crash_at), batches=batches,
+                 checkpoint=path, progress=False)
+        return state
+
+    torch.manual_seed(123)
+    reference = run(tmp_path / "ref.safetensors")
+    with pytest.raises(Crash):
+        run(tmp_path / "run.safetensors", crash_at=5)
+    assert '"step": 3' in (tmp_path / "run.json").read_text()
+    resumed = run(tmp_path / "run.safetensors")
+    _assert_same_modules(reference, resumed)
+    for role in ("main", "critic"):
+        assert [g["lr"] for g in resumed.optimizers[role].param_groups] == pytest.approx([1e-2])
+
+
+def test_a_corrupt_checkpoint_is_moved_aside_and_training_starts_over(tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    torch.manual_seed(5)
+    reference = train(tmp_path / "ref.safetensors")
+    path = tmp_path / "run.safetensors"
+    garbage = (tmp_path / "ref.safetensors").read_bytes()[:1000]  # a truncated file
+    path.write_bytes(garbage)
+    path.with_suffix(".json").write_text('{"step": 14}')
+    torch.manual_seed(5)
+    with caplog.at_level("WARNING", logger="aligntok.train.loop"):
+        again = train(path)
+    assert "unusable checkpoint" in caplog.text and "starting over from step 0" in caplog.text
+    assert (tmp_path / "run.safetensors.corrupt").read_bytes() == garbage
+    assert (tmp_path / "run.json.corrupt").is_file()
+    _assert_same_modules(reference, again)
+    assert '"step": 30' in path.with_suffix(".json").read_text()
+
+
+def test_a_checkpoint_that_does_not_fit_leaves_the_state_untouched(tmp_path: Path) -> None:
+    from aligntok.train.checkpoint import CorruptCheckpointError, load_checkpoint, save_checkpoint
+
+    other = make_state(ema=False)
+    with torch.no_grad():
+        other.modules["model"][0].weight.add_(1.0)
+    save_checkpoint(tmp_path / "c.safetensors", other, {})
+    state = make_state()  # has an "ema" role that the file lacks
+    before = {k: v.clone() for k, v in state.modules["model"].state_dict().items()}
+    with pytest.raises(CorruptCheckpointError, match=r"c\.safetensors: unusable checkpoint .*'ema'"):
+        load_checkpoint(tmp_path / "c.safetensors", state)
+    assert all(torch.equal(before[k], v) for k, v in state.modules["model"].state_dict().items())
+
+
+def test_cleaning_keeps_only_this_fingerprint(tmp_path: Path) -> None:
+    from aligntok.train.checkpoint import clean_checkpoint_folder
+
+    names = ["aaaa.safetensors", "aaaa.json", "aaaa.safetensors.corrupt", "bbbb.safetensors", "bbbb.json",
+             "bbbb.safetensors.corrupt", ".aaaa.safetensors.tmp-4242", ".bbbb.json.tmp-17", "notes.txt"]
+    for name in names:
+        (tmp_path / name).write_text("x")
+    removed = clean_checkpoint_folder(tmp_path / "aaaa.safetensors")
+    assert sorted(removed) == sorted([".aaaa.safetensors.tmp-4242", ".bbbb.json.tmp-17", "bbbb.json",
+                                      "bbbb.safetensors", "bbbb.safetensors.corrupt"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["aaaa.json", "aaaa.safetensors",
+                                                          "aaaa.safetensors.corrupt", "notes.txt"]
+    assert clean_checkpoint_folder(tmp_path / "missing" / "x.safetensors") == []
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names open files through /proc (Linux)")
+def test_checkpoint_writes_are_fsynced_before_the_rename(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from aligntok.train.checkpoint import save_checkpoint
+
+    names: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:  # the real fsync, noting which file it was given
+        names.append(Path(os.readlink(f"/proc/self/fd/{fd}")).name)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    save_checkpoint(tmp_path / "c.safetensors", make_state(), {})
+    temp_files = [n for n in names if n.startswith(".c.") and ".tmp-" in n]
+    assert len(temp_files) == 2 and {n.split(".tmp-")[0] for n in temp_files} == {".c.safetensors", ".c.json"}
+    assert names.count(tmp_path.name) == 2  # the folder, after each rename
+    assert names.index(tmp_path.name) > names.index(temp_files[0])

@@ -20,6 +20,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from aligntok.errors import AligntokError
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
@@ -103,8 +105,52 @@ def load_split(data_dir: Path, split: str, limit: int | None = None, progress: b
     return ImageSet(encoded=encoded, labels=torch.tensor(labels, dtype=torch.int64), keys=keys)
 
 
+STREAMS = ("batch", "flip", "flow")
+"""The per-step random streams of training: which samples (`batch`), which view of each (`flip`), and the
+flow-matching draws (`flow`: t, noise, label dropout)."""
+
+
+def step_generator(seed: int, step: int, stream: str) -> torch.Generator:
+    """The CPU generator of one random stream of one training step: a pure function of (seed, step, stream).
+
+    Every per-step draw comes from here, so a resumed run and every DDP rank see the same numbers, and
+    no two (seed, step, stream) share a generator (for steps below 1,000,003).
+    """
+    if stream not in STREAMS:
+        raise ValueError(f"unknown random stream {stream!r}; known: {list(STREAMS)}")
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * len(STREAMS) + STREAMS.index(stream))
+
+
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
     """The indices of step `step`'s batch: uniform without replacement within the batch."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    generator = step_generator(seed, step, "batch")
     return torch.randperm(n, generator=generator)[:batch_size] if batch_size <= n else \
         torch.randint(n, (batch_size,), generator=generator)
+
+
+class ValidationGateError(AligntokError, RuntimeError):
+    """The shards' validation report is missing, unreadable or says failed: training on them is refused."""
+
+
+def require_validated(report: Path) -> dict:
+    """Read the `validate` stage's `validation.json`; raise a one-line error unless it says success.
+
+    Every stage that reads the shards calls this first, so a stage run on its own
+    (`dvc repro --single-item`) does not train on shards whose validation failed.
+    """
+    report = Path(report)
+    if not report.is_file():
+        raise ValidationGateError(f"{report}: validation report not found; run `aligntok validate` "
+                                  f"(DVC stage `validate`) on the shards first, or pass --validation PATH")
+    try:
+        content = json.loads(report.read_text())
+        success = content["success"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValidationGateError(f"{report}: not a validation report ({type(exc).__name__}: {exc}); "
+                                  f"rerun `aligntok validate`") from None
+    if success is not True:
+        failed = ", ".join(map(str, content.get("failed") or [])) or "none named"
+        raise ValidationGateError(f"{report}: validation of {content.get('data_dir', 'the shards')} failed "
+                                  f"(expectations: {failed}); fix the data or the expectations and rerun "
+                                  f"`aligntok validate`")
+    return content

@@ -35,7 +35,8 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from aligntok.config import CacheLatentsConfig
-from aligntok.data.loader import ImageSet, batch_indices, iter_shard, read_dataset_info
+from aligntok.data.loader import (ImageSet, batch_indices, iter_shard, read_dataset_info, require_validated,
+                                  step_generator)
 from aligntok.errors import AligntokError
 from aligntok.fileio import atomic_write_text, sha256_file
 from aligntok.tokenizer.api import WEIGHTS, Tokenizer, resolve_folder
@@ -95,15 +96,18 @@ class CacheSummary:
 
 def cache_latents(tokenizer: str | Path, data_dir: Path, out_dir: Path, cfg: CacheLatentsConfig,
                   progress: bool = True, rank: int = 0, world_size: int = 1,
-                  device: str | torch.device | None = None) -> CacheSummary:
+                  device: str | torch.device | None = None, validation: Path | None = None) -> CacheSummary:
     """Encode the first `cfg.max_images` train records of an ingest folder (and their flips) into
     latent shards under `out_dir`; rank 0 then writes `stats.json` once every shard exists.
 
     `tokenizer` is a tokenizer folder, its safetensors file or a `models:/` URI. `device` defaults
-    to `cuda:LOCAL_RANK` where CUDA is available, else the CPU.
+    to `cuda:LOCAL_RANK` where CUDA is available, else the CPU. `validation`: the shards'
+    validation.json, which must say success (None: no check).
     """
     if not 0 <= rank < world_size:
         raise AligntokError(f"rank {rank} is outside world size {world_size}")
+    if validation is not None:
+        require_validated(validation)
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     info, total = _train_records(data_dir, cfg.max_images)
     num_shards = math.ceil(total / cfg.shard_size)
@@ -417,7 +421,7 @@ class LatentSet:
             raise ValueError(f"batch size {batch_size} must split evenly over {world_size} ranks "
                              f"(rank {rank})")
         indices = batch_indices(len(self), batch_size, seed, step)  # (batch_size,)
-        flip_generator = torch.Generator().manual_seed((seed * 1_000_003 + step) * 2 + 1)
+        flip_generator = step_generator(seed, step, "flip")
         flips = torch.rand(batch_size, generator=flip_generator) < 0.5  # (batch_size,)
         part = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
         return self.gather(indices[part], flips[part])

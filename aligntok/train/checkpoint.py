@@ -1,26 +1,91 @@
 """Checkpoints: one safetensors file (weights, optimiser moments, RNG) + a JSON sidecar.
 
 Everything needed to resume bit-for-bit lives in the safetensors file, which is written
-to a temporary name and renamed, so a crash never leaves a half-written checkpoint.
-Optimiser hyper-parameters (JSON-able) go in the file's metadata; nothing is pickled.
+to a temporary name, fsynced and renamed (and the folder fsynced), so neither a crash nor a
+power loss leaves a half-written checkpoint. Optimiser hyper-parameters (JSON-able) go in the
+file's metadata; nothing is pickled. A checkpoint that cannot be read or does not fit the
+model is reported as `CorruptCheckpointError` before anything is changed, so the caller can
+move it aside and start over.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from aligntok.fileio import atomic_write, atomic_write_text
+from aligntok.errors import AligntokError
+from aligntok.fileio import atomic_write
+
+log = logging.getLogger(__name__)
+
+CORRUPT_SUFFIX = ".corrupt"
+_TEMP = re.compile(r"^\..+\.tmp-\d+$")
+"""Temporary names of `aligntok.fileio.atomic_write` (`.<name>.tmp-<pid>`)."""
+
+
+class CorruptCheckpointError(AligntokError, RuntimeError):
+    """A checkpoint file that cannot be read, or whose tensors do not fit the state it should restore."""
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def durable_write(path: Path, write: Callable[[Path], None]) -> None:
+    """`atomic_write` whose data reach the disk before the rename, and whose rename reaches it after."""
+
+    def write_synced(tmp: Path) -> None:
+        write(tmp)
+        _fsync(tmp)
+
+    atomic_write(path, write_synced)
+    if os.name == "posix":  # a directory cannot be opened for fsync on Windows
+        _fsync(path.parent)
+
+
+def canonicalise_header(path: Path) -> None:
+    """Sort the metadata keys in a safetensors file's JSON header, in place.
+
+    safetensors writes `__metadata__` in hash-map order, which changes from one process to the next:
+    the same tensors and metadata gave different bytes (and DVC hashes) on every run. The header
+    keeps its length (padded with spaces, as the format allows), so only the header is rewritten.
+    """
+    with open(path, "r+b") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(size))
+        if len(header.get("__metadata__") or {}) < 2:
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size:  # the writer escaped less than json does: the same keys and values, longer
+            raise ValueError(f"{path}: canonical safetensors header ({len(text)} bytes) exceeds the "
+                             f"written one ({size} bytes)")
+        handle.seek(8)
+        handle.write(text.ljust(size, b" "))
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Save `tensors` (moved to the CPU, contiguous) with `metadata`: atomically, durably, and as the same
+    bytes for the same content (metadata keys sorted)."""
     flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(flat, str(tmp), metadata=metadata))
+
+    def write(tmp: Path) -> None:
+        save_file(flat, str(tmp), metadata=metadata)
+        canonicalise_header(tmp)
+
+    durable_write(path, write)
 
 
 def optimizer_to_flat(prefix: str, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], Any]:
@@ -67,7 +132,8 @@ def save_checkpoint(path: Path, state: TrainState, sidecar: dict[str, Any]) -> N
     tensors["rng.torch"] = torch.get_rng_state()
     metadata = {"step": str(state.step), "optimizer_groups": json.dumps(groups)}
     atomic_save_safetensors(tensors, path, metadata)
-    atomic_write_text(path.with_suffix(".json"), json.dumps({"step": state.step, **sidecar}, indent=2))
+    text = json.dumps({"step": state.step, **sidecar}, indent=2)
+    durable_write(path.with_suffix(".json"), lambda tmp: tmp.write_text(text))
 
 
 def read_step(path: Path) -> int:
@@ -77,22 +143,80 @@ def read_step(path: Path) -> int:
         return int(handle.metadata()["step"])
 
 
-def load_checkpoint(path: Path, state: TrainState) -> int:
-    """Restore modules, optimisers and the torch RNG from `path`; returns the step it holds."""
+def _read_checked(path: Path, state: TrainState) -> tuple[dict[str, torch.Tensor], dict[str, str], Any]:
+    """Read `path` and check it against `state` (roles, keys, shapes, optimiser groups); changes nothing."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata()
+        metadata = handle.metadata() or {}
     tensors = load_file(str(path))
+    int(metadata["step"])
+    groups = json.loads(metadata["optimizer_groups"])
+    if "rng.torch" not in tensors:
+        raise KeyError("rng.torch")
+    for role, module in state.modules.items():
+        head = f"{role}."
+        stored = {k[len(head):]: v.shape for k, v in tensors.items() if k.startswith(head)}
+        expected = {k: v.shape for k, v in module.state_dict().items()}
+        if stored != expected:
+            wrong = sorted(set(stored) ^ set(expected)) or sorted(k for k in stored if stored[k] != expected[k])
+            raise ValueError(f"role {role!r} does not fit the model: {wrong[:3]}")
+    for role, optimizer in state.optimizers.items():
+        sizes = [len(g["params"]) for g in groups[role]]
+        if sizes != [len(g["params"]) for g in optimizer.param_groups]:
+            raise ValueError(f"optimiser {role!r} has parameter groups of sizes {sizes}")
+    return tensors, metadata, groups
+
+
+def load_checkpoint(path: Path, state: TrainState) -> int:
+    """Restore modules, optimisers and the torch RNG from `path`; returns the step it holds.
+
+    Raises `CorruptCheckpointError` (with `state` untouched) when the file cannot be read or does not fit."""
+    try:
+        tensors, metadata, groups = _read_checked(path, state)
+    except MemoryError:  # the machine's problem, not the file's
+        raise
+    except Exception as exc:  # safetensors, JSON, a missing key, a wrong shape: all mean "unusable"
+        reason = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise CorruptCheckpointError(f"{path}: unusable checkpoint ({type(exc).__name__}: {reason})") from None
     for role, module in state.modules.items():
         head = f"{role}."
         module.load_state_dict({k[len(head):]: v for k, v in tensors.items() if k.startswith(head)})
-    groups = json.loads(metadata["optimizer_groups"])
     for role, optimizer in state.optimizers.items():
         optimizer_from_flat(f"optim.{role}", optimizer, tensors, groups[role])
     torch.set_rng_state(tensors["rng.torch"])
     state.step = int(metadata["step"])
     return state.step
+
+
+def move_aside(path: Path) -> Path:
+    """Rename a checkpoint and its sidecar to `<name>.corrupt` (kept for inspection); returns the new path."""
+    target = path.with_name(path.name + CORRUPT_SUFFIX)
+    os.replace(path, target)
+    sidecar = path.with_suffix(".json")
+    if sidecar.exists():
+        os.replace(sidecar, sidecar.with_name(sidecar.name + CORRUPT_SUFFIX))
+    return target
+
+
+def clean_checkpoint_folder(checkpoint: Path) -> list[str]:
+    """Remove what a stage's checkpoint folder holds besides `checkpoint`: checkpoints and sidecars of
+    other fingerprints (stale: their inputs, params or code changed), moved-aside files of other
+    fingerprints, and temporary files of interrupted writes. Returns the names removed."""
+    folder, key = checkpoint.parent, checkpoint.stem
+    if not folder.is_dir():
+        return []
+    keep = {checkpoint.name, checkpoint.with_suffix(".json").name}
+    removed = []
+    for path in sorted(folder.iterdir()):
+        ours = path.name in keep or (path.name.startswith(f"{key}.") and path.name.endswith(CORRUPT_SUFFIX))
+        ours_kind = path.suffix in (".safetensors", ".json", CORRUPT_SUFFIX) or bool(_TEMP.match(path.name))
+        if path.is_file() and ours_kind and not ours:
+            path.unlink()
+            removed.append(path.name)
+    if removed:
+        log.info("%s: removed %d stale checkpoint files: %s", folder, len(removed), ", ".join(removed))
+    return removed
 
 
 def module_weights(path: Path, role: str) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from aligntok.errors import AligntokError
-from aligntok.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from aligntok.train.checkpoint import CorruptCheckpointError, TrainState, load_checkpoint, move_aside, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,8 @@ class LoopSettings:
     checkpoint_every: int = 100
     log_every: int = 10
     name: str = "train"
+    extra_checkpoints: tuple[int, ...] = ()
+    """Steps that are checkpointed besides every `checkpoint_every` (e.g. the DiT's snapshot steps)."""
 
 
 @dataclass
@@ -107,11 +109,15 @@ def run_loop(
     `batches(step)` returns the batch for a step: a pure function of the step, which is
     what makes a resumed run identical to an uninterrupted one.
     """
-    start = load_checkpoint(checkpoint, state) if checkpoint.exists() else 0
-    if start:
-        log.info("%s: resuming from step %d (%s)", settings.name, start, checkpoint)
     model, optimizers = state.modules["model"], state.optimizers
-    base_lrs = {role: [g["lr"] for g in opt.param_groups] for role, opt in optimizers.items()}
+    handed_in = {role: [g["lr"] for g in opt.param_groups] for role, opt in optimizers.items()}
+    for role, opt in optimizers.items():  # stored with the groups in every checkpoint
+        for group, lr in zip(opt.param_groups, handed_in[role]):
+            group["base_lr"] = lr
+    start = _resume(checkpoint, state, settings.name, is_main_process)
+    # after a resume a group's "lr" is the warmed-up rate of the step before: the base rate is stored apart
+    base_lrs = {role: [g.get("base_lr", lr) for g, lr in zip(opt.param_groups, handed_in[role])]
+                for role, opt in optimizers.items()}
     logs: dict[str, float] = {}
     began = time.perf_counter()
     bar = tqdm(range(start, settings.steps), initial=start, total=settings.steps, desc=settings.name,
@@ -135,7 +141,8 @@ def run_loop(
             bar.set_postfix({k: f"{v:.4g}" for k, v in list(logs.items())[:4]})
             if on_log and is_main_process:
                 on_log(state.step, logs)
-        if is_main_process and (state.step % settings.checkpoint_every == 0 or state.step == settings.steps):
+        if is_main_process and (state.step % settings.checkpoint_every == 0 or state.step == settings.steps
+                                or state.step in settings.extra_checkpoints):
             save_checkpoint(checkpoint, state, {"stage": settings.name, "logs": logs, **sidecar()})
             if on_checkpoint:
                 on_checkpoint(state.step)
@@ -144,6 +151,21 @@ def run_loop(
     done = settings.steps - start
     log.info("%s: %d steps in %.1f s (%.2f steps/s)", settings.name, done, seconds, done / max(seconds, 1e-9))
     return TrainResult(steps=settings.steps, resumed_from=start, seconds=seconds, last_logs=logs, checkpoint=checkpoint)
+
+
+def _resume(checkpoint: Path, state: TrainState, name: str, is_main_process: bool) -> int:
+    """The step to start from: the checkpoint's, or 0 without one. A corrupt checkpoint is moved aside
+    (by the main process) with a warning, and training starts over instead of stopping."""
+    if not checkpoint.exists():
+        return 0
+    try:
+        start = load_checkpoint(checkpoint, state)
+    except CorruptCheckpointError as exc:
+        where = f"moved aside to {move_aside(checkpoint).name}" if is_main_process else "left to the main process"
+        log.warning("%s: %s; %s, starting over from step 0", name, exc, where)
+        return 0
+    log.info("%s: resuming from step %d (%s)", name, start, checkpoint)
+    return start
 
 
 def _minimise(optimizer: torch.optim.Optimizer, loss: torch.Tensor, grad_clip: float | None) -> None:

@@ -1,0 +1,96 @@
+"""Stage lineage: the code each stage runs (its import closure) and dvc.yaml's deps covering it."""
+
+from __future__ import annotations
+
+import ast
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from aligntok.lineage import _imports, aligntok_command, code_digest, covered, stage_code, stage_commands, \
+    undeclared_code
+
+from conftest import REPO
+
+DVC_YAML = REPO / "dvc.yaml"
+COMMON = {"aligntok/__init__.py", "aligntok/__main__.py", "aligntok/cli.py", "aligntok/config.py", "aligntok/errors.py"}
+STAGES = stage_commands(DVC_YAML)  # read at collection: a stage added later is checked too
+
+
+def test_every_stage_that_runs_aligntok_is_checked() -> None:
+    names = yaml.safe_load(DVC_YAML.read_text())["stages"]
+    assert {"encoder", "ingest", "validate", "align_latent", "align_perceptual", "refine_decoder", "vae_baseline",
+            "cache_latents", "train_dit"} <= set(STAGES)
+    running = {name for name, stage in names.items() if "aligntok" in str(stage.get("cmd", ""))}
+    assert running == set(STAGES), f"stages whose aligntok command was not recognised: {running - set(STAGES)}"
+
+
+@pytest.fixture(scope="module")
+def undeclared() -> dict[str, list[str]]:
+    return undeclared_code(DVC_YAML)
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_dvc_deps_cover_the_code_the_stage_runs(stage: str, undeclared: dict[str, list[str]]) -> None:
+    missing = undeclared[stage]
+    assert not missing, (f"dvc.yaml stage {stage!r} runs `aligntok {STAGES[stage]}`, which imports files that its "
+                         f"deps do not cover (edits would leave stale results): {missing}; add them to its deps")
+
+
+def test_closure_follows_lazy_imports_and_stays_narrow() -> None:
+    encoder = set(stage_code("encoder"))
+    assert COMMON <= encoder
+    assert "aligntok/encoder/onnx_import.py" in encoder  # imported inside a function of sources.py
+    assert not any(f.startswith(("aligntok/tokenizer/", "aligntok/diffusion/", "aligntok/data/")) for f in encoder)
+    dit = set(stage_code("train_dit"))
+    assert {"aligntok/diffusion/latents.py", "aligntok/data/loader.py", "aligntok/config.py",
+            "aligntok/diffusion/pyfunc.py"} <= dit  # pyfunc.py: shipped by name to MLflow
+    cache = set(stage_code("cache_latents"))
+    assert {"aligntok/tokenizer/api.py", "aligntok/tokenizer/model.py", "aligntok/tokenizer/__init__.py"} <= cache
+    assert "aligntok/diffusion/train.py" not in cache
+    ingest = set(stage_code("ingest"))
+    assert COMMON | {"aligntok/data/ingest.py", "aligntok/data/images.py", "aligntok/data/sources.py",
+                     "aligntok/data/__init__.py"} <= ingest
+    assert "aligntok/data/validate.py" not in ingest and "aligntok/data/loader.py" not in ingest
+
+
+def test_relative_imports_resolve_against_the_package() -> None:
+    tree = ast.parse("from . import b\nfrom .c import d\nfrom ..e import f\nimport os\nfrom numpy import x")
+    assert _imports(tree.body, "aligntok.a.m", False) == {"aligntok.a", "aligntok.a.b", "aligntok.a.c",
+                                                           "aligntok.a.c.d", "aligntok.e", "aligntok.e.f"}
+    assert _imports(tree.body, "aligntok.a", True) == {"aligntok.a", "aligntok.a.b", "aligntok.a.c",
+                                                        "aligntok.a.c.d", "aligntok.e", "aligntok.e.f"}
+
+
+@pytest.mark.parametrize(("cmd", "command"), [
+    ("python -m aligntok encoder --out models/encoder", "encoder"),
+    ("python -m aligntok ingest data/shards   # SOURCE from data.source", "ingest"),
+    ("python -m aligntok --params configs/x.yaml --set data.resolution=64 align_latent --data d", "align_latent"),
+    ("torchrun --nproc_per_node 2 -m aligntok train_dit --latents data/latents", "train_dit"),
+    (["mkdir -p out", "aligntok cache_latents --out data/latents"], "cache_latents"),
+    ("python scripts/other.py align_latent", None),
+])
+def test_aligntok_command_of_a_dvc_cmd(cmd: str | list[str], command: str | None) -> None:
+    known = {"encoder", "ingest", "align_latent", "train_dit", "cache_latents"}
+    assert aligntok_command(cmd, known) == command
+
+
+def test_a_folder_dep_covers_the_files_under_it() -> None:
+    assert covered("aligntok/train/loop.py", ["aligntok/train"])
+    assert covered("aligntok/cli.py", ["aligntok/cli.py"])
+    assert not covered("aligntok/training.py", ["aligntok/train"])
+    assert not covered("aligntok/train/loop.py", ["aligntok/train/checkpoint.py"])
+
+
+def test_code_digest_changes_with_the_stage_code_only(tmp_path: Path) -> None:
+    shutil.copytree(REPO / "aligntok", tmp_path / "aligntok", ignore=shutil.ignore_patterns("__pycache__"))
+    before = code_digest("ingest", tmp_path)
+    assert before == code_digest("ingest", REPO) and len(before) == 64
+    with open(tmp_path / "aligntok" / "tokenizer" / "stages.py", "a") as handle:  # not run by ingest
+        handle.write("\n# unrelated edit\n")
+    assert code_digest("ingest", tmp_path) == before
+    with open(tmp_path / "aligntok" / "data" / "images.py", "a") as handle:  # run by ingest
+        handle.write("\n# edit\n")
+    assert code_digest("ingest", tmp_path) != before
