@@ -1,0 +1,157 @@
+"""Fréchet distance between Gaussian fits of two feature sets (FID on Inception features, FD_dinov2 on the
+foundation encoder's), and the feature statistics it is computed from, with their provenance.
+
+    FD = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2))
+
+tr((S1 S2)^(1/2)) is the sum of the square roots of the eigenvalues of S1 S2, which equal those of the
+symmetric PSD matrix S1^(1/2) S2 S1^(1/2): two symmetric eigendecompositions (`eigh`) in float64, rounding
+negatives clipped to 0. This is the value scipy's `sqrtm(S1 @ S2)` trace gives (the pytorch-fid formula),
+about 3x faster, and it stays real when the covariances are singular (fewer samples than dimensions).
+With the features at hand and fewer samples than dimensions, `fid_from_features` gets the same trace as
+the nuclear norm of the (n1, n2) cross-Gram matrix, without any D x D decomposition.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from aligntok.fileio import atomic_write
+
+log = logging.getLogger(__name__)
+
+_PROVENANCE = ("network", "resize", "source")
+
+
+@dataclass(frozen=True, eq=False)  # arrays: compare fields explicitly
+class FeatureStats:
+    """Mean and covariance of N feature vectors, with where they came from.
+
+    `features` (N, D), when kept, lets precision/recall and the low-rank FD path use the samples.
+    """
+
+    mu: np.ndarray  # (D,) float64
+    sigma: np.ndarray  # (D, D) float64
+    n: int
+    network: str
+    """Feature network, e.g. `inception-2015-12-05` or `fd_dinov2`."""
+    resize: str = ""
+    """How images were resized for the network (`aligntok.eval.inception.RESIZE`); empty if not given."""
+    source: str = ""
+    """Which images, e.g. `shards/train: first 1000`."""
+    features: np.ndarray | None = field(default=None, repr=False, compare=False)  # (N, D) or None
+
+    @classmethod
+    def from_features(cls, features: np.ndarray, *, network: str, source: str = "", resize: str = "",
+                      keep: bool = False) -> FeatureStats:
+        """Fit mean and (unbiased) covariance to features (N, D), N >= 2; `keep` stores the features too."""
+        x = _as_matrix(features, "features")
+        mu, sigma = x.mean(axis=0), np.cov(x, rowvar=False)  # (D,), (D, D)
+        return cls(mu=mu, sigma=np.atleast_2d(sigma), n=len(x), network=network, resize=resize, source=source,
+                   features=x if keep else None)
+
+    @property
+    def dim(self) -> int:
+        return int(self.mu.shape[0])
+
+    def save(self, path: Path, features: np.ndarray | None = None) -> None:
+        """Write `path` (.npz, no pickles) atomically; `features` (N, D) default to the kept ones, if any."""
+        features = self.features if features is None else features
+        arrays = {"mu": self.mu, "sigma": self.sigma, "n": np.int64(self.n)}
+        arrays |= {key: np.array(getattr(self, key)) for key in _PROVENANCE}  # 0-d unicode arrays
+        if features is not None:
+            if features.shape[1:] != self.mu.shape or len(features) != self.n:
+                raise ValueError(f"{path}: features {features.shape} do not match n={self.n}, dim={self.dim}")
+            arrays["features"] = features
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as handle:  # a file handle: np.savez would append .npz to the name
+                np.savez(handle, **arrays)
+
+        atomic_write(Path(path), write)
+
+    @classmethod
+    def load(cls, path: Path) -> FeatureStats:
+        """Read what `save` wrote (`allow_pickle=False`); a missing key is an error naming file and key."""
+        with np.load(path, allow_pickle=False) as data:
+            missing = [k for k in ("mu", "sigma", "n", *_PROVENANCE) if k not in data.files]
+            if missing:
+                raise ValueError(f"{path}: not a feature-statistics file, missing {missing}")
+            return cls(mu=data["mu"], sigma=data["sigma"], n=int(data["n"]),
+                       **{key: str(data[key]) for key in _PROVENANCE},
+                       features=data["features"] if "features" in data.files else None)
+
+
+def _as_matrix(x: np.ndarray, name: str) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2 or len(x) < 2:
+        raise ValueError(f"{name}: expected (N, D) with N >= 2, got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name}: {int((~np.isfinite(x)).sum())} non-finite values")
+    return x
+
+
+def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
+    """Symmetric square root of a PSD matrix (D, D) via `eigh`; rounding negatives clipped to 0."""
+    w, v = np.linalg.eigh(sigma)  # (D,), (D, D)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T  # (D, D)
+
+
+def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """tr((S1 S2)^(1/2)) for PSD S1, S2 (D, D), via the eigenvalues of S1^(1/2) S2 S1^(1/2)."""
+    root = _psd_sqrt(sigma1)  # (D, D)
+    inner = root @ sigma2 @ root  # (D, D), symmetric up to rounding
+    eig = np.linalg.eigvalsh((inner + inner.T) / 2)  # (D,)
+    return float(np.sqrt(np.clip(eig, 0, None)).sum())
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
+                     eps: float = 1e-6) -> float:
+    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2): mu (D,), sigma (D, D).
+
+    If the eigendecomposition fails or gives a non-finite trace, `eps` is added to both diagonals
+    (pytorch-fid's fallback) and a warning is logged.
+    """
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    d = mu1.shape[0]
+    if mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
+        raise ValueError(f"shapes do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
+    for name, value in (("mu1", mu1), ("mu2", mu2), ("sigma1", sigma1), ("sigma2", sigma2)):
+        if not np.isfinite(value).all():
+            raise ValueError(f"frechet_distance: {name} has non-finite values")
+    try:
+        covmean = trace_sqrt_product(sigma1, sigma2)
+    except np.linalg.LinAlgError:
+        covmean = float("nan")
+    if not np.isfinite(covmean):
+        log.warning("frechet_distance: decomposition failed; adding %g to the covariance diagonals", eps)
+        offset = eps * np.eye(d)
+        covmean = trace_sqrt_product(sigma1 + offset, sigma2 + offset)
+    diff = mu1 - mu2  # (D,)
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * covmean)
+
+
+def fid_from_features(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance between the Gaussian fits of features a (N1, D) and b (N2, D).
+
+    With fewer samples than dimensions, tr((S1 S2)^(1/2)) is the nuclear norm of A B^T / sqrt((N1-1)(N2-1)),
+    A and B the centred features (S1 = A^T A / (N1-1)): an (N1, N2) SVD instead of two (D, D) eigh's.
+    """
+    a, b = _as_matrix(a, "a"), _as_matrix(b, "b")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"feature dims differ: a {a.shape}, b {b.shape}")
+    (n1, dim), n2 = a.shape, len(b)
+    if n1 * n2 * min(n1, n2) >= dim**3:
+        sa, sb = FeatureStats.from_features(a, network=""), FeatureStats.from_features(b, network="")
+        return frechet_distance(sa.mu, sa.sigma, sb.mu, sb.sigma)
+    mu1, mu2 = a.mean(axis=0), b.mean(axis=0)  # (D,)
+    ca, cb = a - mu1, b - mu2  # (N1, D), (N2, D) centred
+    cross = ca @ cb.T / np.sqrt((n1 - 1) * (n2 - 1))  # (N1, N2)
+    covmean = float(np.linalg.svd(cross, compute_uv=False).sum())
+    trace1, trace2 = (ca * ca).sum() / (n1 - 1), (cb * cb).sum() / (n2 - 1)  # tr(S1), tr(S2)
+    diff = mu1 - mu2
+    return float(diff @ diff + trace1 + trace2 - 2.0 * covmean)
