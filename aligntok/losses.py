@@ -140,17 +140,20 @@ def find_lpips_backbone(hub_dir: str | Path | None = None) -> str | None:
 
 
 class PerceptualLoss(nn.Module):
-    """LPIPS when its weights are on disk, else `encoder_feature_distance` on a frozen foundation encoder.
+    """LPIPS when its weights are on disk (and `use_lpips`), else `encoder_feature_distance` on a frozen
+    feature network.
 
-    `name` says which: "lpips-vgg" (or "lpips-alex") or "encoder-feature-distance"; log it with the metrics,
-    since the two scales differ. The network is frozen and stays in eval mode.
+    `name` says which: "lpips-vgg" (or "lpips-alex"), or `feature_name` ("efficientnet-lite0" for
+    `aligntok.perceptual.EfficientNetFeatures`, "encoder-feature-distance" for the foundation encoder);
+    log it with the metrics, since the scales differ. The network is frozen and stays in eval mode.
 
     Args:
-        feature_encoder: a module with `features(images in [0, 1]) -> {name: (B, D, h, w)}` (a
-            `FoundationEncoder`); deep-copied, so later fine-tuning of the tokenizer's own encoder
-            does not move the loss. Required when lpips is unavailable.
+        feature_encoder: a module with `features(images in [0, 1], blocks) -> {name: (B, D, h, w)}` (a
+            `FoundationEncoder` or `EfficientNetFeatures`); deep-copied, so later fine-tuning of the
+            tokenizer's own encoder does not move the loss. Required when lpips is not used.
         blocks: which encoder blocks to compare (default: all kept blocks).
-        use_lpips: False forces the encoder-feature distance.
+        use_lpips: False forces the feature distance.
+        feature_name: the name recorded for the feature distance.
     """
 
     def __init__(
@@ -158,6 +161,7 @@ class PerceptualLoss(nn.Module):
         feature_encoder: nn.Module | None = None,
         blocks: Sequence[int] | None = None,
         use_lpips: bool = True,
+        feature_name: str = ENCODER_FEATURE_DISTANCE,
     ) -> None:
         super().__init__()
         backbone = find_lpips_backbone() if use_lpips else None
@@ -168,7 +172,7 @@ class PerceptualLoss(nn.Module):
             self.name = f"lpips-{backbone}"
         elif feature_encoder is not None:
             self.net = copy.deepcopy(feature_encoder)
-            self.name = ENCODER_FEATURE_DISTANCE
+            self.name = feature_name
         else:
             raise ValueError("lpips weights are not available offline and no feature_encoder was given")
         self.blocks = list(blocks) if blocks is not None else None
@@ -182,9 +186,62 @@ class PerceptualLoss(nn.Module):
 
     def forward(self, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
         """x (target), x_hat (reconstruction): (B, 3, H, W) in [-1, 1] -> scalar; gradients flow to x_hat."""
-        if self.name != ENCODER_FEATURE_DISTANCE:
+        if self.name.startswith("lpips-"):
             return self.net(x_hat, x).mean()  # lpips takes [-1, 1]; (B, 1, 1, 1) -> scalar
         with torch.no_grad():
             feats_x = self.net.features((x + 1.0) / 2.0, self.blocks)  # {name: (B, D, h, w)}
         feats_x_hat = self.net.features((x_hat + 1.0) / 2.0, self.blocks)  # {name: (B, D, h, w)}
         return encoder_feature_distance(feats_x, feats_x_hat)
+
+
+# VA-VAE's vision-foundation ("VF") alignment (Yao et al. 2025, "Reconstruction vs. Generation: Taming
+# Optimization Dilemma in Latent Diffusion Models"): the latent z (B, C, h, w), projected by a trained
+# 1x1 conv to the foundation width D, is pulled towards the frozen encoder's tokens f (B, D, h, w):
+#     L_vf = w_vf * (vf_cosine_margin_loss(W z, f, m1) + vf_distance_matrix_loss(W z, f, m2)),
+# VA-VAE's margins m1 = 0.5, m2 = 0.25 (tokenizer config `vavae_f16d32.yaml`); w_vf may be scaled by the
+# gradient-norm ratio at the encoder's last layer (`adaptive_gan_weight` with max 1e8, VA-VAE's clamp).
+VF_COS_MARGIN = 0.5
+VF_DISTMAT_MARGIN = 0.25
+VF_ADAPTIVE_MAX = 1e8
+"""VA-VAE's upper clamp on the adaptive VF weight (the GAN's is 1e4)."""
+
+
+def vf_cosine_margin_loss(z_proj: torch.Tensor, f: torch.Tensor, margin: float = VF_COS_MARGIN) -> torch.Tensor:
+    """Marginal cosine similarity: mean over batch and positions of relu(1 - margin - cos(z'_ij, f_ij)).
+
+    A position whose projected latent is within cosine 1 - margin of the encoder's token costs nothing.
+
+    Args:
+        z_proj: z' (B, D, h, w), the projected latent.
+        f: (B, D, h, w), the frozen encoder's tokens on the same grid (the target: no gradient reaches it).
+    Returns:
+        scalar in [0, 2 - margin].
+    """
+    assert z_proj.ndim == 4 and z_proj.shape == f.shape, f"z' {tuple(z_proj.shape)} != f {tuple(f.shape)}"
+    cos = F.cosine_similarity(z_proj, f.detach(), dim=1)  # (B, h, w)
+    return F.relu(1.0 - margin - cos).mean()
+
+
+def _self_similarity(features: torch.Tensor) -> torch.Tensor:
+    """(B, D, h, w) -> cosine similarity between every pair of positions, (B, h*w, h*w)."""
+    unit = F.normalize(features.flatten(2), dim=1)  # (B, D, N)
+    return unit.transpose(1, 2) @ unit  # (B, N, N)
+
+
+def vf_distance_matrix_loss(z_proj: torch.Tensor, f: torch.Tensor, margin: float = VF_DISTMAT_MARGIN) -> torch.Tensor:
+    """Marginal distance matrix: per image, the positions' cosine-similarity matrices of z' and f, then
+    mean over batch and all ordered pairs (i, j), i = j included as in VA-VAE, of relu(|S'_ij - S_ij| - margin).
+
+    Only the similarity structure is compared, so the channel widths may differ.
+
+    Args:
+        z_proj: z' (B, D', h, w).
+        f: (B, D, h, w), the target (no gradient reaches it).
+    Returns:
+        scalar in [0, 2 - margin].
+    """
+    assert z_proj.ndim == 4 and f.ndim == 4 and (z_proj.shape[0], *z_proj.shape[2:]) == (f.shape[0], *f.shape[2:]), (
+        f"z' {tuple(z_proj.shape)} and f {tuple(f.shape)} differ in batch or grid"
+    )
+    diff = (_self_similarity(z_proj) - _self_similarity(f.detach())).abs()  # (B, N, N)
+    return F.relu(diff - margin).mean()

@@ -211,3 +211,68 @@ def test_perceptual_loss_uses_lpips_when_present(
         assert PerceptualLoss(tiny_encoder, use_lpips=False).name == "encoder-feature-distance"
     finally:
         sys.modules.pop("lpips", None)
+
+
+def _grid(*vectors: list[float]) -> torch.Tensor:
+    """Position vectors -> (1, D, 1, N): one image, a 1 x N grid."""
+    return torch.tensor(vectors).T.reshape(1, len(vectors[0]), 1, len(vectors))
+
+
+def test_vf_cosine_margin_loss_hand_values() -> None:
+    from aligntok.losses import vf_cosine_margin_loss
+
+    z = _grid([1.0, 0.0], [0.0, 2.0], [-3.0, 0.0])  # cos with f = 1, 0, -1
+    f = _grid([1.0, 0.0], [5.0, 0.0], [1.0, 0.0])
+    assert vf_cosine_margin_loss(z, f, margin=0.0).item() == pytest.approx((0.0 + 1.0 + 2.0) / 3)
+    assert vf_cosine_margin_loss(z, f, margin=0.5).item() == pytest.approx((0.0 + 0.5 + 1.5) / 3)
+    assert vf_cosine_margin_loss(z, f).item() == pytest.approx((0.0 + 0.5 + 1.5) / 3)  # VA-VAE's m1 = 0.5
+    assert vf_cosine_margin_loss(7.0 * z, 0.1 * f, margin=0.0).item() == pytest.approx(1.0)  # scale-free
+    # within the margin: cos 0.6 > 1 - 0.5 costs nothing
+    assert vf_cosine_margin_loss(_grid([0.6, 0.8]), _grid([1.0, 0.0]), margin=0.5).item() == 0.0
+
+
+def test_vf_cosine_margin_loss_trains_the_latent_not_the_target() -> None:
+    from aligntok.losses import vf_cosine_margin_loss
+
+    z = _grid([0.0, 1.0]).requires_grad_(True)
+    source = torch.ones(1, requires_grad=True)
+    f = _grid([1.0, 0.0]) * source
+    vf_cosine_margin_loss(z, f, margin=0.0).backward()
+    # d(1 - cos)/dz at z = e2, f = e1: -(f/|f| - cos z/|z|)/|z| = (-1, 0)
+    assert torch.allclose(z.grad.flatten(), torch.tensor([-1.0, 0.0]))
+    assert source.grad is None
+
+
+def test_vf_distance_matrix_loss_hand_values() -> None:
+    from aligntok.losses import vf_distance_matrix_loss
+
+    z = _grid([1.0, 0.0], [0.0, 1.0])  # similarity matrix [[1, 0], [0, 1]]
+    f = _grid([1.0, 0.0], [2.0, 0.0])  # similarity matrix [[1, 1], [1, 1]]
+    # |diff| = [[0, 1], [1, 0]]: mean over the 4 ordered pairs, diagonal included
+    assert vf_distance_matrix_loss(z, f, margin=0.0).item() == pytest.approx(0.5)
+    assert vf_distance_matrix_loss(z, f, margin=0.25).item() == pytest.approx(2 * 0.75 / 4)
+    assert vf_distance_matrix_loss(z, f).item() == pytest.approx(2 * 0.75 / 4)  # VA-VAE's m2 = 0.25
+    assert vf_distance_matrix_loss(z, f, margin=1.0).item() == 0.0
+    # three positions at 0, 60 and 90 degrees against three equal tokens: off-diagonal |diff| 0.5, 0, 0.5 (x2)
+    c, s = math.cos(math.pi / 3), math.sin(math.pi / 3)
+    z3 = _grid([1.0, 0.0], [c, s], [0.0, 1.0])  # similarities: (0,1) 0.5, (0,2) 0, (1,2) s
+    f3 = _grid([1.0, 0.0], [1.0, 0.0], [1.0, 0.0])
+    expected = 2 * ((1 - 0.5) + (1 - 0.0) + (1 - s)) / 9
+    assert vf_distance_matrix_loss(z3, f3, margin=0.0).item() == pytest.approx(expected)
+
+
+def test_vf_distance_matrix_loss_compares_structure_only() -> None:
+    from aligntok.losses import vf_distance_matrix_loss
+
+    torch.manual_seed(0)
+    z = torch.randn(2, 4, 3, 3)
+    rotation, _ = torch.linalg.qr(torch.randn(6, 6))
+    f = torch.einsum("ed,bdhw->behw", rotation[:, :4], z) * 3.0  # the same geometry in another, wider space
+    assert vf_distance_matrix_loss(z, f, margin=0.0).item() == pytest.approx(0.0, abs=1e-6)
+    shuffled = f[:, :, [2, 0, 1]]  # rows of positions moved: the structure differs
+    assert vf_distance_matrix_loss(z, shuffled, margin=0.0).item() > 0.01
+    z_leaf, source = z.clone().requires_grad_(True), torch.ones(1, requires_grad=True)
+    vf_distance_matrix_loss(z_leaf, shuffled * source, margin=0.0).backward()
+    assert z_leaf.grad.abs().sum() > 0 and source.grad is None  # the target gets no gradient
+    with pytest.raises(AssertionError, match="differ in batch or grid"):
+        vf_distance_matrix_loss(z, f[:, :, :2])
