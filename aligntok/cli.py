@@ -11,14 +11,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
 
-from aligntok.errors import AligntokError
-from aligntok.config import ConfigError, Params, dump_params, load_params
+from aligntok.telemetry import disable_telemetry
+
+# The one side effect at import, allowed here because this module is an entry point (the library
+# itself sets nothing at import): telemetry off before MLflow, GX or a `dvc` subprocess starts.
+disable_telemetry()
+
+from aligntok.errors import AligntokError  # noqa: E402
+from aligntok.config import ConfigError, DataConfig, Params, dump_params, load_params, yaml_problem  # noqa: E402
 
 log = logging.getLogger("aligntok")
 
@@ -32,8 +39,11 @@ def _params(args: argparse.Namespace) -> Params:
     for item in args.set or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set data.resolution=64")
-        overrides[key] = yaml.safe_load(value)
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train_dit.steps=500")
+        try:
+            overrides[key] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML: {yaml_problem(exc)}") from None
     return load_params(args.params, overrides)
 
 
@@ -83,7 +93,8 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> int:
     paths = StagePaths(data=Path(args.data), encoder=Path(args.encoder), out=Path(args.out),
                        previous=Path(args.previous) if args.previous else None,
                        checkpoints=Path(args.checkpoints),
-                       metrics=Path(args.metrics) if args.metrics else None)
+                       metrics=Path(args.metrics) if args.metrics else None,
+                       validation=Path(args.validation))
     result = run_tokenizer_stage(args.command, params, paths, register=not args.no_register,
                                  progress=not args.no_progress)
     print(json.dumps({args.command: result.metrics, "receipt": result.receipt}, indent=2))
@@ -93,7 +104,7 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> int:
 def cmd_encode(args: argparse.Namespace) -> int:
     from aligntok.tokenizer.files import encode_files
 
-    count = encode_files(args.model, [Path(p) for p in args.images], Path(args.out))
+    count = encode_files(args.model, [Path(p) for p in args.images], Path(args.out), args.max_pixels)
     log.info("encoded %d images -> %s", count, args.out)
     return 0
 
@@ -112,7 +123,8 @@ def cmd_cache_latents(args: argparse.Namespace) -> int:
 
     rank, world_size, _ = dist_info()
     cache_latents(args.tokenizer, Path(args.data), Path(args.out), params.cache_latents,
-                  progress=not args.no_progress, rank=rank, world_size=world_size)
+                  progress=not args.no_progress, rank=rank, world_size=world_size,
+                  validation=Path(args.validation))
     return 0
 
 
@@ -127,6 +139,40 @@ def cmd_train_dit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fid_reference(args: argparse.Namespace) -> int:
+    params = _params(args)
+    from aligntok.eval.reference import build_reference
+
+    build_reference(Path(args.data), Path(args.encoder), Path(args.out), params.evaluate,
+                    progress=not args.no_progress, validation=Path(args.validation))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    params = _params(args)
+    from aligntok.eval.evaluate import EvalPaths, run_evaluate
+
+    paths = EvalPaths(data=Path(args.data), encoder=Path(args.encoder), reference=Path(args.reference),
+                      tokenizers=Path(args.tokenizers), dit=Path(args.dit), out=Path(args.out),
+                      metrics=Path(args.metrics), plots=Path(args.plots), validation=Path(args.validation))
+    metrics = run_evaluate(params, paths, register=not args.no_register, progress=not args.no_progress)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from aligntok.study import run_study, write_report
+
+    results, report = Path(args.results), Path(args.report)
+    if args.report_only:
+        write_report(results, report)
+    else:
+        run_study(Path.cwd(), variants=args.variants, seeds=args.seeds, extra_seeds=args.extra_seeds,
+                  results=results, report=report)
+    log.info("study report -> %s", report)
+    return 0
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from aligntok.diffusion.sampling import write_samples
 
@@ -135,6 +181,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     log.info("wrote %s and %d images beside it", args.out, len(written))
     return 0
 
+
+VALIDATION_REPORT = "reports/validation/validation.json"
+"""Where the `validate` stage of dvc.yaml writes its report; stages that read the shards check it."""
 
 TOKENIZER_STAGES = {
     "align_latent": ("stage 1: train adapter + decoder on the frozen encoder", None),
@@ -150,13 +199,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="aligntok",
         description="Align a vision foundation encoder into a diffusion tokenizer. "
         "Pipeline stages (run by `dvc repro`): encoder, ingest, validate, align_latent, "
-        "align_perceptual, refine_decoder, vae_baseline.",
+        "align_perceptual, refine_decoder, vae_baseline, cache_latents, train_dit, fid_reference, evaluate.",
     )
     parser.add_argument("--params", default="params.yaml", metavar="PATH",
                         help="parameter file (default: params.yaml; presets in configs/)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",
-                        help="override one parameter, e.g. --set data.resolution=64 (repeatable)")
+                        help="override one parameter, e.g. --set train_dit.steps=500 (repeatable)")
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (by default: one line naming the input at fault)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def add(name: str, handler: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
@@ -185,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     for stage, (text, previous) in TOKENIZER_STAGES.items():
         command = add(stage, cmd_train_tokenizer, f"stage `{stage}`: {text}")
         command.add_argument("--data", default="data/shards", help="ingest folder (default: data/shards)")
+        command.add_argument("--validation", default=VALIDATION_REPORT, help="the shards' validation report; "
+                             f"the stage refuses unless it says success (default: {VALIDATION_REPORT})")
         command.add_argument("--encoder", default="models/encoder", help="encoder stage folder")
         command.add_argument("--out", default=f"models/tokenizer/{stage}", help="output folder")
         command.add_argument("--previous", default=previous, help="the previous stage's folder"
@@ -200,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--tokenizer", default="models/tokenizer/refine_decoder",
                        help="tokenizer folder or registry URI (default: models/tokenizer/refine_decoder)")
     cache.add_argument("--data", default="data/shards", help="ingest folder (default: data/shards)")
+    cache.add_argument("--validation", default=VALIDATION_REPORT, help="the shards' validation report; "
+                       f"the stage refuses unless it says success (default: {VALIDATION_REPORT})")
     cache.add_argument("--out", default="data/latents", help="latent shards + stats.json (default: data/latents)")
     cache.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -212,6 +267,45 @@ def build_parser() -> argparse.ArgumentParser:
     dit.add_argument("--metrics", help="metrics JSON (default: OUT/metrics.json)")
     dit.add_argument("--no-register", action="store_true", help="skip MLflow tracking and registry")
     dit.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    reference = add("fid_reference", cmd_fid_reference,
+                    "stage `fid_reference`: Inception and encoder features of the reference images (cached)")
+    reference.add_argument("--data", default="data/shards", help="ingest folder (default: data/shards)")
+    reference.add_argument("--encoder", default="models/encoder", help="encoder stage folder")
+    reference.add_argument("--out", default="data/fid_reference", help="output folder (default: data/fid_reference)")
+    reference.add_argument("--validation", default=VALIDATION_REPORT, help="the shards' validation report; "
+                           f"refused unless it passed (default: {VALIDATION_REPORT})")
+    reference.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+    evaluate = add("evaluate", cmd_evaluate,
+                   "stage `evaluate`: rFID/PSNR/SSIM/linear probe of every tokenizer stage, gFID/precision/recall "
+                   "of the diffusion model; metrics JSON, plots, grids, registry tags")
+    evaluate.add_argument("--data", default="data/shards", help="ingest folder (default: data/shards)")
+    evaluate.add_argument("--encoder", default="models/encoder", help="encoder stage folder")
+    evaluate.add_argument("--reference", default="data/fid_reference", help="fid_reference folder")
+    evaluate.add_argument("--tokenizers", default="models/tokenizer",
+                          help="folder with one folder per tokenizer stage (default: models/tokenizer)")
+    evaluate.add_argument("--dit", default="models/dit", help="train_dit folder (default: models/dit)")
+    evaluate.add_argument("--out", default="reports/eval", help="grids and protocol.json (default: reports/eval)")
+    evaluate.add_argument("--metrics", default="reports/metrics.json", help="metrics JSON (DVC metrics)")
+    evaluate.add_argument("--plots", default="reports/plots", help="CSV files for DVC plots")
+    evaluate.add_argument("--validation", default=VALIDATION_REPORT, help="the shards' validation report; "
+                          f"refused unless it passed (default: {VALIDATION_REPORT})")
+    evaluate.add_argument("--no-register", action="store_true", help="skip MLflow logging and registry tags")
+    evaluate.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+    study = add("study", cmd_study,
+                "the small-scale study: tokenizer variants (a)-(f) as `dvc exp run`s with one diffusion budget, "
+                "then reports/study.md (variants already in --results are not rerun)")
+    study.add_argument("--variants", nargs="*", metavar="NAME",
+                       help="a_full b_stage1 c_no_sp d_vae e_vavae f_random (default: all)")
+    study.add_argument("--seeds", type=int, nargs="*", default=[0], help="diffusion seeds of every variant "
+                       "(default: 0)")
+    study.add_argument("--extra-seeds", type=int, default=1,
+                       help="more diffusion seeds for a_full, to measure seed noise (default: 1)")
+    study.add_argument("--results", default="reports/study", help="one JSON per variant and seed")
+    study.add_argument("--report", default="reports/study.md", help="the generated report")
+    study.add_argument("--report-only", action="store_true", help="only regenerate the report from --results")
 
     sample = add("sample", cmd_sample, "generate class-conditional images with a trained DiT")
     sample.add_argument("--model", required=True, help="DiT folder or registry URI, e.g. models:/aligntok-dit@latest")
@@ -228,6 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--model", required=True,
                         help="tokenizer folder or registry URI, e.g. models:/aligntok-tokenizer@stage3")
     encode.add_argument("--out", required=True, help="output .safetensors (latents + file names)")
+    max_pixels = DataConfig.model_fields["max_pixels"].default
+    encode.add_argument("--max-pixels", type=int, default=max_pixels, metavar="N",
+                        help=f"refuse images with more pixels, from their header (default: {max_pixels}, "
+                        "as data.max_pixels)")
 
     decode = add("decode", cmd_decode, "decode latents (from `aligntok encode`) to PNG images")
     decode.add_argument("latents", help=".safetensors written by `aligntok encode`")
@@ -243,8 +341,11 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("great_expectations", "mlflow", "alembic", "httpx"):  # their INFO lines drown ours
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # mlflow resets its level from this at import
     try:
         return args.handler(args)
-    except (AligntokError, FileNotFoundError) as exc:
+    except (AligntokError, FileNotFoundError) as exc:  # bad input: one line; anything else is a bug
+        if args.debug:
+            raise
         print(f"aligntok {args.command}: error: {exc}", file=sys.stderr)
         return 1

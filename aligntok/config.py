@@ -30,18 +30,19 @@ def _two_betas(value: list[float]) -> list[float]:
 
 
 class Section(BaseModel):
-    # strict: "8" is not an int, 1 is not a bool; extra keys are errors, values are frozen.
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    # strict: "8" is not an int, 1 is not a bool; extra keys are errors, values are frozen;
+    # YAML's .nan / .inf are refused for every float (they would only surface as a NaN loss).
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
-ENCODER_SOURCE = re.compile(r"^(embedded|timm|file):(.+)$")
+ENCODER_SOURCE = re.compile(r"^(embedded|timm|file|random):(.+)$")
 
 
 class EncoderConfig(Section):
     """The foundation encoder (`encoder` stage)."""
 
     source: str = "embedded:dinov2_vits14"
-    """`embedded:dinov2_vits14`, `timm:<model name>` or `file:<path to .safetensors>`."""
+    """`embedded:dinov2_vits14`, `timm:<model name>`, `file:<path to .safetensors>` or `random:<name>` (a control)."""
     arch: str | None = None
     """timm architecture for `file:` sources (default: read from the file's metadata)."""
     depth: int = Field(8, ge=1, le=64)
@@ -53,7 +54,7 @@ class EncoderConfig(Section):
     @classmethod
     def _known_scheme(cls, value: str) -> str:
         if not ENCODER_SOURCE.match(value):
-            raise ValueError("must be 'embedded:<name>', 'timm:<model name>' or 'file:<path>'")
+            raise ValueError("must be 'embedded:<name>', 'timm:<model name>', 'file:<path>' or 'random:<name>'")
         return value
 
 
@@ -99,6 +100,9 @@ class TokenizerConfig(Section):
     """Adapter MLP hidden width (default: the encoder width)."""
     decoder: DecoderConfig = DecoderConfig()
     discriminator: DiscriminatorConfig = DiscriminatorConfig()
+    perceptual: Literal["auto", "lpips", "efficientnet-lite0", "encoder-features"] = "auto"
+    """Network of the perceptual loss: `auto` = LPIPS when its weights are on disk, else EfficientNet-Lite0
+    (an independent ImageNet CNN); `encoder-features` = the frozen foundation encoder (see aligntok.perceptual)."""
 
 
 Role = Literal["encoder", "adapter", "decoder"]
@@ -117,6 +121,15 @@ class LossWeights(Section):
     """Semantic preservation (stage 2): MSE to the frozen stage-1 latent."""
     kl: float = Field(0.0, ge=0.0)
     """KL weight (vae baseline only)."""
+    vf: float = Field(0.0, ge=0.0)
+    """VA-VAE's vision-foundation alignment (Yao et al. 2025): w_vf * (vf_cosine_margin_loss +
+    vf_distance_matrix_loss) between a trained 1x1 projection of the latent and the frozen encoder's tokens."""
+    vf_adaptive: bool = False
+    """Scale `vf` by |grad L_rec| / |grad L_vf| at the layer that outputs the latent (VA-VAE's adaptive_vf)."""
+    vf_cos_margin: float = Field(0.5, ge=0.0, le=2.0)
+    """m1: positions whose cosine similarity exceeds 1 - m1 cost nothing (VA-VAE: 0.5)."""
+    vf_distmat_margin: float = Field(0.25, ge=0.0, le=2.0)
+    """m2: similarity-matrix entries within m2 of the encoder's cost nothing (VA-VAE: 0.25)."""
 
 
 class TrainStageConfig(Section):
@@ -142,6 +155,9 @@ class TrainStageConfig(Section):
     """Validation images for the final PSNR/SSIM."""
     seed: int = Field(0, ge=0)
     losses: LossWeights = LossWeights()
+    carry_discriminator: bool = False
+    """Start from the previous stage's discriminator and its optimiser state (saved in that stage's
+    folder) instead of a fresh one, so the GAN term does not pit a random critic against a trained decoder."""
 
     @field_validator("train")
     @classmethod
@@ -157,14 +173,26 @@ def _stage(train: list[str], steps: int, **kw: Any) -> TrainStageConfig:
     return TrainStageConfig(train=train, steps=steps, **kw)
 
 
+TokenizerStage = Literal["align_latent", "align_perceptual", "refine_decoder", "vae_baseline"]
+
+
 class CacheLatentsConfig(Section):
     """Latent cache (`cache_latents` stage): every training image and its horizontal flip."""
+
+    tokenizer: TokenizerStage = "refine_decoder"
+    """Which tokenizer stage's latents the diffusion model learns (dvc.yaml reads it: the study varies it)."""
 
     max_images: int | None = Field(8000, ge=1)
     """Training images to cache (the first N in shard order); null = all."""
     batch_size: int = Field(64, ge=1)
     shard_size: int = Field(1000, ge=1)
     """Records per latent shard (the unit of resume and of rank assignment under torchrun)."""
+
+
+DIT_PRESET_NAMES = ("LightningDiT-T/1", "LightningDiT-S/1", "LightningDiT-B/1", "LightningDiT-L/1",
+                    "LightningDiT-XL/1")
+"""The keys of `aligntok.diffusion.dit.PRESETS`, kept here so that loading a config never imports torch
+(tests/test_config.py checks that the two agree)."""
 
 
 class DiTConfig(Section):
@@ -175,6 +203,13 @@ class DiTConfig(Section):
     qk_norm: bool = False
     class_dropout: float = Field(0.1, ge=0.0, lt=1.0)
     """Label dropout for classifier-free guidance (the null class)."""
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str) -> str:
+        if value not in DIT_PRESET_NAMES:
+            raise ValueError(f"unknown preset; known: {', '.join(DIT_PRESET_NAMES)}")
+        return value
 
 
 class TrainDiTConfig(Section):
@@ -193,6 +228,9 @@ class TrainDiTConfig(Section):
     log_every: int = Field(25, ge=1)
     sample_every: int = Field(1000, ge=1)
     """Steps between grids of class-conditional samples logged to MLflow."""
+    snapshot_steps: list[int] = Field(default_factory=list)
+    """Steps at which the EMA weights are also kept (`snapshots/step_NNNNNN.safetensors` in the DiT folder), so
+    that `evaluate` measures gFID against training length (the study's convergence curves)."""
     t_mean: float = 0.0
     t_std: float = Field(1.0, gt=0.0)
     """Logit-normal timestep sampling: t = sigmoid(N(t_mean, t_std))."""
@@ -207,8 +245,57 @@ class SampleConfig(Section):
     steps: int = Field(50, ge=1, le=1000)
     cfg_scale: float = Field(4.0, ge=0.0)
     cfg_interval: list[float] | None = None
-    """[t_low, t_high]: apply guidance only for t in this interval (null: always)."""
+    """[t_low, t_high]: apply guidance only for t in this interval (null: always). This project's convention:
+    t = 1 is noise, t = 0 data; LightningDiT's interval [a, b] (its t = 1 is data) is [1 - b, 1 - a] here."""
     method: Literal["euler", "heun"] = "euler"
+    timestep_shift: float = Field(1.0, gt=0.0, le=100.0)
+    """LightningDiT's timestep shift of the sampling grid (1.0 = uniform; see aligntok.diffusion.flow.shift_time)."""
+
+    @field_validator("cfg_interval")
+    @classmethod
+    def _interval(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and (len(value) != 2 or not 0.0 <= value[0] < value[1] <= 1.0):
+            raise ValueError("must be two numbers [t_low, t_high] with 0 <= t_low < t_high <= 1")
+        return value
+
+
+class EvaluateConfig(Section):
+    """Evaluation protocol (`fid_reference` and `evaluate` stages). The FID network (Inception-v3, 299 px)
+    runs at about 5 images/s on 2 CPU cores: these counts bound the stage's time (see README)."""
+
+    reference_images: int = Field(1000, ge=2)
+    """Training images whose Inception statistics are the gFID reference (cached by `fid_reference`)."""
+    recon_images: int = Field(150, ge=2)
+    """Validation images reconstructed by each tokenizer for rFID, PSNR, SSIM and FD_dinov2."""
+    gen_samples: int = Field(200, ge=2)
+    """Generated samples for gFID with and without guidance, precision and recall."""
+    sweep_samples: int = Field(100, ge=2)
+    """Samples per point of the gFID-vs-steps and gFID-vs-guidance curves."""
+    steps_sweep: list[int] = Field(default_factory=lambda: [10, 25, 50])
+    cfg_sweep: list[float] = Field(default_factory=lambda: [1.0, 2.0, 4.0, 6.0])
+    probe_train_images: int = Field(1500, ge=10)
+    """Training images the linear probe is fit on (logistic regression on the pooled latent)."""
+    probe_val_images: int = Field(500, ge=10)
+    """Validation images the probe's top-1 is measured on."""
+    batch_size: int = Field(50, ge=1)
+    seed: int = Field(0, ge=0)
+    tokenizers: list[TokenizerStage] = Field(
+        default_factory=lambda: ["align_latent", "align_perceptual", "refine_decoder", "vae_baseline"])
+    """Tokenizer stages to evaluate (the study evaluates only the one its diffusion model uses)."""
+
+    @field_validator("steps_sweep")
+    @classmethod
+    def _steps(cls, value: list[int]) -> list[int]:
+        if not value or any(s < 1 for s in value):
+            raise ValueError("must be a non-empty list of step counts >= 1")
+        return value
+
+    @field_validator("cfg_sweep")
+    @classmethod
+    def _scales(cls, value: list[float]) -> list[float]:
+        if not value or any(not s >= 0 for s in value):
+            raise ValueError("must be a non-empty list of guidance scales >= 0")
+        return value
 
 
 class DataConfig(Section):
@@ -219,7 +306,7 @@ class DataConfig(Section):
     fashion_mnist_dir: str = "/usr/share/datasets/fashion-mnist"
     resolution: int = Field(32, ge=8, le=4096)
     """Output side: images are resized (shorter side) and centre-cropped to this square."""
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     seed: int = Field(0, ge=0)
     min_side: int = Field(16, ge=1)
     """Inputs whose shorter side is below this are rejected."""
@@ -233,12 +320,25 @@ class DataConfig(Section):
     shard_max_count: int = Field(10_000, ge=1)
     workers: int = Field(2, ge=0, le=256)
     """Decode/resize processes; 0 runs in the calling process."""
+    formats: list[str] = Field(default_factory=lambda: ["PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "PPM"])
+    """Pillow formats an input may be in (PPM covers PGM/PBM, so Fashion-MNIST); others are rejected by name."""
+    max_input_bytes: int = Field(268_435_456, ge=1)
+    """Largest input read (an image-folder file or a shard member); larger ones are rejected unread."""
+    max_label: int = Field(99_999, ge=0)
+    """Largest class label a `webdataset:` sample may carry; larger ones are rejected."""
 
     @field_validator("source")
     @classmethod
     def _known_source(cls, value: str) -> str:
         if value != "fashion-mnist" and not re.match(r"^(imagefolder|webdataset):.+$", value):
             raise ValueError("must be 'fashion-mnist', 'imagefolder:<path>' or 'webdataset:<url>'")
+        return value
+
+    @field_validator("formats")
+    @classmethod
+    def _format_names(cls, value: list[str]) -> list[str]:
+        if not value or len(set(value)) != len(value) or not all(re.fullmatch(r"[A-Z][A-Z0-9]*", f) for f in value):
+            raise ValueError("must be a non-empty list of distinct Pillow format names in capitals, e.g. [PNG, JPEG]")
         return value
 
 
@@ -268,11 +368,56 @@ class Params(Section):
     dit: DiTConfig = DiTConfig()
     train_dit: TrainDiTConfig = TrainDiTConfig()
     sample: SampleConfig = SampleConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False, populate_by_name=True)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
+
+
+TOKENIZER_STAGE_SECTIONS = ("align_latent", "align_perceptual", "refine_decoder", "vae_baseline")
+
+
+def encoder_patch_size(cfg: EncoderConfig) -> int | None:
+    """The encoder's patch size when its name says it (`..._patch14_...`, `dinov2_vits14`), else None."""
+    kind, _, name = cfg.source.partition(":")
+    name = cfg.arch if kind == "file" else name  # a file's path says nothing reliable
+    match = re.search(r"patch(\d+)", name or "") or re.fullmatch(r"dinov2_vit[sblg](\d+)", name or "")
+    return int(match.group(1)) if match else None
+
+
+def discriminator_logit_side(resolution: int, layers: int) -> int:
+    """Side of the PatchGAN's logit grid: `layers` stride-2 4x4 convs (padding 1) each floor-halve the
+    side, two stride-1 4x4 convs take 1 each (= `aligntok.tokenizer.discriminator.patch_output_side`)."""
+    return resolution // 2**layers - 2
+
+
+def _mismatches(params: Params) -> list[str]:
+    """Settings of different sections that must agree, checked here so that a stage never starts on
+    them; each problem as `key: value is invalid: reason`."""
+    problems = []
+    encoder, resolution = params.encoder, params.data.resolution
+    mult = params.tokenizer.decoder.channel_mult
+    factor = 2 ** (len(mult) - 1)
+    upsampling = f"the decoder's upsampling {factor} (2 ** (len(tokenizer.decoder.channel_mult={mult}) - 1))"
+    patch = encoder_patch_size(encoder)
+    if patch and encoder.image_size % patch:
+        problems.append(f"encoder.image_size: {encoder.image_size!r} is invalid: not a multiple of the patch "
+                        f"size {patch} of {encoder.arch if encoder.source.startswith('file:') else encoder.source}")
+    elif patch and (encoder.image_size // patch) * factor != resolution:
+        grid = encoder.image_size // patch
+        problems.append(f"data.resolution: {resolution!r} is invalid: the latent grid {grid} (encoder.image_size "
+                        f"{encoder.image_size} / patch {patch}) x {upsampling} makes {grid * factor}; change "
+                        "data.resolution, encoder.image_size or tokenizer.decoder.channel_mult")
+    elif resolution % factor:
+        problems.append(f"data.resolution: {resolution!r} is invalid: not divisible by {upsampling}")
+    layers = params.tokenizer.discriminator.layers
+    gan_stages = [name for name in TOKENIZER_STAGE_SECTIONS if getattr(params, name).losses.gan > 0]
+    if gan_stages and discriminator_logit_side(resolution, layers) < 1:
+        problems.append(f"tokenizer.discriminator.layers: {layers!r} is invalid: downsamples data.resolution "
+                        f"{resolution} to no logits (needed by the GAN loss of {', '.join(gan_stages)})")
+    return problems
 
 
 def _describe(error: dict[str, Any]) -> str:
@@ -293,10 +438,14 @@ def parse_params(raw: Any, origin: str = "<params>") -> Params:
     if not isinstance(raw, dict):
         raise ConfigError(f"{origin}: expected a mapping of sections, got {type(raw).__name__}")
     try:
-        return Params.model_validate(raw)
+        params = Params.model_validate(raw)
     except ValidationError as exc:
         lines = [_describe(e) for e in exc.errors()]
         raise ConfigError(f"{origin}: " + "; ".join(lines)) from None
+    problems = _mismatches(params)
+    if problems:
+        raise ConfigError(f"{origin}: " + "; ".join(problems))
+    return params
 
 
 def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
@@ -307,14 +456,33 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    for dotted, value in (overrides or {}).items():
-        node = raw = raw or {}
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
+        raise ConfigError(f"{path}: not valid YAML: {yaml_problem(exc)}") from None
+    raw = {} if raw is None else raw
+    if isinstance(raw, dict):  # anything else is reported by parse_params
+        for dotted, value in (overrides or {}).items():
+            _override(raw, dotted, value, str(path))
     return parse_params(raw, origin=str(path))
+
+
+def _override(raw: dict[str, Any], dotted: str, value: Any, origin: str) -> None:
+    """raw["a"]["b"]["c"] = value for "a.b.c", creating missing sections; a non-section on the way is an error."""
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for depth, part in enumerate(parents):
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
+        if not isinstance(node, dict):
+            where = ".".join(parents[: depth + 1])
+            raise ConfigError(f"{origin}: override {dotted}={value!r}: {where} is {node!r}, not a section")
+    node[leaf] = value
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error in one line: the problem and where (PyYAML's own message spans several lines)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
 
 
 def dump_params(params: Params) -> str:

@@ -117,7 +117,11 @@ class StageRun:
         self.client.log_image(self.run_id, image, artifact_file=f"images/{name}")
 
     def artifact(self, path: Path, folder: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), folder)
+        """Log a file, or a folder's files under `folder`."""
+        if Path(path).is_dir():
+            self.client.log_artifacts(self.run_id, str(path), folder)
+        else:
+            self.client.log_artifact(self.run_id, str(path), folder)
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
@@ -188,3 +192,21 @@ def download_model_files(uri: str, dest: Path | None = None) -> Path:
         shutil.rmtree(target, ignore_errors=True)
         raise FileNotFoundError(f"{uri}: no artifacts folder in the downloaded model")
     return artifacts
+
+
+def metric_history(run_id: str) -> list[dict[str, float]]:
+    """Every metric a run logged, one row per step: [{"step": s, "loss": ..., "l1": ...}, ...] (sorted by step)."""
+    mlflow_client = client()
+    rows: dict[int, dict[str, float]] = {}
+    for key in sorted(mlflow_client.get_run(run_id).data.metrics):
+        for point in mlflow_client.get_metric_history(run_id, key):
+            rows.setdefault(int(point.step), {"step": float(point.step)})[key] = float(point.value)
+    keys = sorted({k for row in rows.values() for k in row} - {"step"})
+    return [{"step": int(row["step"]), **{k: row.get(k, "") for k in keys}} for _, row in sorted(rows.items())]
+
+
+def tag_model_version(model: str, version: str, tags: dict[str, str]) -> None:
+    """Set tags on a registered model version (the promotion step reads the `eval_*` ones)."""
+    mlflow_client = client()
+    for key, value in tags.items():
+        mlflow_client.set_model_version_tag(model, str(version), key, value)

@@ -12,7 +12,7 @@ from aligntok.cli import build_parser, main
 from conftest import REPO
 
 COMMANDS = {"config", "encoder", "ingest", "validate", "align_latent", "align_perceptual", "refine_decoder",
-            "vae_baseline", "cache_latents", "train_dit", "fid_reference", "evaluate", "sample", "encode", "decode"}
+            "vae_baseline", "cache_latents", "train_dit", "fid_reference", "evaluate", "sample", "encode", "decode", "study"}
 
 
 def run_module(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:

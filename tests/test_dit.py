@@ -138,5 +138,8 @@ def test_presets_and_xl_parameter_count() -> None:
 
 
 def test_unknown_preset_is_named() -> None:
+    with pytest.raises(ValueError, match=r"unknown preset; known: LightningDiT-T/1.*LightningDiT-XL/1"):
+        DiTConfig(preset="DiT-XL/2")  # refused at load, before any training
+    unchecked = DiTConfig.model_construct(preset="DiT-XL/2", qk_norm=False, class_dropout=0.1)
     with pytest.raises(ValueError, match=r"dit\.preset='DiT-XL/2'.*LightningDiT-T/1.*LightningDiT-XL/1"):
-        build_dit(DiTConfig(preset="DiT-XL/2"), 32, 16, 1000)
+        build_dit(unchecked, 32, 16, 1000)

@@ -45,11 +45,6 @@ def velocity_target(z0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     return eps - z0
 
 
-def _randn(shape: tuple[int, ...], generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
-    # drawn on the generator's device, then moved: the same seed gives the same noise everywhere
-    return torch.randn(shape, generator=generator, device=generator.device).to(like.device, like.dtype)
-
-
 def sample_t_logit_normal(batch: int, generator: torch.Generator, mean: float = 0.0, std: float = 1.0,
                           device: torch.device | str | None = None) -> torch.Tensor:
     """t = sigmoid(n), n ~ N(mean, std²): (batch,) float32 in (0, 1), median sigmoid(mean)."""
@@ -65,14 +60,40 @@ class FlowLoss:
     t: torch.Tensor
 
 
-def flow_matching_loss(model: VelocityModel, z0: torch.Tensor, y: torch.Tensor, generator: torch.Generator,
-                       t_mean: float = 0.0, t_std: float = 1.0) -> FlowLoss:
+@dataclass
+class FlowDraws:
+    """The random draws of one flow-matching loss: `t` (B,) in (0, 1), `eps` (B, ...) ~ N(0, I)."""
+
+    t: torch.Tensor
+    eps: torch.Tensor
+
+
+def draw_flow(batch: int, shape: tuple[int, ...], generator: torch.Generator, t_mean: float = 0.0,
+              t_std: float = 1.0) -> FlowDraws:
+    """t (batch,) logit-normal, then eps (batch, *shape) float32, both from `generator`, on its device."""
+    t = sample_t_logit_normal(batch, generator, t_mean, t_std)  # (B,)
+    eps = torch.randn((batch, *shape), generator=generator, device=generator.device)  # (B, ...)
+    return FlowDraws(t=t, eps=eps)
+
+
+def flow_matching_loss(model: VelocityModel, z0: torch.Tensor, y: torch.Tensor,
+                       generator: torch.Generator | None = None, t_mean: float = 0.0, t_std: float = 1.0, *,
+                       draws: FlowDraws | None = None) -> FlowLoss:
     """MSE between model(z_t, t, y) and eps - z0, with t logit-normal and eps ~ N(0, I).
 
-    z0 (B, C, H, W) clean latents, y (B,) labels. t is drawn first, then eps, both from `generator`.
+    z0 (B, C, H, W) clean latents, y (B,) labels. The draws come from `generator` (`draw_flow`: t first,
+    then eps) or, made by the caller, from `draws` (training draws them for the global batch and gives
+    each rank its slice); exactly one of the two. They are moved to z0's device and dtype.
     """
-    t = sample_t_logit_normal(z0.shape[0], generator, t_mean, t_std, device=z0.device)  # (B,)
-    eps = _randn(tuple(z0.shape), generator, z0)  # (B, C, H, W)
+    if (generator is None) == (draws is None):
+        raise ValueError("flow_matching_loss: pass exactly one of `generator` and `draws`")
+    if draws is None:
+        draws = draw_flow(z0.shape[0], tuple(z0.shape[1:]), generator, t_mean, t_std)
+    if draws.t.shape != z0.shape[:1] or draws.eps.shape != z0.shape:
+        raise ValueError(f"flow_matching_loss: draws t {tuple(draws.t.shape)}, eps {tuple(draws.eps.shape)} "
+                         f"do not fit z0 {tuple(z0.shape)}")
+    t = draws.t.to(z0.device)  # (B,)
+    eps = draws.eps.to(z0.device, z0.dtype)  # (B, C, H, W)
     z_t = interpolate(z0, eps, t)  # (B, C, H, W)
     v = model(z_t, t.to(z0.dtype), y)  # (B, C, H, W)
     loss = F.mse_loss(v.float(), velocity_target(z0, eps).float())
@@ -89,16 +110,29 @@ class ODESolution:
     times: torch.Tensor
 
 
-def time_grid(steps: int) -> torch.Tensor:
-    """Uniform grid from 1 (noise) to 0 (data): (steps + 1,) float64."""
+def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """LightningDiT's timestep shift, in this project's convention (t = 1 is noise): t / (s - (s - 1)·t).
+
+    LightningDiT runs time the other way (t_LD = 1 - t) and maps t_LD -> s·t_LD / (1 + (s - 1)·t_LD);
+    substituting t_LD = 1 - t gives the formula above, so `shift` means the same number in both codebases.
+    s = 1 (LightningDiT's 0, "off") is the identity; s < 1 puts more of the grid near the noise end.
+    The end points 0 and 1 are fixed.
+    """
+    if shift <= 0:
+        raise ValueError(f"timestep shift must be > 0, got {shift}")
+    return t / (shift - (shift - 1.0) * t)
+
+
+def time_grid(steps: int, shift: float = 1.0) -> torch.Tensor:
+    """Grid from 1 (noise) to 0 (data): (steps + 1,) float64, uniform, then `shift_time`-ed."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    return shift_time(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift)
 
 
 def _integrate(velocity_fn: VelocityFn, noise: torch.Tensor, steps: int, heun: bool,
-               return_trajectory: bool) -> ODESolution:
-    times = time_grid(steps)
+               return_trajectory: bool, shift: float = 1.0) -> ODESolution:
+    times = time_grid(steps, shift)
     z = noise
     path = [z] if return_trajectory else None
     for t_cur, t_next in zip(times[:-1].tolist(), times[1:].tolist()):
@@ -116,16 +150,17 @@ def _integrate(velocity_fn: VelocityFn, noise: torch.Tensor, steps: int, heun: b
 
 
 def euler_sample(velocity_fn: VelocityFn, noise: torch.Tensor, steps: int,
-                 return_trajectory: bool = False) -> ODESolution:
-    """First-order Euler from t = 1 (`noise`, (B, ...)) to t = 0 in `steps` uniform steps (steps NFE)."""
-    return _integrate(velocity_fn, noise, steps, heun=False, return_trajectory=return_trajectory)
+                 return_trajectory: bool = False, shift: float = 1.0) -> ODESolution:
+    """First-order Euler from t = 1 (`noise`, (B, ...)) to t = 0 in `steps` steps of `time_grid(steps, shift)`
+    (steps NFE)."""
+    return _integrate(velocity_fn, noise, steps, heun=False, return_trajectory=return_trajectory, shift=shift)
 
 
 def heun_sample(velocity_fn: VelocityFn, noise: torch.Tensor, steps: int,
-                return_trajectory: bool = False) -> ODESolution:
+                return_trajectory: bool = False, shift: float = 1.0) -> ODESolution:
     """Second-order Heun from t = 1 to t = 0 in `steps` uniform steps (2·steps NFE; the corrector is
     applied on the last step too, as the velocity is defined at t = 0)."""
-    return _integrate(velocity_fn, noise, steps, heun=True, return_trajectory=return_trajectory)
+    return _integrate(velocity_fn, noise, steps, heun=True, return_trajectory=return_trajectory, shift=shift)
 
 
 def guided_velocity(model: VelocityModel, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor, scale: float,
@@ -150,8 +185,12 @@ def guided_velocity(model: VelocityModel, z: torch.Tensor, t: torch.Tensor, y: t
 @torch.no_grad()
 def sample(model: nn.Module, labels: torch.Tensor, latent_shape: tuple[int, int, int], steps: int,
            cfg_scale: float = 1.0, interval: tuple[float, float] | None = None, seed: int = 0,
-           method: Literal["euler", "heun"] = "euler") -> torch.Tensor:
+           method: Literal["euler", "heun"] = "euler", timestep_shift: float = 1.0) -> torch.Tensor:
     """Generate latents (B, C, H, W) for `labels` (B,) by integrating the model's guided velocity.
+
+    `interval` is in this project's convention, t = 1 is noise: guidance applies for t_lo <= t <= t_hi.
+    LightningDiT counts time the other way (t_LD = 1 - t), so its interval [a, b] is [1 - b, 1 - a] here.
+    `timestep_shift`: see `shift_time` (1.0 = uniform grid).
 
     The initial noise is drawn on the CPU from `torch.Generator().manual_seed(seed)`, so a seed gives
     the same samples on any device. The model runs in eval mode (no label dropout) and is put back
@@ -173,6 +212,6 @@ def sample(model: nn.Module, labels: torch.Tensor, latent_shape: tuple[int, int,
     model.eval()
     try:
         solver = euler_sample if method == "euler" else heun_sample
-        return solver(velocity, noise, steps).z
+        return solver(velocity, noise, steps, shift=timestep_shift).z
     finally:
         model.train(was_training)

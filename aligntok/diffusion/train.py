@@ -20,15 +20,15 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from aligntok.config import Params
+from aligntok.data.loader import step_generator
 from aligntok.diffusion.dit import build_dit
-from aligntok.diffusion.flow import interpolate, sample, sample_t_logit_normal, velocity_target
+from aligntok.diffusion.flow import FlowDraws, draw_flow, flow_matching_loss, sample
 from aligntok.diffusion.latents import LatentSet, dist_info, load_latents, read_stats
 from aligntok.fileio import atomic_write_text, sha256_file
 from aligntok.tokenizer.api import Tokenizer
-from aligntok.train.checkpoint import TrainState, atomic_save_safetensors
+from aligntok.train.checkpoint import TrainState, atomic_save_safetensors, clean_checkpoint_folder
 from aligntok.train.loop import LoopSettings, StepLosses, run_loop
 
 log = logging.getLogger(__name__)
@@ -63,26 +63,29 @@ class StepBatch:
 
 def step_batch(latents: LatentSet, step: int, batch_size: int, seed: int, class_dropout: float,
                t_mean: float, t_std: float, rank: int = 0, world_size: int = 1) -> StepBatch:
-    """Everything random about step `step`, drawn for the global batch, sliced for `rank`."""
+    """Everything random about step `step`, drawn for the global batch, sliced for `rank`: the samples
+    and their views (`LatentSet.batch_for_step`), then t, eps (`draw_flow`) and the label dropout from the
+    step's `flow` stream (`aligntok.data.loader.step_generator`)."""
     z0, y = latents.batch_for_step(step, batch_size, seed, rank, world_size)  # (b, C, h, w), (b,)
-    g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 2 + 2)
-    t = sample_t_logit_normal(batch_size, g, t_mean, t_std)  # (B,)
-    eps = torch.randn((batch_size, *latents.latent_shape), generator=g)  # (B, C, h, w)
+    g = step_generator(seed, step, "flow")
+    draws = draw_flow(batch_size, latents.latent_shape, g, t_mean, t_std)  # t (B,), eps (B, C, h, w)
     drop = torch.rand(batch_size, generator=g) < class_dropout  # (B,)
     part = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
-    return StepBatch(z0=z0, y=y, t=t[part], eps=eps[part], drop=drop[part])
+    return StepBatch(z0=z0, y=y, t=draws.t[part], eps=draws.eps[part], drop=drop[part])
 
 
 class FlowMatchingObjective:
-    """MSE between the predicted velocity at z_t and the target eps - z0 (logged as the global mean)."""
+    """`flow_matching_loss` on this rank's slice, with the step's draws and label dropout (logged as the
+    global mean)."""
 
     def __init__(self, model: torch.nn.Module, world_size: int) -> None:
         self.model, self.world_size = model, world_size
 
     def __call__(self, batch: StepBatch, step: int) -> StepLosses:
-        z_t = interpolate(batch.z0, batch.eps, batch.t)  # (b, C, h, w)
-        v = self.model(z_t, batch.t, batch.y, force_drop=batch.drop)  # (b, C, h, w)
-        loss = F.mse_loss(v, velocity_target(batch.z0, batch.eps))
+        def velocity(z_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return self.model(z_t, t, y, force_drop=batch.drop)  # (b, C, h, w)
+
+        loss = flow_matching_loss(velocity, batch.z0, batch.y, draws=FlowDraws(t=batch.t, eps=batch.eps)).loss
         logged = loss.detach().clone()
         if self.world_size > 1:
             torch.distributed.all_reduce(logged)
@@ -98,19 +101,22 @@ def sample_grid(model: torch.nn.Module, latents: LatentSet, tokenizer: Tokenizer
     classes = len(latents.classes) or int(latents.label.max()) + 1
     labels = torch.arange(classes).repeat(per_class)  # (per_class * K,)
     images = generate(model, latents.normalizer, tokenizer, labels, params.sample.steps,
-                      params.sample.cfg_scale, params.sample.cfg_interval, seed, params.sample.method)
+                      params.sample.cfg_scale, params.sample.cfg_interval, seed, params.sample.method,
+                      params.sample.timestep_shift)
     grid = make_grid(images, nrow=classes, padding=2, pad_value=1.0)
     return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
 @torch.no_grad()
 def generate(model: torch.nn.Module, normalizer: Any, tokenizer: Tokenizer, labels: torch.Tensor, steps: int,
-             cfg_scale: float, interval: list[float] | None, seed: int, method: str = "euler") -> torch.Tensor:
+             cfg_scale: float, interval: list[float] | None, seed: int, method: str = "euler",
+             timestep_shift: float = 1.0) -> torch.Tensor:
     """Class labels (B,) -> images (B, 3, R, R) in [0, 1]: ODE from noise, then de-normalise and decode."""
     was_training = model.training
     model.eval()
     z = sample(model, labels, (model.in_channels, model.input_size, model.input_size), steps=steps,
-               cfg_scale=cfg_scale, interval=tuple(interval) if interval else None, seed=seed, method=method)
+               cfg_scale=cfg_scale, interval=tuple(interval) if interval else None, seed=seed, method=method,
+               timestep_shift=timestep_shift)
     model.train(was_training)
     return normalizer.decode(tokenizer, z)
 
@@ -144,6 +150,8 @@ def run_train_dit(params: Params, paths: DiTPaths, register: bool = True, progre
     key = _fingerprint(params, paths)
     checkpoint = paths.checkpoints / "train_dit" / f"{key}.safetensors"
     is_main = rank == 0
+    if is_main:
+        clean_checkpoint_folder(checkpoint)
     run = _tracking_run(params, checkpoint) if (register and is_main) else None
     tokenizer = Tokenizer.load(paths.tokenizer) if is_main else None
 
@@ -156,21 +164,28 @@ def run_train_dit(params: Params, paths: DiTPaths, register: bool = True, progre
         if step % cfg.sample_every == 0 or step == cfg.steps:
             run.image(sample_grid(ema, latents, tokenizer, params), f"samples_step{step:06d}.png")
 
+    snapshots = checkpoint.with_name(f"{checkpoint.stem}.snapshots")  # survives DVC clearing the out
+
+    def keep_snapshot(step: int) -> None:
+        if step in cfg.snapshot_steps:
+            atomic_save_safetensors(ema.state_dict(), snapshots / f"step_{step:06d}.safetensors", {"format": FORMAT})
+
     settings = LoopSettings(steps=cfg.steps, warmup_steps=cfg.warmup_steps, grad_clip=cfg.grad_clip,
                             ema_decay=cfg.ema_decay, checkpoint_every=cfg.checkpoint_every,
-                            log_every=cfg.log_every, name="train_dit")
+                            log_every=cfg.log_every, name="train_dit",
+                            extra_checkpoints=tuple(s for s in cfg.snapshot_steps if s < cfg.steps))
     try:
         result = run_loop(
             settings=settings, state=state, objective=FlowMatchingObjective(trained, world_size),
             batches=lambda step: step_batch(latents, step, cfg.batch_size, cfg.seed, params.dit.class_dropout,
                                             cfg.t_mean, cfg.t_std, rank, world_size),
             checkpoint=checkpoint, sidecar=lambda: {"mlflow_run_id": run.run_id if run else None, "fingerprint": key},
-            on_log=log_step, is_main_process=is_main, progress=progress,
+            on_log=log_step, on_checkpoint=keep_snapshot, is_main_process=is_main, progress=progress,
         )
         metrics = {"final_loss": result.last_logs.get("loss_global", float("nan")), "steps": float(cfg.steps),
                    "train_seconds": result.seconds, "world_size": float(world_size)}
         if is_main:
-            _save(paths, params, ema, latents, metrics, run)
+            _save(paths, params, ema, latents, metrics, run, snapshots)
         return metrics
     except BaseException:
         if run is not None:
@@ -181,11 +196,16 @@ def run_train_dit(params: Params, paths: DiTPaths, register: bool = True, progre
             torch.distributed.destroy_process_group()
 
 
-def _fingerprint(params: Params, paths: DiTPaths) -> str:
+def _fingerprint(params: Params, paths: DiTPaths, code: str | None = None) -> str:
+    """Identifies what a checkpoint was trained from: the params, the latent cache, the process count and
+    the code (`code`: `aligntok.lineage.code_digest("train_dit")`, computed when None)."""
     import hashlib
 
+    from aligntok.lineage import code_digest
+
     inputs = {"params": {k: params.to_dict()[k] for k in ("dit", "train_dit")},
-              "stats": sha256_file(paths.latents / "stats.json"), "world_size": dist_info().world_size}
+              "stats": sha256_file(paths.latents / "stats.json"), "world_size": dist_info().world_size,
+              "code": code if code is not None else code_digest("train_dit")}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -201,9 +221,17 @@ def _tracking_run(params: Params, checkpoint: Path) -> Any:
 
 
 def _save(paths: DiTPaths, params: Params, ema: torch.nn.Module, latents: LatentSet,
-          metrics: dict[str, float], run: Any) -> None:
-    """Write the self-contained model folder: EMA weights, description, latent stats, tokenizer."""
+          metrics: dict[str, float], run: Any, snapshots: Path | None = None) -> None:
+    """Write the self-contained model folder: EMA weights, description, latent stats, tokenizer, and the EMA
+    weights kept at `train_dit.snapshot_steps` (`snapshots/step_NNNNNN.safetensors`)."""
     out = paths.out
+    for step in sorted(s for s in params.train_dit.snapshot_steps if s < params.train_dit.steps):
+        kept = snapshots / f"step_{step:06d}.safetensors" if snapshots is not None else None
+        if kept is None or not kept.is_file():  # killed between that checkpoint and its snapshot
+            log.warning("train_dit: no snapshot of step %d (%s); evaluate will skip it", step, kept)
+            continue
+        (out / "snapshots").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(kept, out / "snapshots" / kept.name)
     stats = read_stats(paths.latents)
     description = {
         "format": FORMAT, "dit": params.dit.model_dump(mode="json"), "sample": params.sample.model_dump(mode="json"),

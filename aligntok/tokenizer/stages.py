@@ -7,6 +7,9 @@
 | refine_decoder   | decoder                   | L1 + perceptual + GAN               | align_perceptual   |
 | vae_baseline     | VAE encoder, decoder      | L1 + perceptual + GAN + KL          | scratch            |
 
+Any stage may add VA-VAE's vision-foundation alignment (`losses.vf > 0`, see `VFAlignment`): for the VA-VAE
+baseline, `vae_baseline.losses.vf` with `vf_adaptive: true` and VA-VAE's weight 0.1.
+
 Which roles train and the loss weights come from the stage's params section; nothing in the
 loop knows which stage it runs.
 """
@@ -26,10 +29,11 @@ import torch
 from torch import nn
 
 from aligntok.config import ConfigError, Params, TrainStageConfig
-from aligntok.data.loader import ImageSet, batch_indices, load_split
+from aligntok.data.loader import ImageSet, batch_indices, load_split, require_validated
 from aligntok.losses import (
     PerceptualLoss,
     adaptive_gan_weight,
+    find_lpips_backbone,
     gan_weight_at,
     hinge_d_loss,
     hinge_g_loss,
@@ -37,11 +41,18 @@ from aligntok.losses import (
     l1_loss,
     semantic_preservation_loss,
 )
+from aligntok.losses import VF_ADAPTIVE_MAX, vf_cosine_margin_loss, vf_distance_matrix_loss
 from aligntok.metrics import psnr, ssim
 from aligntok.tokenizer.api import Tokenizer, save_tokenizer_folder
 from aligntok.tokenizer.model import build_discriminator, build_tokenizer, to_signed
 from aligntok.fileio import atomic_write_text, sha256_file
-from aligntok.train.checkpoint import TrainState
+from aligntok.train.checkpoint import (
+    TrainState,
+    atomic_save_safetensors,
+    clean_checkpoint_folder,
+    optimizer_from_flat,
+    optimizer_to_flat,
+)
 from aligntok.train.loop import LoopSettings, StepLosses, run_loop
 
 log = logging.getLogger(__name__)
@@ -68,6 +79,9 @@ class StagePaths:
     """Where in-progress checkpoints live (outside DVC outs, so a rerun can resume)."""
     metrics: Path | None = None
     """Metrics JSON (DVC metrics); default `out/metrics.json`."""
+    validation: Path | None = None
+    """The `validate` stage's validation.json: the stage refuses to train unless it says success (None:
+    no check, for callers that validated the shards otherwise)."""
 
 
 def set_trainable(model: nn.Module, roles: list[str]) -> None:
@@ -90,12 +104,14 @@ def param_groups(model: nn.Module, cfg: TrainStageConfig) -> list[dict[str, Any]
 
 
 class TokenizerObjective:
-    """L_rec = l1 + perceptual + w_g * GAN, plus semantic preservation (stage 2) and KL (VAE)."""
+    """L_rec = l1 + perceptual + w_g * GAN, plus semantic preservation (stage 2), KL (VAE) and VA-VAE's
+    VF alignment (`vf`, when `losses.vf > 0`)."""
 
     def __init__(self, model: nn.Module, cfg: TrainStageConfig, perceptual: PerceptualLoss | None,
-                 discriminator: nn.Module | None, semantic_target: nn.Module | None) -> None:
+                 discriminator: nn.Module | None, semantic_target: nn.Module | None,
+                 vf: VFAlignment | None = None) -> None:
         self.model, self.w, self.perceptual = model, cfg.losses, perceptual
-        self.discriminator, self.semantic_target = discriminator, semantic_target
+        self.discriminator, self.semantic_target, self.vf = discriminator, semantic_target, vf
 
     def __call__(self, batch: tuple[torch.Tensor, torch.Tensor], step: int) -> StepLosses:
         images, _ = batch  # (B, 3, R, R) in [0, 1]
@@ -119,6 +135,13 @@ class TokenizerObjective:
             kl = kl_loss(out.posterior_mean, out.posterior_logvar)
             total = total + self.w.kl * kl
             logs["kl"] = kl.item()
+        if self.vf is not None and self.w.vf > 0:
+            cos, distmat = self.vf(out.latent, images)  # the latent the decoder sees (VAE: the sample, as VA-VAE)
+            vf = cos + distmat
+            weight = (adaptive_gan_weight(rec, vf, latent_output_layer(self.model), self.w.vf, VF_ADAPTIVE_MAX)
+                      if self.w.vf_adaptive else self.w.vf)
+            total = total + weight * vf
+            logs |= {"vf_cos": cos.item(), "vf_distmat": distmat.item(), "vf_weight": float(weight)}
         aux: dict[str, torch.Tensor] = {}
         if self.discriminator is not None and gan_weight_at(step, self.w.gan_start) > 0:
             g = hinge_g_loss(self.discriminator(x_hat))
@@ -142,6 +165,51 @@ class SemanticTarget(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.adapter(self.encoder(images))  # (B, C, h, w)
+
+
+class VFAlignment:
+    """VA-VAE's VF loss (Yao et al. 2025): a trained 1x1 conv `head` projects the latent C -> D (no bias, as
+    VA-VAE's `linear_proj`), and the frozen foundation encoder's tokens are the target.
+
+    The head is a separate module, trained by the main optimiser and checkpointed as role "vf_head"; it is
+    never part of the tokenizer, whose saved weights load as before. The target is the `encoder` stage's
+    export, frozen even where the tokenizer fine-tunes its own copy. When the encoder's token grid differs
+    from the latent grid, the tokens are resized to the latent's grid by adaptive average pooling.
+    """
+
+    def __init__(self, target: nn.Module, latent_channels: int, cos_margin: float, distmat_margin: float) -> None:
+        self.target = target.requires_grad_(False).eval()
+        self.head = nn.Conv2d(latent_channels, target.width, kernel_size=1, bias=False)
+        self.cos_margin, self.distmat_margin = cos_margin, distmat_margin
+
+    def __call__(self, latent: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """latent z (B, C, h, w), images (B, 3, R, R) in [0, 1] -> (cosine-margin, distance-matrix) losses."""
+        with torch.no_grad():
+            f = self.target(images)  # (B, D, h', w')
+            if f.shape[-2:] != latent.shape[-2:]:
+                f = nn.functional.adaptive_avg_pool2d(f, latent.shape[-2:])  # (B, D, h, w)
+        z_proj = self.head(latent)  # (B, D, h, w)
+        return (vf_cosine_margin_loss(z_proj, f, self.cos_margin),
+                vf_distance_matrix_loss(z_proj, f, self.distmat_margin))
+
+
+def latent_output_layer(model: nn.Module) -> torch.Tensor:
+    """Weight of the layer that outputs the latent, where `losses.vf_adaptive` balances the VF gradient
+    against L_rec's (VA-VAE's `enc_last_layer`): the VAE encoder's conv_out, or the adapter's last linear."""
+    return model.encoder.conv_out.weight if model.kind == "vae" else model.adapter.mlp.fc2.weight
+
+
+def vf_alignment(stage: str, cfg: TrainStageConfig, paths: StagePaths, model: nn.Module) -> VFAlignment:
+    """The VF loss's head (freshly initialised) and frozen target (from `paths.encoder`) for `model`."""
+    from aligntok.encoder import load_encoder
+    from aligntok.tokenizer.foundation import FoundationEncoder
+
+    if cfg.losses.vf_adaptive and not latent_output_layer(model).requires_grad:
+        raise ConfigError(f"{stage}.losses.vf_adaptive: true needs the layer that outputs the latent to train, "
+                          f"but {stage}.train is {cfg.train}")
+    vit, desc = load_encoder(paths.encoder)
+    return VFAlignment(FoundationEncoder(vit, desc), model.latent_shape[0], cfg.losses.vf_cos_margin,
+                       cfg.losses.vf_distmat_margin)
 
 
 @torch.no_grad()
@@ -168,14 +236,25 @@ def reconstruction_grid(model: nn.Module, images: torch.Tensor) -> np.ndarray:
     return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
-def fingerprint(stage: str, params: Params, paths: StagePaths) -> str:
-    """Identifies what a checkpoint was trained from: resume only into the same configuration."""
+def fingerprint(stage: str, params: Params, paths: StagePaths, perceptual: str | None,
+                code: str | None = None) -> str:
+    """Identifies what a checkpoint was trained from: resume only into the same configuration.
+
+    Covers the params the stage reads, its input files, the perceptual network in use (`perceptual`: the
+    loss's `.name`, None without one; `tokenizer.perceptual: auto` resolves by what is installed) and the
+    code: `code` is `aligntok.lineage.code_digest(stage)` (computed when None).
+    """
+    from aligntok.lineage import code_digest
+
     relevant = {k: v for k, v in params.to_dict().items() if k in (stage, "tokenizer", "latent", "encoder")}
     inputs = {"stage": stage, "params": relevant, "resolution": params.data.resolution,
               "manifest": sha256_file(paths.data / "manifest.parquet"),
-              "encoder": sha256_file(paths.encoder / "encoder.safetensors")}
+              "encoder": sha256_file(paths.encoder / "encoder.safetensors"),
+              "perceptual": perceptual, "code": code if code is not None else code_digest(stage)}
     if paths.previous is not None:
         inputs["previous"] = sha256_file(paths.previous / "tokenizer.safetensors")
+        if (paths.previous / DISCRIMINATOR).is_file():  # carried over by `carry_discriminator`
+            inputs["previous_discriminator"] = sha256_file(paths.previous / DISCRIMINATOR)
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -197,14 +276,28 @@ def build_stage_model(stage: str, params: Params, paths: StagePaths) -> tuple[nn
         raise ConfigError(f"stage {stage}: {exc}") from None
 
 
-def perceptual_loss(paths: StagePaths) -> PerceptualLoss:
-    """Perceptual distance on the frozen foundation encoder from the `encoder` stage (never fine-tuned)."""
+def perceptual_loss(choice: str, paths: StagePaths) -> PerceptualLoss:
+    """The perceptual network that `tokenizer.perceptual` names (see `aligntok.perceptual`).
+
+    `auto`: LPIPS when its weights are on disk, else EfficientNet-Lite0 (an ImageNet CNN independent of the
+    foundation encoder); `encoder-features`: the frozen foundation encoder from the `encoder` stage.
+    """
     from aligntok.encoder import load_encoder
+    from aligntok.perceptual import EFFICIENTNET_LITE0, EfficientNetFeatures
     from aligntok.tokenizer.foundation import FoundationEncoder
 
+    if choice in ("auto", "lpips"):
+        if find_lpips_backbone() is not None:
+            return PerceptualLoss()
+        if choice == "lpips":
+            raise ConfigError("tokenizer.perceptual: 'lpips' is chosen, but lpips or its backbone weights are not "
+                              "on disk (choose 'auto', 'efficientnet-lite0' or 'encoder-features')")
+        choice = EFFICIENTNET_LITE0
+    if choice == EFFICIENTNET_LITE0:
+        return PerceptualLoss(EfficientNetFeatures(), use_lpips=False, feature_name=EFFICIENTNET_LITE0)
     vit, desc = load_encoder(paths.encoder)
     blocks = [b for b in PERCEPTUAL_BLOCKS if b <= desc["depth"]] or [desc["depth"]]
-    return PerceptualLoss(FoundationEncoder(vit, desc), blocks=blocks)
+    return PerceptualLoss(FoundationEncoder(vit, desc), blocks=blocks, use_lpips=False)
 
 
 @dataclass
@@ -219,12 +312,15 @@ def run_tokenizer_stage(stage: str, params: Params, paths: StagePaths, register:
     """Train one stage (resuming from its checkpoint if one matches), evaluate, save, register."""
     if stage not in STAGES:
         raise ValueError(f"unknown tokenizer stage {stage!r}; known: {sorted(STAGES)}")
+    if paths.validation is not None:
+        require_validated(paths.validation)
     cfg: TrainStageConfig = getattr(params, stage)
     torch.manual_seed(cfg.seed)
     model, encoder_desc = build_stage_model(stage, params, paths)
     set_trainable(model, cfg.train)
     semantic = SemanticTarget(model) if cfg.losses.semantic > 0 else None
-    perceptual = perceptual_loss(paths) if cfg.losses.perceptual > 0 else None
+    vf = vf_alignment(stage, cfg, paths, model) if cfg.losses.vf > 0 else None
+    perceptual = perceptual_loss(params.tokenizer.perceptual, paths) if cfg.losses.perceptual > 0 else None
     discriminator = build_discriminator(params.tokenizer.discriminator, params.data.resolution) \
         if cfg.losses.gan > 0 else None
 
@@ -235,13 +331,19 @@ def run_tokenizer_stage(stage: str, params: Params, paths: StagePaths, register:
                                             weight_decay=cfg.weight_decay)}
     if cfg.ema_decay is not None:
         modules["ema"] = copy.deepcopy(model).requires_grad_(False)
+    if vf is not None:  # the VF projection head trains with the model and is checkpointed beside it
+        modules["vf_head"] = vf.head
+        optimizers["main"].add_param_group({"params": list(vf.head.parameters()), "lr": cfg.lr, "name": "vf_head"})
     if discriminator is not None:
         modules["discriminator"] = discriminator
         optimizers["discriminator"] = torch.optim.AdamW(discriminator.parameters(), lr=cfg.disc_lr,
                                                         betas=tuple(cfg.betas))
+        if cfg.carry_discriminator:
+            carry_discriminator(stage, paths, discriminator, optimizers["discriminator"], cfg.disc_lr)
     state = TrainState(step=0, modules=modules, optimizers=optimizers)
-    key = fingerprint(stage, params, paths)
+    key = fingerprint(stage, params, paths, perceptual.name if perceptual is not None else None)
     checkpoint = paths.checkpoints / stage / f"{key}.safetensors"
+    clean_checkpoint_folder(checkpoint)
     run = _tracking_run(stage, params, cfg, checkpoint) if register else None
     grid_images = val.batch(torch.arange(min(8, len(val))))[0]
     logger = _Logger(run, model, grid_images, cfg.image_every)
@@ -251,13 +353,15 @@ def run_tokenizer_stage(stage: str, params: Params, paths: StagePaths, register:
     try:
         result = run_loop(
             settings=settings, state=state,
-            objective=TokenizerObjective(model, cfg, perceptual, discriminator, semantic),
+            objective=TokenizerObjective(model, cfg, perceptual, discriminator, semantic, vf),
             batches=lambda step: train.batch(batch_indices(len(train), cfg.batch_size, cfg.seed, step)),
             checkpoint=checkpoint, sidecar=lambda: {"mlflow_run_id": run.run_id if run else None,
                                                     "fingerprint": key},
             on_log=logger, progress=progress,
         )
         final = modules.get("ema", model)
+        if discriminator is not None:
+            save_discriminator(paths.out, discriminator, optimizers["discriminator"])
         metrics = {**evaluate_reconstruction(final, val), "steps": float(cfg.steps),
                    "train_seconds": result.seconds, **{f"final_{k}": v for k, v in result.last_logs.items()}}
         return _finish(stage, params, paths, final, encoder_desc, metrics, run, perceptual)
@@ -265,6 +369,40 @@ def run_tokenizer_stage(stage: str, params: Params, paths: StagePaths, register:
         if run is not None:
             run.finish("FAILED")
         raise
+
+
+DISCRIMINATOR = "discriminator.safetensors"
+
+
+def save_discriminator(folder: Path, discriminator: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """The discriminator and its AdamW moments, beside the tokenizer, for a later stage to carry on."""
+    tensors, groups = optimizer_to_flat("optim", optimizer)
+    tensors.update({f"model.{k}": v for k, v in discriminator.state_dict().items()})
+    atomic_save_safetensors(tensors, folder / DISCRIMINATOR, {"optimizer_groups": json.dumps(groups)})
+
+
+def carry_discriminator(stage: str, paths: StagePaths, discriminator: nn.Module,
+                        optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Load the previous stage's discriminator and optimiser state (the learning rate is this stage's)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    source = paths.previous / DISCRIMINATOR if paths.previous is not None else None
+    if source is None or not source.is_file():
+        raise ConfigError(f"{stage}.carry_discriminator: no discriminator to carry "
+                          f"({source or 'no --previous stage'}); the previous stage must train with a GAN term")
+    tensors = load_file(str(source))
+    with safe_open(str(source), framework="pt") as handle:
+        groups = json.loads(handle.metadata()["optimizer_groups"])
+    try:
+        discriminator.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    except RuntimeError as exc:
+        raise ConfigError(f"{stage}.carry_discriminator: {source} does not fit tokenizer.discriminator: "
+                          f"{str(exc).splitlines()[0]}") from None
+    optimizer_from_flat("optim", optimizer, tensors, groups)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    log.info("%s: carrying the discriminator of %s", stage, paths.previous)
 
 
 class _Logger:

@@ -1,0 +1,164 @@
+"""The `fid_reference` and `evaluate` stages end to end on tiny trained models, with the real FID network
+and a real MLflow registry: every metric present, the numbers consistent with an independent computation,
+and the registered versions tagged with their own figures."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from aligntok.config import CacheLatentsConfig, EncoderConfig, Params, parse_params
+from aligntok.diffusion.latents import cache_latents
+from aligntok.diffusion.train import DiTPaths, run_train_dit
+from aligntok.encoder import export_encoder
+from aligntok.eval.evaluate import TOKENIZER_STAGES, EvalPaths, run_evaluate
+from aligntok.eval.reference import build_reference, load_reference
+from aligntok.tokenizer.stages import StagePaths, run_tokenizer_stage
+
+from shards_fixture import write_dataset
+from tiny import TINY_MODEL, one_thread  # noqa: F401 (fixture)
+
+STAGE = {"batch_size": 4, "lr": 1e-3, "val_images": 4}
+TINY = {
+    **TINY_MODEL,
+    "align_latent": {**STAGE, "train": ["adapter", "decoder"], "steps": 2, "losses": {"gan_start": 1}},
+    "align_perceptual": {**STAGE, "train": ["encoder", "adapter", "decoder"], "steps": 2,
+                         "losses": {"semantic": 1.0}, "carry_discriminator": True},
+    "refine_decoder": {**STAGE, "train": ["decoder"], "steps": 2, "carry_discriminator": True},
+    "vae_baseline": {**STAGE, "train": ["encoder", "decoder"], "steps": 2, "losses": {"kl": 1e-6}},
+    "dit": {"preset": "LightningDiT-T/1"},
+    "train_dit": {"steps": 4, "batch_size": 8, "warmup_steps": 1, "checkpoint_every": 2, "log_every": 1,
+                  "sample_every": 4},
+    "sample": {"steps": 2, "cfg_scale": 2.0},
+    "evaluate": {"reference_images": 16, "recon_images": 6, "gen_samples": 6, "sweep_samples": 3,
+                 "steps_sweep": [1, 2], "cfg_sweep": [1.0, 3.0], "probe_train_images": 24,
+                 "probe_val_images": 12, "batch_size": 6},
+}
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def params() -> Params:
+    return parse_params(TINY)
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory: pytest.TempPathFactory, params: Params) -> dict:
+    """Every stage once, registered in a throwaway MLflow; then fid_reference and evaluate."""
+    root = tmp_path_factory.mktemp("evaluate")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    mp.chdir(root)  # artifacts land in root/mlartifacts
+    try:
+        data = write_dataset(root / "data", per_class=(12, 12, 12), val_per_class=4)
+        export_encoder(EncoderConfig(**TINY["encoder"]), root / "encoder")
+        tokenizers = root / "tokenizer"
+        previous = {"align_perceptual": "align_latent", "refine_decoder": "align_perceptual"}
+        for stage in TOKENIZER_STAGES:
+            prev = tokenizers / previous[stage] if stage in previous else None
+            run_tokenizer_stage(stage, params, StagePaths(data=data, encoder=root / "encoder",
+                                out=tokenizers / stage, previous=prev, checkpoints=root / "ckpt"), progress=False)
+        cache_latents(tokenizers / "refine_decoder", data, root / "latents",
+                      CacheLatentsConfig(max_images=None, batch_size=8, shard_size=12), progress=False)
+        run_train_dit(params, DiTPaths(latents=root / "latents", tokenizer=tokenizers / "refine_decoder",
+                                       out=root / "dit", checkpoints=root / "ckpt"), progress=False)
+        build_reference(data, root / "encoder", root / "reference", params.evaluate, progress=False)
+        paths = EvalPaths(data=data, encoder=root / "encoder", reference=root / "reference", tokenizers=tokenizers,
+                          dit=root / "dit", out=root / "reports" / "eval", metrics=root / "reports" / "metrics.json",
+                          plots=root / "reports" / "plots")
+        metrics = run_evaluate(params, paths, progress=False)
+        yield {"root": root, "paths": paths, "metrics": metrics}
+    finally:
+        mp.undo()
+
+
+def _finite(values: dict) -> bool:
+    return all(isinstance(v, float) and math.isfinite(v) for v in values.values())
+
+
+def test_metrics_json_holds_every_metric(evaluated: dict) -> None:
+    written = json.loads(evaluated["paths"].metrics.read_text())
+    assert written == json.loads(json.dumps(evaluated["metrics"]))
+    for stage in TOKENIZER_STAGES:
+        assert set(written["tokenizer"][stage]) == {"rfid", "psnr", "ssim", "fd_dinov2", "lp_top1", "psnr_sem", "ssim_sem"}, stage
+        assert _finite(written["tokenizer"][stage])
+        assert written["tokenizer"][stage]["rfid"] > 0 and 0 <= written["tokenizer"][stage]["lp_top1"] <= 1
+    assert set(written["reference"]) == {"lp_top1_pixels", "lp_top1_encoder"}
+    diffusion = written["diffusion"]
+    for key in ("gfid_cfg", "gfid_nocfg", "precision_cfg", "recall_cfg", "precision_nocfg", "recall_nocfg",
+                "fd_dinov2_cfg", "fd_dinov2_nocfg"):
+        assert key in diffusion and math.isfinite(diffusion[key]), key
+    assert 0 <= diffusion["precision_cfg"] <= 1 and 0 <= diffusion["recall_cfg"] <= 1
+
+
+def test_stage3_shares_stage2s_latent_so_its_probe_is_the_same(evaluated: dict) -> None:
+    tok = evaluated["metrics"]["tokenizer"]
+    assert tok["refine_decoder"]["lp_top1"] == tok["align_perceptual"]["lp_top1"]
+
+
+def test_rfid_matches_an_independent_computation_on_the_same_images(evaluated: dict, params: Params) -> None:
+    """Reconstruct the same validation images, extract Inception features, and compute the Fréchet distance
+    with scipy's sqrtm against the cached reference features: the stage's figure must agree."""
+    from scipy import linalg
+
+    from aligntok.data.loader import load_split
+    from aligntok.eval.inception import InceptionFeatures
+    from aligntok.tokenizer.api import Tokenizer
+
+    paths, cfg = evaluated["paths"], params.evaluate
+    images, _ = load_split(paths.data, "val", limit=cfg.recon_images, progress=False).batch(
+        torch.arange(cfg.recon_images))
+    tokenizer = Tokenizer.load(paths.tokenizers / "align_latent")
+    with torch.no_grad():
+        feats = InceptionFeatures()(tokenizer.decode(tokenizer.encode(images)).clamp(0, 1)).double().numpy()
+    ref = load_reference(paths.reference, cfg)["val"].features.astype(np.float64)
+    mu1, mu2 = feats.mean(0), ref.mean(0)
+    s1, s2 = np.cov(feats, rowvar=False), np.cov(ref, rowvar=False)
+    covmean = linalg.sqrtm(s1 @ s2).real
+    expected = float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+    got = evaluated["metrics"]["tokenizer"]["align_latent"]["rfid"]
+    assert got == pytest.approx(expected, rel=2e-2)
+
+
+def test_plots_and_grids_are_written(evaluated: dict, params: Params) -> None:
+    paths = evaluated["paths"]
+    with open(paths.plots / "gfid_vs_steps.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["steps"]) for r in rows] == [1, 2] and all(float(r["gfid"]) > 0 for r in rows)
+    with open(paths.plots / "gfid_vs_cfg.csv") as handle:
+        assert [float(r["cfg_scale"]) for r in csv.DictReader(handle)] == [1.0, 3.0]
+    for stage in (*TOKENIZER_STAGES, "train_dit"):
+        with open(paths.plots / f"loss_{stage}.csv") as handle:
+            losses = list(csv.DictReader(handle))
+        assert losses and "loss" in losses[0], stage
+    for name in ("recon_align_latent.png", "recon_vae_baseline.png", "samples_cfg.png", "samples_nocfg.png"):
+        assert (paths.out / name).stat().st_size > 0
+    protocol = json.loads((paths.out / "protocol.json").read_text())
+    assert "no classification head" in protocol["inception_score"]
+    assert protocol["inception"]["resize"]
+
+
+def test_registered_versions_carry_their_evaluation_as_tags(evaluated: dict) -> None:
+    import mlflow
+
+    root, metrics = evaluated["root"], evaluated["metrics"]
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    stage3 = client.get_model_version_by_alias("aligntok-tokenizer", "stage3")
+    assert float(stage3.tags["eval_rfid"]) == pytest.approx(metrics["tokenizer"]["refine_decoder"]["rfid"], rel=1e-5)
+    assert float(stage3.tags["eval_ssim"]) == pytest.approx(metrics["tokenizer"]["refine_decoder"]["ssim"], rel=1e-5)
+    baseline = client.get_model_version_by_alias("aligntok-vae-baseline", "baseline")
+    assert float(baseline.tags["eval_lp_top1"]) == pytest.approx(metrics["tokenizer"]["vae_baseline"]["lp_top1"])
+    dit = client.get_latest_versions("aligntok-dit")[0]
+    assert float(dit.tags["eval_gfid_cfg"]) == pytest.approx(metrics["diffusion"]["gfid_cfg"], rel=1e-5)
+
+
+def test_a_reference_built_for_other_counts_is_refused(evaluated: dict, params: Params) -> None:
+    other = params.evaluate.model_copy(update={"reference_images": 17})
+    with pytest.raises(ValueError, match="rerun the fid_reference stage"):
+        load_reference(evaluated["paths"].reference, other)
