@@ -57,17 +57,18 @@ VARIANTS = (
 )
 
 STUDY_SIZE = {
-    # The same diffusion budget for every variant; sized so that the six variants fit about an hour here.
-    "cache_latents.max_images": 4000,
-    "train_dit.steps": 1000,
-    "train_dit.snapshot_steps": [500],
-    "evaluate.recon_images": 150,
-    "evaluate.gen_samples": 200,
+    # The same diffusion budget for every variant, reduced so that the six variants and one extra seed fit
+    # about an hour on 2 CPU cores (the default pipeline trains its DiT for 1,500 steps on 8,000 images).
+    "cache_latents.max_images": 3000,
+    "train_dit.steps": 500,
+    "train_dit.snapshot_steps": [250],
+    "evaluate.recon_images": 100,
+    "evaluate.gen_samples": 150,
     "evaluate.sweep_samples": 100,
     "evaluate.steps_sweep": [50],
     "evaluate.cfg_sweep": [1.0, 4.0],
-    "evaluate.probe_train_images": 1500,
-    "evaluate.probe_val_images": 500,
+    "evaluate.probe_train_images": 1000,
+    "evaluate.probe_val_images": 300,
 }
 
 
@@ -85,9 +86,9 @@ def _set_args(overrides: dict[str, Any]) -> list[str]:
 
 
 def run_variant(variant: Variant, seed: int, size: dict[str, Any], results: Path, repo: Path) -> dict[str, Any]:
-    """`dvc exp run` one variant in the workspace and keep its metrics; params.yaml is restored afterwards."""
-    params = repo / "params.yaml"
-    saved = params.read_text()
+    """`dvc exp run` one variant in the workspace and keep its metrics; params.yaml and dvc.lock are restored
+    afterwards (the experiment itself stays in DVC's experiment refs)."""
+    saved = {path: path.read_text() for path in (repo / "params.yaml", repo / "dvc.lock") if path.is_file()}
     name = f"study-{variant.name}-seed{seed}"
     command = ["dvc", "exp", "run", "--name", name, "--force", *_set_args(variant_overrides(variant, seed, size))]
     log.info("%s: %s", name, " ".join(command))
@@ -100,7 +101,8 @@ def run_variant(variant: Variant, seed: int, size: dict[str, Any], results: Path
         metrics = json.loads((repo / "reports" / "metrics.json").read_text())
         protocol = json.loads((repo / "reports" / "eval" / "protocol.json").read_text())
     finally:
-        params.write_text(saved)
+        for path, text in saved.items():
+            path.write_text(text)
     record = {"variant": variant.name, "label": variant.label, "seed": seed, "experiment": name,
               "overrides": variant_overrides(variant, seed, size), "wall_seconds": time.perf_counter() - start,
               "metrics": metrics, "evaluate_run_id": protocol.get("mlflow_run_id"),
@@ -117,18 +119,22 @@ def run_study(repo: Path, variants: list[str] | None = None, seeds: list[int] | 
     chosen = [v for v in VARIANTS if variants is None or v.name in variants]
     if variants and (unknown := set(variants) - {v.name for v in VARIANTS}):
         raise AligntokError(f"unknown study variants {sorted(unknown)}; known: {[v.name for v in VARIANTS]}")
-    results = results or repo / "reports" / "study"
+    results, report = results or repo / "reports" / "study", report or repo / "reports" / "study.md"
     seeds = seeds or [0]
-    for variant in chosen:
-        variant_seeds = seeds + ([max(seeds) + 1 + i for i in range(extra_seeds)]
-                                 if variant.name == extra_seeds_for else [])
-        for seed in variant_seeds:
+    # Every variant once first, the extra seeds (the noise estimate) last; the report is rewritten after
+    # each run, so an interrupted study still reports what it measured, and a rerun skips what is done.
+    plan = [(v, s) for v in chosen for s in seeds]
+    plan += [(v, max(seeds) + 1 + i) for v in chosen if v.name == extra_seeds_for for i in range(extra_seeds)]
+    try:
+        for variant, seed in plan:
             if (results / f"{variant.name}-seed{seed}.json").is_file():
                 log.info("%s seed %d: already in %s, not rerun", variant.name, seed, results)
                 continue
             run_variant(variant, seed, size or STUDY_SIZE, results, repo)
-    subprocess.run(["dvc", "checkout", "--quiet"], cwd=repo, check=False)  # outputs back to params.yaml's
-    return write_report(results, report or repo / "reports" / "study.md")
+            write_report(results, report)
+    finally:
+        subprocess.run(["dvc", "checkout", "--quiet"], cwd=repo, check=False)  # outputs back to params.yaml's
+    return write_report(results, report)
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -151,7 +157,9 @@ def _summary(records: list[dict[str, Any]]) -> dict[str, Any]:
         for step, values in d.get("by_step", {}).items():
             for key in ("gfid_cfg", "gfid_nocfg"):
                 diffusion.setdefault(f"{key}@{step}", []).append(values[key])
+    probe_val = records[0].get("overrides", {}).get("evaluate.probe_val_images", 500)
     return {"tokenizer": tokenizer, "end_step": int(records[0]["metrics"]["diffusion"]["train_steps"]),
+            "probe_val": int(probe_val),
             "diffusion": {k: (sum(v) / len(v), (max(v) - min(v)) if len(v) > 1 else None, v)
                                                   for k, v in diffusion.items()},
             "seeds": [r["seed"] for r in records], "runs": [r["evaluate_run_id"] for r in records],
@@ -216,7 +224,6 @@ def _claims(data: dict[str, Any]) -> list[str]:
     out.append(f"gFID noise scale: {_fmt(gfid_noise)} (range of gFID with guidance over diffusion seeds of the same "
                "variant)" if gfid_noise else "gFID noise scale: unknown (one seed per variant): gFID differences "
                "are reported but not called wins.")
-    n_val = 500
 
     def lp(name: str) -> float | None:
         return data[name]["tokenizer"]["lp_top1"] if name in data else None
@@ -234,7 +241,7 @@ def _claims(data: dict[str, Any]) -> list[str]:
                 ("a_full", "c_no_sp", "latent LP (a) > (c): w_sp keeps the semantics"),
                 ("a_full", "f_random", "latent LP (a) > (f): the pretrained encoder matters")]
     for x, y, text in pairs_lp:
-        noise = _lp_noise(lp(x), n_val) if lp(x) is not None else None
+        noise = _lp_noise(lp(x), data[x]["probe_val"]) if lp(x) is not None else None
         out.append(claim(text, lp(x), lp(y), noise, False, "{:.1%}"))
     for x, y, text in [("a_full", "e_vavae", "gFID (a) < (e)"), ("e_vavae", "d_vae", "gFID (e) < (d)"),
                        ("a_full", "f_random", "gFID (a) < (f)")]:
