@@ -90,7 +90,8 @@ def run_variant(variant: Variant, seed: int, size: dict[str, Any], results: Path
     afterwards (the experiment itself stays in DVC's experiment refs)."""
     saved = {path: path.read_text() for path in (repo / "params.yaml", repo / "dvc.lock") if path.is_file()}
     name = f"study-{variant.name}-seed{seed}"
-    command = ["dvc", "exp", "run", "--name", name, "--force", *_set_args(variant_overrides(variant, seed, size))]
+    # No --force: stages whose inputs are unchanged are skipped or restored from DVC's run cache.
+    command = ["dvc", "exp", "run", "--name", name, *_set_args(variant_overrides(variant, seed, size))]
     log.info("%s: %s", name, " ".join(command))
     start = time.perf_counter()
     try:
@@ -103,6 +104,7 @@ def run_variant(variant: Variant, seed: int, size: dict[str, Any], results: Path
     finally:
         for path, text in saved.items():
             path.write_text(text)
+        subprocess.run(["git", "reset", "-q", "--", *map(str, saved)], cwd=repo, check=False)  # dvc staged them
     record = {"variant": variant.name, "label": variant.label, "seed": seed, "experiment": name,
               "overrides": variant_overrides(variant, seed, size), "wall_seconds": time.perf_counter() - start,
               "metrics": metrics, "evaluate_run_id": protocol.get("mlflow_run_id"),
