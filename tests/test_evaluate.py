@@ -33,7 +33,7 @@ TINY = {
     "vae_baseline": {**STAGE, "train": ["encoder", "decoder"], "steps": 2, "losses": {"kl": 1e-6}},
     "dit": {"preset": "LightningDiT-T/1"},
     "train_dit": {"steps": 4, "batch_size": 8, "warmup_steps": 1, "checkpoint_every": 2, "log_every": 1,
-                  "sample_every": 4},
+                  "sample_every": 4, "snapshot_steps": [3]},
     "sample": {"steps": 2, "cfg_scale": 2.0},
     "evaluate": {"reference_images": 16, "recon_images": 6, "gen_samples": 6, "sweep_samples": 3,
                  "steps_sweep": [1, 2], "cfg_sweep": [1.0, 3.0], "probe_train_images": 24,
@@ -95,6 +95,8 @@ def test_metrics_json_holds_every_metric(evaluated: dict) -> None:
                 "fd_dinov2_cfg", "fd_dinov2_nocfg"):
         assert key in diffusion and math.isfinite(diffusion[key]), key
     assert 0 <= diffusion["precision_cfg"] <= 1 and 0 <= diffusion["recall_cfg"] <= 1
+    assert set(diffusion["by_step"]) == {"3"} and diffusion["train_steps"] == 4.0  # the step-3 snapshot
+    assert math.isfinite(diffusion["by_step"]["3"]["gfid_cfg"])
 
 
 def test_stage3_shares_stage2s_latent_so_its_probe_is_the_same(evaluated: dict) -> None:
@@ -154,8 +156,10 @@ def test_registered_versions_carry_their_evaluation_as_tags(evaluated: dict) -> 
     assert float(stage3.tags["eval_ssim"]) == pytest.approx(metrics["tokenizer"]["refine_decoder"]["ssim"], rel=1e-5)
     baseline = client.get_model_version_by_alias("aligntok-vae-baseline", "baseline")
     assert float(baseline.tags["eval_lp_top1"]) == pytest.approx(metrics["tokenizer"]["vae_baseline"]["lp_top1"])
-    dit = client.get_latest_versions("aligntok-dit")[0]
+    dit = client.search_model_versions("name='aligntok-dit'")[0]
     assert float(dit.tags["eval_gfid_cfg"]) == pytest.approx(metrics["diffusion"]["gfid_cfg"], rel=1e-5)
+    logged = client.get_run(dit.tags["eval_run_id"]).data.metrics  # snapshot gFIDs flattened, not dropped
+    assert logged["diffusion.step3.gfid_cfg"] == pytest.approx(metrics["diffusion"]["by_step"]["3"]["gfid_cfg"])
 
 
 def test_a_reference_built_for_other_counts_is_refused(evaluated: dict, params: Params) -> None:

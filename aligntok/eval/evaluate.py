@@ -312,7 +312,9 @@ def log_to_tracking(params: Params, paths: EvalPaths, metrics: dict[str, Any], p
                                 "sample": params.sample.model_dump(mode="json")})
     flat = {f"{stage}.{k}": v for stage, values in metrics["tokenizer"].items() for k, v in values.items()}
     flat |= {f"reference.{k}": v for k, v in metrics["reference"].items()}
-    flat |= {f"diffusion.{k}": v for k, v in metrics["diffusion"].items()}
+    flat |= {f"diffusion.{k}": v for k, v in metrics["diffusion"].items() if k != "by_step"}
+    flat |= {f"diffusion.step{step}.{k}": v for step, values in metrics["diffusion"].get("by_step", {}).items()
+             for k, v in values.items()}  # gFID of the training snapshots
     run.metrics(flat)
     for folder in (paths.out, paths.plots):
         run.artifact(folder, folder.name)
@@ -330,6 +332,8 @@ def _tag(folder: Path, values: dict[str, float], run_id: str, tag: Callable[...,
     receipt = _receipt(folder)
     if receipt is None:
         return None
-    tags = {f"eval_{k}": f"{v:.6g}" for k, v in values.items()} | {"eval_run_id": run_id}
+    tags = {f"eval_{k}": f"{v:.6g}" for k, v in values.items() if isinstance(v, (int, float))}
+    tags |= {f"eval_step{step}_{k}": f"{v:.6g}" for step, inner in values.get("by_step", {}).items()
+             for k, v in inner.items()} | {"eval_run_id": run_id}
     tag(receipt["model"], receipt["version"], tags)
     return f"{receipt['model']}/{receipt['version']}"
