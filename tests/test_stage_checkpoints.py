@@ -8,13 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from aligntok.config import EncoderConfig, Params, parse_params
-from aligntok.encoder import export_encoder
+from aligntok.config import Params, parse_params
 from aligntok.lineage import code_digest
 from aligntok.tokenizer.stages import DISCRIMINATOR, StagePaths, fingerprint, run_tokenizer_stage
 
-from tiny import QUICK_STAGE1, TINY_MODEL, one_thread  # noqa: F401 (fixture)
-from shards_fixture import write_dataset
+from tiny import QUICK_STAGE1, TINY_MODEL, make_inputs, one_thread  # noqa: F401 (fixture)
 
 TINY = {**TINY_MODEL, "align_latent": {**QUICK_STAGE1, "checkpoint_every": 1}}
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tiny.one_thread
@@ -27,10 +25,7 @@ def params() -> Params:
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("stage")
-    data = write_dataset(root / "data")
-    export_encoder(EncoderConfig(**TINY["encoder"]), root / "encoder")
-    return data, root / "encoder"
+    return make_inputs(tmp_path_factory.mktemp("stage"))
 
 
 def test_fingerprint_covers_perceptual_network_code_and_carried_discriminator(

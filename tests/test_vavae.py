@@ -17,8 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import aligntok.train.loop
-from aligntok.config import ConfigError, EncoderConfig, Params, parse_params
-from aligntok.encoder import export_encoder
+from aligntok.config import ConfigError, Params, parse_params
 from aligntok.losses import l1_loss, vf_cosine_margin_loss, vf_distance_matrix_loss
 from aligntok.tokenizer.api import Tokenizer
 from aligntok.tokenizer.foundation import FoundationEncoder, create_random_encoder
@@ -33,8 +32,7 @@ from aligntok.tokenizer.stages import (
     vf_alignment,
 )
 
-from shards_fixture import write_dataset
-from tiny import TINY_MODEL, one_thread  # noqa: F401 (fixture)
+from tiny import TINY_MODEL, make_inputs, one_thread  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -49,10 +47,7 @@ def tiny_params(vf: float, **stage: Any) -> Params:
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("inputs")
-    data = write_dataset(root / "data")
-    export_encoder(EncoderConfig(**TINY_MODEL["encoder"]), root / "encoder")
-    return data, root / "encoder"
+    return make_inputs(tmp_path_factory.mktemp("inputs"))
 
 
 def run_stage(params: Params, inputs: tuple[Path, Path], root: Path) -> tuple[dict[str, float], Path]:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,3 +29,14 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def make_inputs(root: Path) -> tuple[Path, Path]:
+    """The tiny dataset and the tiny model's exported encoder under `root`: (data folder, encoder folder)."""
+    from aligntok.config import EncoderConfig
+    from aligntok.encoder import export_encoder
+    from shards_fixture import write_dataset
+
+    data = write_dataset(root / "data")
+    export_encoder(EncoderConfig(**TINY_MODEL["encoder"]), root / "encoder")
+    return data, root / "encoder"
