@@ -25,7 +25,9 @@ from aligntok.telemetry import disable_telemetry
 disable_telemetry()
 
 from aligntok.errors import AligntokError  # noqa: E402
-from aligntok.config import ConfigError, DataConfig, Params, dump_params, load_params, yaml_problem  # noqa: E402
+from aligntok.config import (  # noqa: E402
+    TOKENIZER_STAGE_SECTIONS, ConfigError, DataConfig, Params, TrainStageConfig, dump_params, load_params, yaml_problem,
+)
 
 log = logging.getLogger("aligntok")
 
@@ -90,8 +92,10 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> int:
     params = _params(args)
     from aligntok.tokenizer.stages import StagePaths, run_tokenizer_stage
 
+    start_from = params.stage(args.command).start_from
+    previous = args.previous or (str(Path(args.out).parent / start_from) if start_from else None)
     paths = StagePaths(data=Path(args.data), encoder=Path(args.encoder), out=Path(args.out),
-                       previous=Path(args.previous) if args.previous else None,
+                       previous=Path(previous) if previous else None,
                        checkpoints=Path(args.checkpoints),
                        metrics=Path(args.metrics) if args.metrics else None,
                        validation=Path(args.validation))
@@ -185,13 +189,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
 VALIDATION_REPORT = "reports/validation/validation.json"
 """Where the `validate` stage of dvc.yaml writes its report; stages that read the shards check it."""
 
-TOKENIZER_STAGES = {
-    "align_latent": ("stage 1: train adapter + decoder on the frozen encoder", None),
-    "align_perceptual": ("stage 2: fine-tune encoder, adapter, decoder with semantic preservation",
-                         "models/tokenizer/align_latent"),
-    "refine_decoder": ("stage 3: refine the decoder on the fixed latent", "models/tokenizer/align_perceptual"),
-    "vae_baseline": ("baseline: a convolutional VAE with the same latent shape, from scratch", None),
-}
+
+
+def _describe_stage(name: str, row: TrainStageConfig) -> str:
+    """One line for `--help`, read off the stage's default row."""
+    start = f"continues {row.start_from}" if row.start_from else "a new model"
+    return f"stage `{name}`: trains {' + '.join(row.train)} of the {row.kind} tokenizer ({start}; {row.steps} steps)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -233,15 +236,16 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("data_dir", help="folder written by `aligntok ingest`")
     validate.add_argument("--report-dir", help="where validation.json/.txt go (default: DATA_DIR)")
 
-    for stage, (text, previous) in TOKENIZER_STAGES.items():
-        command = add(stage, cmd_train_tokenizer, f"stage `{stage}`: {text}")
+    defaults = Params()
+    for stage in TOKENIZER_STAGE_SECTIONS:
+        command = add(stage, cmd_train_tokenizer, _describe_stage(stage, defaults.stage(stage)))
         command.add_argument("--data", default="data/shards", help="ingest folder (default: data/shards)")
         command.add_argument("--validation", default=VALIDATION_REPORT, help="the shards' validation report; "
                              f"the stage refuses unless it says success (default: {VALIDATION_REPORT})")
         command.add_argument("--encoder", default="models/encoder", help="encoder stage folder")
         command.add_argument("--out", default=f"models/tokenizer/{stage}", help="output folder")
-        command.add_argument("--previous", default=previous, help="the previous stage's folder"
-                             + (f" (default: {previous})" if previous else ""))
+        command.add_argument("--previous", help="folder of the stage this one starts from (its row's "
+                             "start_from; default: that stage's folder beside --out)")
         command.add_argument("--checkpoints", default="checkpoints",
                              help="in-progress checkpoints, kept across reruns for resume (default: checkpoints)")
         command.add_argument("--metrics", help="metrics JSON (default: OUT/metrics.json)")

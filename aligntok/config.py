@@ -93,9 +93,9 @@ class DiscriminatorConfig(Section):
 
 
 class TokenizerConfig(Section):
-    """The tokenizer model: `aligned` (encoder + adapter + decoder) or the `vae` baseline."""
+    """The tokenizer architecture the stage rows share; each row's `kind` picks `aligned` (encoder + adapter +
+    decoder) or the `vae` baseline."""
 
-    kind: Literal["aligned", "vae"] = "aligned"
     adapter_hidden: int | None = Field(None, ge=1)
     """Adapter MLP hidden width (default: the encoder width)."""
     decoder: DecoderConfig = DecoderConfig()
@@ -132,16 +132,13 @@ class LossWeights(Section):
     """m2: similarity-matrix entries within m2 of the encoder's cost nothing (VA-VAE: 0.25)."""
 
 
-class TrainStageConfig(Section):
-    """One tokenizer training stage as data: what trains, which losses, the schedule."""
+class ScheduleConfig(Section):
+    """The optimisation schedule every training stage shares (tokenizer rows and `train_dit`); what the
+    training loop reads of it is `aligntok.train.loop.LoopSettings.from_schedule`."""
 
-    train: list[Role]
     steps: int = Field(ge=1)
     batch_size: int = Field(16, ge=1)
     lr: float = Field(1e-4, gt=0.0)
-    encoder_lr_scale: float = Field(0.1, gt=0.0)
-    """The encoder's learning rate is lr x this (stage 2 fine-tunes it slowly)."""
-    disc_lr: float = Field(1e-4, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     betas: list[float] = Field(default_factory=lambda: [0.5, 0.9])
     warmup_steps: int = Field(0, ge=0)
@@ -149,11 +146,33 @@ class TrainStageConfig(Section):
     ema_decay: float | None = Field(None, gt=0.0, lt=1.0)
     checkpoint_every: int = Field(50, ge=1)
     log_every: int = Field(10, ge=1)
+    seed: int = Field(0, ge=0)
+
+    _betas = field_validator("betas")(classmethod(lambda cls, value: _two_betas(value)))
+
+
+class TrainStageConfig(ScheduleConfig):
+    """One tokenizer training stage as a row: the model it trains, where it starts, what trains, which
+    losses, the schedule, and where its version goes in the registry. Nothing else in the code tells the
+    stages apart. A row in a file that omits an identity field (`ROW_IDENTITY`) keeps the default row's."""
+
+    kind: Literal["aligned", "vae"] = "aligned"
+    """The model: `aligned` (foundation encoder + adapter + decoder) or `vae` (the baseline from scratch)."""
+    start_from: str | None = None
+    """The tokenizer row whose trained model this stage continues (its folder is `--previous`); null: a new
+    model (the encoder stage's weights for `aligned`, random for `vae`)."""
+    registered_model: str = Field("aligntok-tokenizer", min_length=1)
+    """The MLflow registered model that receives this stage's version."""
+    alias: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]+$")
+    """Registry alias of the version (null: the row's name)."""
+    train: list[Role]
+    encoder_lr_scale: float = Field(0.1, gt=0.0)
+    """The encoder's learning rate is lr x this (stage 2 fine-tunes it slowly)."""
+    disc_lr: float = Field(1e-4, gt=0.0)
     image_every: int = Field(100, ge=1)
     """Steps between reconstruction grids logged to MLflow."""
     val_images: int = Field(512, ge=1)
     """Validation images for the final PSNR/SSIM."""
-    seed: int = Field(0, ge=0)
     losses: LossWeights = LossWeights()
     carry_discriminator: bool = False
     """Start from the previous stage's discriminator and its optimiser state (saved in that stage's
@@ -166,21 +185,16 @@ class TrainStageConfig(Section):
             raise ValueError("must list each trained role (encoder, adapter, decoder) once")
         return value
 
-    _betas = field_validator("betas")(classmethod(lambda cls, value: _two_betas(value)))
-
 
 def _stage(train: list[str], steps: int, **kw: Any) -> TrainStageConfig:
     return TrainStageConfig(train=train, steps=steps, **kw)
 
 
-TokenizerStage = Literal["align_latent", "align_perceptual", "refine_decoder", "vae_baseline"]
-
-
 class CacheLatentsConfig(Section):
     """Latent cache (`cache_latents` stage): every training image and its horizontal flip."""
 
-    tokenizer: TokenizerStage = "refine_decoder"
-    """Which tokenizer stage's latents the diffusion model learns (dvc.yaml reads it: the study varies it)."""
+    tokenizer: str = "refine_decoder"
+    """Which tokenizer row's latents the diffusion model learns (dvc.yaml reads it: the study varies it)."""
 
     max_images: int | None = Field(8000, ge=1)
     """Training images to cache (the first N in shard order); null = all."""
@@ -212,17 +226,15 @@ class DiTConfig(Section):
         return value
 
 
-class TrainDiTConfig(Section):
+class TrainDiTConfig(ScheduleConfig):
     """The diffusion transformer's training run (`train_dit` stage)."""
 
     steps: int = Field(2000, ge=1)
     batch_size: int = Field(64, ge=1)
     """Global batch: split evenly across ranks under torchrun."""
     lr: float = Field(2e-4, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
     betas: list[float] = Field(default_factory=lambda: [0.9, 0.95])
     warmup_steps: int = Field(100, ge=0)
-    grad_clip: float | None = Field(1.0, gt=0.0)
     ema_decay: float = Field(0.999, gt=0.0, lt=1.0)
     checkpoint_every: int = Field(250, ge=1)
     log_every: int = Field(25, ge=1)
@@ -234,9 +246,6 @@ class TrainDiTConfig(Section):
     t_mean: float = 0.0
     t_std: float = Field(1.0, gt=0.0)
     """Logit-normal timestep sampling: t = sigmoid(N(t_mean, t_std))."""
-    seed: int = Field(0, ge=0)
-
-    _betas = field_validator("betas")(classmethod(lambda cls, value: _two_betas(value)))
 
 
 class SampleConfig(Section):
@@ -279,7 +288,7 @@ class EvaluateConfig(Section):
     """Validation images the probe's top-1 is measured on."""
     batch_size: int = Field(50, ge=1)
     seed: int = Field(0, ge=0)
-    tokenizers: list[TokenizerStage] = Field(
+    tokenizers: list[str] = Field(
         default_factory=lambda: ["align_latent", "align_perceptual", "refine_decoder", "vae_baseline"])
     """Tokenizer stages to evaluate (the study evaluates only the one its diffusion model uses)."""
 
@@ -358,12 +367,15 @@ class Params(Section):
     tokenizer: TokenizerConfig = TokenizerConfig()
     data: DataConfig = DataConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
-    align_latent: TrainStageConfig = _stage(["adapter", "decoder"], 300)
+    # The tokenizer stages: one row each (a field of type TrainStageConfig is a tokenizer stage).
+    align_latent: TrainStageConfig = _stage(["adapter", "decoder"], 300, alias="stage1")
     align_perceptual: TrainStageConfig = _stage(
-        ["encoder", "adapter", "decoder"], 150, ema_decay=0.999, losses=LossWeights(semantic=1.0))
-    refine_decoder: TrainStageConfig = _stage(["decoder"], 150)
+        ["encoder", "adapter", "decoder"], 150, start_from="align_latent", alias="stage2", ema_decay=0.999,
+        losses=LossWeights(semantic=1.0))
+    refine_decoder: TrainStageConfig = _stage(["decoder"], 150, start_from="align_perceptual", alias="stage3")
     vae_baseline: TrainStageConfig = _stage(
-        ["encoder", "decoder"], 300, losses=LossWeights(perceptual=0.0, kl=1e-6))
+        ["encoder", "decoder"], 300, kind="vae", registered_model="aligntok-vae-baseline", alias="baseline",
+        losses=LossWeights(perceptual=0.0, kl=1e-6))
     cache_latents: CacheLatentsConfig = CacheLatentsConfig()
     dit: DiTConfig = DiTConfig()
     train_dit: TrainDiTConfig = TrainDiTConfig()
@@ -376,7 +388,20 @@ class Params(Section):
         return self.model_dump(mode="json", by_alias=True)
 
 
-TOKENIZER_STAGE_SECTIONS = ("align_latent", "align_perceptual", "refine_decoder", "vae_baseline")
+    def stage(self, name: str) -> TrainStageConfig:
+        """The tokenizer row `name`; an unknown name is a `ConfigError` listing the rows."""
+        if name not in TOKENIZER_STAGE_SECTIONS:
+            raise ConfigError(f"unknown tokenizer stage {name!r}; the rows are: {', '.join(TOKENIZER_STAGE_SECTIONS)}")
+        return getattr(self, name)
+
+
+TOKENIZER_STAGE_SECTIONS = tuple(name for name, f in Params.model_fields.items() if f.annotation is TrainStageConfig)
+"""The tokenizer stage rows, in pipeline order."""
+
+
+def stage_alias(name: str, row: TrainStageConfig) -> str:
+    """The registry alias of row `name`'s version."""
+    return row.alias or name
 
 
 def encoder_patch_size(cfg: EncoderConfig) -> int | None:
@@ -412,12 +437,61 @@ def _mismatches(params: Params) -> list[str]:
                         "data.resolution, encoder.image_size or tokenizer.decoder.channel_mult")
     elif resolution % factor:
         problems.append(f"data.resolution: {resolution!r} is invalid: not divisible by {upsampling}")
+    problems += _stage_row_problems(params)
     layers = params.tokenizer.discriminator.layers
     gan_stages = [name for name in TOKENIZER_STAGE_SECTIONS if getattr(params, name).losses.gan > 0]
     if gan_stages and discriminator_logit_side(resolution, layers) < 1:
         problems.append(f"tokenizer.discriminator.layers: {layers!r} is invalid: downsamples data.resolution "
                         f"{resolution} to no logits (needed by the GAN loss of {', '.join(gan_stages)})")
     return problems
+
+
+def _stage_row_problems(params: Params) -> list[str]:
+    """The tokenizer rows must form chains: `start_from` names an earlier row of the same kind, aliases are
+    unique per registered model, a carried discriminator exists, and the stages named elsewhere are rows."""
+    problems, seen, aliases = [], [], {}
+    for name in TOKENIZER_STAGE_SECTIONS:
+        row = getattr(params, name)
+        source = row.start_from
+        if source is not None:
+            if source not in seen:
+                problems.append(f"{name}.start_from: {source!r} is invalid: not a tokenizer row before {name} "
+                                f"(rows: {', '.join(TOKENIZER_STAGE_SECTIONS)})")
+            elif getattr(params, source).kind != row.kind:
+                problems.append(f"{name}.start_from: {source!r} is invalid: its model is "
+                                f"{getattr(params, source).kind}, {name}.kind is {row.kind}")
+            elif row.carry_discriminator and getattr(params, source).losses.gan <= 0:
+                problems.append(f"{name}.carry_discriminator: True is invalid: {source} trains no discriminator "
+                                f"({source}.losses.gan is 0)")
+        elif row.carry_discriminator:
+            problems.append(f"{name}.carry_discriminator: True is invalid: the stage starts from no other row "
+                            f"({name}.start_from is null)")
+        key = (row.registered_model, stage_alias(name, row))
+        if key in aliases:
+            problems.append(f"{name}.alias: {key[1]!r} is invalid: {aliases[key]} already registers "
+                            f"{key[0]}@{key[1]}")
+        aliases[key] = name
+        seen.append(name)
+    named = [("cache_latents.tokenizer", params.cache_latents.tokenizer)]
+    named += [("evaluate.tokenizers", name) for name in params.evaluate.tokenizers]
+    for key, name in named:
+        if name not in TOKENIZER_STAGE_SECTIONS:
+            problems.append(f"{key}: {name!r} is invalid: not a tokenizer row "
+                            f"({', '.join(TOKENIZER_STAGE_SECTIONS)})")
+    return problems
+
+
+ROW_IDENTITY = ("kind", "start_from", "registered_model", "alias")
+"""The fields that say which stage a row is; a row of the file that omits one keeps the default row's."""
+
+
+def _with_row_identity(raw: dict[str, Any]) -> dict[str, Any]:
+    """`raw` with each tokenizer row's missing identity fields taken from the default row of that name, so
+    that a preset which sets `align_perceptual: {steps: 10}` still continues `align_latent`."""
+    defaults = Params()
+    rows = {name: {**{key: getattr(getattr(defaults, name), key) for key in ROW_IDENTITY}, **raw[name]}
+            for name in TOKENIZER_STAGE_SECTIONS if isinstance(raw.get(name), dict)}
+    return {**raw, **rows}
 
 
 def _describe(error: dict[str, Any]) -> str:
@@ -437,6 +511,7 @@ def parse_params(raw: Any, origin: str = "<params>") -> Params:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{origin}: expected a mapping of sections, got {type(raw).__name__}")
+    raw = _with_row_identity(raw)
     try:
         params = Params.model_validate(raw)
     except ValidationError as exc:

@@ -87,6 +87,14 @@ class StageRun:
             self.client.log_batch(self.run_id, params=[Param(k, v[:6000]) for k, v in items[start:start + 100]])
         log.info("MLflow run %s (%s) at %s", self.run_id, stage, tracking_uri())
 
+    @classmethod
+    def for_checkpoint(cls, stage: str, params: dict[str, Any], checkpoint: Path) -> StageRun:
+        """The run of a training stage: the one its checkpoint's sidecar names when that run can continue
+        (a resumed stage logs into the run it started), else a new one."""
+        sidecar = Path(checkpoint).with_suffix(".json")
+        resumed = json.loads(sidecar.read_text()).get("mlflow_run_id") if sidecar.is_file() else None
+        return cls(stage, params, resume_run_id=resumed)
+
     def _reopen(self, run_id: str) -> bool:
         """Continue an interrupted run of the same checkpoint instead of starting a new one."""
         from mlflow.exceptions import MlflowException

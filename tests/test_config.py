@@ -9,7 +9,10 @@ import sys
 import pytest
 import yaml
 
-from aligntok.config import DIT_PRESET_NAMES, ConfigError, discriminator_logit_side, load_params, parse_params
+from aligntok.config import (
+    DIT_PRESET_NAMES, TOKENIZER_STAGE_SECTIONS, ConfigError, discriminator_logit_side, load_params, parse_params,
+    stage_alias,
+)
 
 from conftest import REPO
 
@@ -181,3 +184,50 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
     listed.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_params(listed)
+
+
+def test_a_stage_row_says_what_makes_its_stage_distinct() -> None:
+    params = load_params(REPO / "params.yaml")
+    assert TOKENIZER_STAGE_SECTIONS == ("align_latent", "align_perceptual", "refine_decoder", "vae_baseline")
+    rows = {name: params.stage(name) for name in TOKENIZER_STAGE_SECTIONS}
+    assert [(r.kind, r.start_from, r.registered_model, stage_alias(n, r)) for n, r in rows.items()] == [
+        ("aligned", None, "aligntok-tokenizer", "stage1"),
+        ("aligned", "align_latent", "aligntok-tokenizer", "stage2"),
+        ("aligned", "align_perceptual", "aligntok-tokenizer", "stage3"),
+        ("vae", None, "aligntok-vae-baseline", "baseline")]
+    with pytest.raises(ConfigError, match="unknown tokenizer stage 'stage9'; the rows are: align_latent"):
+        params.stage("stage9")
+
+
+def test_a_row_that_omits_its_identity_keeps_the_default_rows() -> None:
+    params = parse_params({"align_perceptual": {"train": ["decoder"], "steps": 3},
+                           "vae_baseline": {"train": ["decoder"], "steps": 3, "alias": "vanilla"}})
+    assert params.align_perceptual.start_from == "align_latent" and params.align_perceptual.alias == "stage2"
+    assert params.vae_baseline.kind == "vae" and params.vae_baseline.alias == "vanilla"
+
+
+@pytest.mark.parametrize(("rows", "fragment"), [
+    ({"align_latent": {"start_from": "refine_decoder"}},
+     "align_latent.start_from: 'refine_decoder' is invalid: not a tokenizer row before align_latent"),
+    ({"refine_decoder": {"start_from": "vae_baseline"}}, "refine_decoder.start_from: 'vae_baseline' is invalid"),
+    ({"refine_decoder": {"kind": "vae"}},
+     "refine_decoder.start_from: 'align_perceptual' is invalid: its model is aligned, refine_decoder.kind is vae"),
+    ({"align_perceptual": {"carry_discriminator": True, "start_from": None}},
+     "align_perceptual.carry_discriminator: True is invalid: the stage starts from no other row"),
+    ({"align_latent": {"losses": {"gan": 0.0}}, "align_perceptual": {"carry_discriminator": True}},
+     "align_perceptual.carry_discriminator: True is invalid: align_latent trains no discriminator"),
+    ({"vae_baseline": {"registered_model": "aligntok-tokenizer", "alias": "stage1"}},
+     "vae_baseline.alias: 'stage1' is invalid: align_latent already registers aligntok-tokenizer@stage1"),
+])
+def test_stage_rows_must_chain(rows: dict, fragment: str) -> None:
+    raw = {name: {"train": ["decoder"], "steps": 1, **row} for name, row in rows.items()}
+    with pytest.raises(ConfigError) as info:
+        parse_params(raw)
+    assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize(("raw", "key"), [({"cache_latents": {"tokenizer": "stage3"}}, "cache_latents.tokenizer"),
+                                          ({"evaluate": {"tokenizers": ["align_latent", "x"]}}, "evaluate.tokenizers")])
+def test_stages_named_elsewhere_must_be_rows(raw: dict, key: str) -> None:
+    with pytest.raises(ConfigError, match=f"{key}: '.*' is invalid: not a tokenizer row"):
+        parse_params(raw)

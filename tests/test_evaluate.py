@@ -16,7 +16,8 @@ from aligntok.config import CacheLatentsConfig, EncoderConfig, Params, parse_par
 from aligntok.diffusion.latents import cache_latents
 from aligntok.diffusion.train import DiTPaths, run_train_dit
 from aligntok.encoder import export_encoder
-from aligntok.eval.evaluate import TOKENIZER_STAGES, EvalPaths, run_evaluate
+from aligntok.config import TOKENIZER_STAGE_SECTIONS as TOKENIZER_STAGES
+from aligntok.eval.evaluate import EvalPaths, run_evaluate
 from aligntok.eval.reference import build_reference, load_reference
 from aligntok.tokenizer.stages import StagePaths, run_tokenizer_stage
 

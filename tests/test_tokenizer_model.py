@@ -47,8 +47,8 @@ def aligned(params: Params) -> AlignedTokenizer:
 @pytest.fixture(scope="module")
 def vae(params: Params, aligned: AlignedTokenizer) -> VAETokenizer:
     torch.manual_seed(0)
-    cfg = params.tokenizer.model_copy(update={"kind": "vae"})
-    return build_tokenizer(cfg, params.latent, None, aligned.encoder.description, params.data.resolution)
+    return build_tokenizer(params.tokenizer, params.latent, None, aligned.encoder.description, params.data.resolution,
+                           kind="vae")
 
 
 def test_default_aligned_shapes_and_value_ranges(aligned: AlignedTokenizer) -> None:
@@ -178,9 +178,8 @@ def test_build_rejects_a_grid_that_does_not_reach_the_resolution(params: Params)
     with torch.device("meta"):
         vit, desc = create_random_encoder("vit_small_patch14_dinov2", 1, 112)
     for kind in ("aligned", "vae"):
-        cfg = params.tokenizer.model_copy(update={"kind": kind})
         with pytest.raises(ValueError) as info:
-            build_tokenizer(cfg, params.latent, vit, desc, resolution=64)  # 8x8 grid x 4 = 32
+            build_tokenizer(params.tokenizer, params.latent, vit, desc, resolution=64, kind=kind)  # 8x8 grid x 4 = 32
         for key in ("tokenizer.decoder.channel_mult", "data.resolution", "encoder.image_size"):
             assert key in str(info.value), (kind, key)
     with pytest.raises(ValueError, match="needs the foundation encoder"):

@@ -16,7 +16,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from aligntok.config import EncoderConfig, Params, parse_params
+from aligntok.config import ConfigError, EncoderConfig, Params, parse_params
 from aligntok.encoder import export_encoder
 from aligntok.tokenizer.api import Tokenizer
 from aligntok.tokenizer.stages import SemanticTarget, StagePaths, build_stage_model, run_tokenizer_stage
@@ -201,11 +201,12 @@ def test_three_stages_register_versions_and_aliases(params: Params, inputs: tupl
     for number in (1, 2, 3):
         version = client.get_model_version_by_alias("aligntok-tokenizer", f"stage{number}")
         assert str(version.version) == str(number)
-        assert version.tags["stage"] == str(number)
+        stage = ("align_latent", "align_perceptual", "refine_decoder")[number - 1]
+        assert version.tags["stage"] == stage
         assert len(version.tags["manifest_sha256"]) == 64 and version.tags["git_commit"]
         run = client.get_run(version.run_id)
         assert "val_psnr" in run.data.metrics and "loss" in run.data.metrics
-        assert run.data.params["align_latent.steps" if number == 1 else "tokenizer.kind"]
+        assert run.data.params[f"{stage}.steps"] and run.data.params["tokenizer.decoder.channels"]
     model = mlflow.pyfunc.load_model("models:/aligntok-tokenizer@stage3")
     images = np.random.default_rng(0).random((3, 3, 16, 16), dtype=np.float32)
     latents = model.predict({"op": "encode", "images": images})
@@ -244,3 +245,14 @@ def test_encode_command_names_an_unreadable_file(chain: dict[str, Path], tmp_pat
     code = main(["encode", str(bad), "--model", str(chain["refine_decoder"]), "--out", str(tmp_path / "z.st")])
     assert code == 1
     assert f"{bad}: cannot read image" in capsys.readouterr().err
+
+
+def test_a_stage_refuses_a_previous_folder_of_another_row(params: Params, inputs: tuple[Path, Path],
+                                                          chain: dict[str, Path], tmp_path: Path) -> None:
+    data, encoder = inputs
+    wrong = StagePaths(data=data, encoder=encoder, out=tmp_path / "out", previous=chain["align_latent"])
+    with pytest.raises(ConfigError, match=r"refine_decoder starts from align_perceptual \(aligned\), but .*"
+                                          r"align_latent holds align_latent \(aligned\)"):
+        build_stage_model("refine_decoder", params, wrong)
+    with pytest.raises(ConfigError, match=r"starts from align_perceptual \(refine_decoder.start_from\): give"):
+        build_stage_model("refine_decoder", params, StagePaths(data=data, encoder=encoder, out=tmp_path / "out"))

@@ -152,7 +152,13 @@ def run_train_dit(params: Params, paths: DiTPaths, register: bool = True, progre
     is_main = rank == 0
     if is_main:
         clean_checkpoint_folder(checkpoint)
-    run = _tracking_run(params, checkpoint) if (register and is_main) else None
+    if register and is_main:
+        from aligntok.tracking import StageRun
+
+        run = StageRun.for_checkpoint("train_dit", {k: params.to_dict()[k] for k in ("dit", "train_dit", "sample")},
+                                      checkpoint)
+    else:
+        run = None
     tokenizer = Tokenizer.load(paths.tokenizer) if is_main else None
 
     def log_step(step: int, logs: dict[str, float]) -> None:
@@ -170,10 +176,8 @@ def run_train_dit(params: Params, paths: DiTPaths, register: bool = True, progre
         if step in cfg.snapshot_steps:
             atomic_save_safetensors(ema.state_dict(), snapshots / f"step_{step:06d}.safetensors", {"format": FORMAT})
 
-    settings = LoopSettings(steps=cfg.steps, warmup_steps=cfg.warmup_steps, grad_clip=cfg.grad_clip,
-                            ema_decay=cfg.ema_decay, checkpoint_every=cfg.checkpoint_every,
-                            log_every=cfg.log_every, name="train_dit",
-                            extra_checkpoints=tuple(s for s in cfg.snapshot_steps if s < cfg.steps))
+    settings = LoopSettings.from_schedule(cfg, "train_dit",
+                                          extra_checkpoints=tuple(s for s in cfg.snapshot_steps if s < cfg.steps))
     try:
         result = run_loop(
             settings=settings, state=state, objective=FlowMatchingObjective(trained, world_size),
@@ -207,17 +211,6 @@ def _fingerprint(params: Params, paths: DiTPaths, code: str | None = None) -> st
               "stats": sha256_file(paths.latents / "stats.json"), "world_size": dist_info().world_size,
               "code": code if code is not None else code_digest("train_dit")}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _tracking_run(params: Params, checkpoint: Path) -> Any:
-    from aligntok.tracking import StageRun
-
-    resumed = None
-    sidecar = checkpoint.with_suffix(".json")
-    if sidecar.is_file():
-        resumed = json.loads(sidecar.read_text()).get("mlflow_run_id")
-    logged = {k: params.to_dict()[k] for k in ("dit", "train_dit", "sample")}
-    return StageRun("train_dit", logged, resume_run_id=resumed)
 
 
 def _save(paths: DiTPaths, params: Params, ema: torch.nn.Module, latents: LatentSet,

@@ -33,8 +33,6 @@ from aligntok.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_STAGES = ("align_latent", "align_perceptual", "refine_decoder", "vae_baseline")
-"""Folders under `--tokenizers` that are evaluated, in this order (a missing one is an error)."""
 SNAPSHOTS = "snapshots"
 """Folder inside the DiT folder with EMA weights at `train_dit.snapshot_steps` (`step_NNNNNN.safetensors`)."""
 
@@ -204,7 +202,7 @@ class EvalPaths:
     encoder: Path
     reference: Path
     tokenizers: Path
-    """Folder holding one folder per tokenizer stage (`TOKENIZER_STAGES`)."""
+    """Folder holding one folder per tokenizer stage row (those in `evaluate.tokenizers` are evaluated)."""
     dit: Path
     out: Path
     """Image grids and `protocol.json`."""

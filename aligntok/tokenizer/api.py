@@ -41,13 +41,17 @@ def build_from_description(description: dict[str, Any]) -> torch.nn.Module:
     from aligntok.tokenizer.foundation import EncoderDescription, create_random_encoder
     from aligntok.tokenizer.model import build_tokenizer
 
-    tokenizer_cfg = TokenizerConfig.model_validate(description["tokenizer"])
+    # "kind" sat inside "tokenizer" in descriptions written before the stage rows carried it
+    tokenizer_cfg = TokenizerConfig.model_validate({k: v for k, v in description["tokenizer"].items() if k != "kind"})
+    kind = description.get("kind", description["tokenizer"].get("kind", "aligned"))
+    if kind not in ("aligned", "vae"):
+        raise ValueError(f"kind: {kind!r} is neither 'aligned' nor 'vae'")
     latent_cfg = LatentConfig.model_validate(description["latent"])
     desc = EncoderDescription.coerce(description["encoder"])
     vit = None
-    if tokenizer_cfg.kind == "aligned":
+    if kind == "aligned":
         vit, _ = create_random_encoder(desc.arch, desc.depth, desc.image_size)
-    return build_tokenizer(tokenizer_cfg, latent_cfg, vit, desc, int(description["resolution"]))
+    return build_tokenizer(tokenizer_cfg, latent_cfg, vit, desc, int(description["resolution"]), kind=kind)
 
 
 def download(uri: str) -> Path:

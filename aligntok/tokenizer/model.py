@@ -113,8 +113,9 @@ def build_tokenizer(
     encoder: nn.Module | None,
     encoder_desc: EncoderDescription | Mapping[str, Any] | None,
     resolution: int,
+    kind: str = "aligned",
 ) -> nn.Module:
-    """The tokenizer of `tokenizer_cfg.kind`: `AlignedTokenizer` or the `VAETokenizer` baseline.
+    """The tokenizer of `kind` (a stage row's): `AlignedTokenizer` or the `VAETokenizer` baseline.
 
     Args:
         encoder: the timm ViT (or a `FoundationEncoder`) for `aligned`; ignored for `vae`.
@@ -131,7 +132,7 @@ def build_tokenizer(
     if desc is not None and desc.image_size % desc.patch_size:
         raise ValueError(f"encoder.image_size={desc.image_size} is not a multiple of patch {desc.patch_size}")
     hint = "change tokenizer.decoder.channel_mult, data.resolution or encoder.image_size"
-    if tokenizer_cfg.kind == "vae":
+    if kind == "vae":
         from aligntok.tokenizer.vae import VAEEncoder, VAETokenizer  # vae.py imports this module
 
         grid = resolution // factor
@@ -158,7 +159,7 @@ def build_tokenizer(
         )
         return VAETokenizer(vae_encoder, _decoder(tokenizer_cfg, latent_cfg, grid))
     if encoder is None or desc is None:
-        raise ValueError("tokenizer.kind='aligned' needs the foundation encoder and its description")
+        raise ValueError("an aligned tokenizer needs the foundation encoder and its description")
     grid = desc.grid_size
     if grid * factor != resolution:
         raise ValueError(

@@ -1,5 +1,8 @@
 """The tokenizer training stages, as data run by the one training loop.
 
+Each stage is a row of `params.yaml` (`TrainStageConfig`): its model kind, the row it starts from, what
+trains, the losses, the schedule, and its registered model and alias. The default rows:
+
 | stage            | trains                    | losses                              | starts from        |
 |------------------|---------------------------|-------------------------------------|--------------------|
 | align_latent     | adapter, decoder          | L1 + perceptual + GAN               | the encoder stage  |
@@ -10,8 +13,7 @@
 Any stage may add VA-VAE's vision-foundation alignment (`losses.vf > 0`, see `VFAlignment`): for the VA-VAE
 baseline, `vae_baseline.losses.vf` with `vf_adaptive: true` and VA-VAE's weight 0.1.
 
-Which roles train and the loss weights come from the stage's params section; nothing in the
-loop knows which stage it runs.
+Nothing here or in the loop knows which stage it runs: everything is read from the row.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from aligntok.config import ConfigError, Params, TrainStageConfig
+from aligntok.config import ConfigError, Params, TrainStageConfig, stage_alias
 from aligntok.data.loader import ImageSet, batch_indices, load_split, require_validated
 from aligntok.losses import (
     PerceptualLoss,
@@ -57,9 +59,6 @@ from aligntok.train.loop import LoopSettings, StepLosses, run_loop
 
 log = logging.getLogger(__name__)
 
-STAGES = {"align_latent": 1, "align_perceptual": 2, "refine_decoder": 3, "vae_baseline": 0}
-PREVIOUS = {"align_perceptual": "align_latent", "refine_decoder": "align_perceptual"}
-REGISTERED_MODEL = {"aligned": "aligntok-tokenizer", "vae": "aligntok-vae-baseline"}
 PERCEPTUAL_BLOCKS = (2, 4)
 """Encoder blocks the perceptual distance compares: early, generic features, and cheap to run
 (blocks beyond the exported depth are dropped)."""
@@ -74,7 +73,7 @@ class StagePaths:
     out: Path
     """This stage's folder: tokenizer.safetensors/json, metrics.json, receipt.json."""
     previous: Path | None = None
-    """The previous stage's folder (stages 2 and 3)."""
+    """The folder of the row the stage starts from (`start_from`; stages 2 and 3)."""
     checkpoints: Path = Path("checkpoints")
     """Where in-progress checkpoints live (outside DVC outs, so a rerun can resume)."""
     metrics: Path | None = None
@@ -262,16 +261,20 @@ def build_stage_model(stage: str, params: Params, paths: StagePaths) -> tuple[nn
     """The model a stage starts from and the encoder description it carries."""
     from aligntok.encoder import load_encoder
 
-    if stage in PREVIOUS:
+    row = params.stage(stage)
+    if row.start_from is not None:
         if paths.previous is None:
-            raise ValueError(f"stage {stage} needs the folder of {PREVIOUS[stage]} (--previous)")
+            raise ConfigError(f"stage {stage} starts from {row.start_from} ({stage}.start_from): "
+                              "give that stage's folder (--previous)")
         tokenizer = Tokenizer.load(paths.previous)
+        found = (tokenizer.description.get("stage"), tokenizer.description.get("kind"))
+        if found != (row.start_from, row.kind):
+            raise ConfigError(f"stage {stage} starts from {row.start_from} ({row.kind}), but {paths.previous} "
+                              f"holds {found[0]} ({found[1]})")
         return tokenizer.model, tokenizer.description["encoder"]
     vit, desc = load_encoder(paths.encoder)
-    kind = "vae" if stage == "vae_baseline" else params.tokenizer.kind
-    cfg = params.tokenizer.model_copy(update={"kind": kind})
     try:
-        return build_tokenizer(cfg, params.latent, vit, desc, params.data.resolution), desc
+        return build_tokenizer(params.tokenizer, params.latent, vit, desc, params.data.resolution, kind=row.kind), desc
     except ValueError as exc:  # shapes that do not fit together: a parameter problem
         raise ConfigError(f"stage {stage}: {exc}") from None
 
@@ -310,11 +313,9 @@ class StageResult:
 def run_tokenizer_stage(stage: str, params: Params, paths: StagePaths, register: bool = True,
                         progress: bool = True) -> StageResult:
     """Train one stage (resuming from its checkpoint if one matches), evaluate, save, register."""
-    if stage not in STAGES:
-        raise ValueError(f"unknown tokenizer stage {stage!r}; known: {sorted(STAGES)}")
+    cfg = params.stage(stage)
     if paths.validation is not None:
         require_validated(paths.validation)
-    cfg: TrainStageConfig = getattr(params, stage)
     torch.manual_seed(cfg.seed)
     model, encoder_desc = build_stage_model(stage, params, paths)
     set_trainable(model, cfg.train)
@@ -344,12 +345,10 @@ def run_tokenizer_stage(stage: str, params: Params, paths: StagePaths, register:
     key = fingerprint(stage, params, paths, perceptual.name if perceptual is not None else None)
     checkpoint = paths.checkpoints / stage / f"{key}.safetensors"
     clean_checkpoint_folder(checkpoint)
-    run = _tracking_run(stage, params, cfg, checkpoint) if register else None
+    run = _tracking_run(stage, params, checkpoint) if register else None
     grid_images = val.batch(torch.arange(min(8, len(val))))[0]
     logger = _Logger(run, model, grid_images, cfg.image_every)
-    settings = LoopSettings(steps=cfg.steps, warmup_steps=cfg.warmup_steps, grad_clip=cfg.grad_clip,
-                            ema_decay=cfg.ema_decay, checkpoint_every=cfg.checkpoint_every,
-                            log_every=cfg.log_every, name=stage)
+    settings = LoopSettings.from_schedule(cfg, stage)
     try:
         result = run_loop(
             settings=settings, state=state,
@@ -422,27 +421,22 @@ class _Logger:
             self.model.train()
 
 
-def _tracking_run(stage: str, params: Params, cfg: TrainStageConfig, checkpoint: Path) -> Any:
+def _tracking_run(stage: str, params: Params, checkpoint: Path) -> Any:
     from aligntok.tracking import StageRun
 
-    logged = {stage: cfg.model_dump(mode="json"), "tokenizer": params.tokenizer.model_dump(mode="json"),
-              "latent": params.latent.model_dump(mode="json"), "encoder": params.encoder.model_dump(mode="json"),
-              "data.resolution": params.data.resolution}
-    resumed = None
-    sidecar = checkpoint.with_suffix(".json")
-    if sidecar.is_file():
-        resumed = json.loads(sidecar.read_text()).get("mlflow_run_id")
-    return StageRun(stage, logged, resume_run_id=resumed)
+    logged = {key: params.to_dict()[key] for key in (stage, "tokenizer", "latent", "encoder")}
+    return StageRun.for_checkpoint(stage, logged | {"data.resolution": params.data.resolution}, checkpoint)
 
 
 def _finish(stage: str, params: Params, paths: StagePaths, model: nn.Module, encoder_desc: dict[str, Any],
             metrics: dict[str, float], run: Any, perceptual: PerceptualLoss | None) -> StageResult:
     from aligntok.tracking import git_commit
 
+    row = params.stage(stage)
     manifest_sha = sha256_file(paths.data / "manifest.parquet")
     description = {
-        "kind": getattr(model, "kind", "aligned"), "stage": stage, "stage_number": STAGES[stage],
-        "tokenizer": params.tokenizer.model_dump(mode="json") | {"kind": getattr(model, "kind", "aligned")},
+        "kind": row.kind, "stage": stage, "alias": stage_alias(stage, row),
+        "tokenizer": params.tokenizer.model_dump(mode="json"),
         "latent": params.latent.model_dump(mode="json"), "encoder": encoder_desc,
         "resolution": params.data.resolution, "metrics": metrics,
         "perceptual_loss": perceptual.name if perceptual is not None else None,
@@ -458,16 +452,14 @@ def _finish(stage: str, params: Params, paths: StagePaths, model: nn.Module, enc
 
         run.metrics({k: v for k, v in metrics.items()}, int(metrics["steps"]))
         run.artifact(metrics_path)
-        number = STAGES[stage]
-        kind = description["kind"]
         rec = register_pyfunc(
-            run, model_name=REGISTERED_MODEL[kind],
+            run, model_name=row.registered_model,
             code_path=Path(__file__).with_name("pyfunc.py"),
             artifacts={"weights": paths.out / "tokenizer.safetensors", "config": paths.out / "tokenizer.json"},
-            tags={"stage": str(number) if number else stage, "manifest_sha256": manifest_sha,
+            tags={"stage": stage, "manifest_sha256": manifest_sha,
                   "git_commit": description["git_commit"],
                   **{k: f"{v:.6g}" for k, v in metrics.items() if k.startswith("val_")}},
-            alias=f"stage{number}" if number else "baseline",
+            alias=description["alias"],
         )
         rec.write(paths.out / "receipt.json")
         receipt = json.loads((paths.out / "receipt.json").read_text())

@@ -17,6 +17,7 @@ from typing import Any, Callable, Protocol
 import torch
 from tqdm import tqdm
 
+from aligntok.config import ScheduleConfig
 from aligntok.errors import AligntokError
 from aligntok.train.checkpoint import CorruptCheckpointError, TrainState, load_checkpoint, move_aside, save_checkpoint
 
@@ -38,6 +39,13 @@ class LoopSettings:
     name: str = "train"
     extra_checkpoints: tuple[int, ...] = ()
     """Steps that are checkpointed besides every `checkpoint_every` (e.g. the DiT's snapshot steps)."""
+
+    @classmethod
+    def from_schedule(cls, schedule: ScheduleConfig, name: str, extra_checkpoints: tuple[int, ...] = ()) -> LoopSettings:
+        """The loop's settings from a params row (a tokenizer stage row or `train_dit`)."""
+        return cls(steps=schedule.steps, warmup_steps=schedule.warmup_steps, grad_clip=schedule.grad_clip,
+                   ema_decay=schedule.ema_decay, checkpoint_every=schedule.checkpoint_every,
+                   log_every=schedule.log_every, name=name, extra_checkpoints=extra_checkpoints)
 
 
 @dataclass
