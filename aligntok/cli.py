@@ -192,9 +192,26 @@ VALIDATION_REPORT = "reports/validation/validation.json"
 
 
 def _describe_stage(name: str, row: TrainStageConfig) -> str:
-    """One line for `--help`, read off the stage's default row."""
+    """One line for `--help`, read off the stage's default row (the params file's row may differ)."""
     start = f"continues {row.start_from}" if row.start_from else "a new model"
-    return f"stage `{name}`: trains {' + '.join(row.train)} of the {row.kind} tokenizer ({start}; {row.steps} steps)"
+    return f"stage `{name}`: trains {' + '.join(row.train)} of the {row.kind} tokenizer ({start}; see its params row)"
+
+
+def shard_inputs(command: argparse.ArgumentParser, encoder: bool) -> None:
+    """The arguments of a stage that reads the shards: the ingest folder, its validation report (the stage
+    refuses to run unless it says success) and, where the stage needs it, the encoder stage's folder."""
+    command.add_argument("--data", default="data/shards", help="ingest folder (default: data/shards)")
+    command.add_argument("--validation", default=VALIDATION_REPORT, help="the shards' validation report; "
+                         f"the stage refuses unless it says success (default: {VALIDATION_REPORT})")
+    if encoder:
+        command.add_argument("--encoder", default="models/encoder", help="encoder stage folder (default: models/encoder)")
+
+
+def switches(command: argparse.ArgumentParser, register: bool) -> None:
+    """--no-progress, and --no-register for a stage that logs to MLflow and the registry."""
+    if register:
+        command.add_argument("--no-register", action="store_true", help="skip MLflow tracking and the registry")
+    command.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -229,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("source", nargs="?", help="fashion-mnist | imagefolder:PATH | webdataset:URL "
                         "(default: data.source)")
     ingest.add_argument("out_dir", help="output folder for shards, manifest and rejected list")
-    ingest.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    switches(ingest, register=False)
 
     validate = add("validate", cmd_validate,
                    "stage `validate`: Great Expectations checks of shards + manifest; fails on any failed expectation")
@@ -239,28 +256,22 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = Params()
     for stage in TOKENIZER_STAGE_SECTIONS:
         command = add(stage, cmd_train_tokenizer, _describe_stage(stage, defaults.stage(stage)))
-        command.add_argument("--data", default="data/shards", help="ingest folder (default: data/shards)")
-        command.add_argument("--validation", default=VALIDATION_REPORT, help="the shards' validation report; "
-                             f"the stage refuses unless it says success (default: {VALIDATION_REPORT})")
-        command.add_argument("--encoder", default="models/encoder", help="encoder stage folder")
+        shard_inputs(command, encoder=True)
         command.add_argument("--out", default=f"models/tokenizer/{stage}", help="output folder")
         command.add_argument("--previous", help="folder of the stage this one starts from (its row's "
                              "start_from; default: that stage's folder beside --out)")
         command.add_argument("--checkpoints", default="checkpoints",
                              help="in-progress checkpoints, kept across reruns for resume (default: checkpoints)")
         command.add_argument("--metrics", help="metrics JSON (default: OUT/metrics.json)")
-        command.add_argument("--no-register", action="store_true", help="skip MLflow tracking and registry")
-        command.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+        switches(command, register=True)
 
     cache = add("cache_latents", cmd_cache_latents,
                 "stage `cache_latents`: encode every training image and its flip with the stage-3 tokenizer")
     cache.add_argument("--tokenizer", default="models/tokenizer/refine_decoder",
                        help="tokenizer folder or registry URI (default: models/tokenizer/refine_decoder)")
-    cache.add_argument("--data", default="data/shards", help="ingest folder (default: data/shards)")
-    cache.add_argument("--validation", default=VALIDATION_REPORT, help="the shards' validation report; "
-                       f"the stage refuses unless it says success (default: {VALIDATION_REPORT})")
+    shard_inputs(cache, encoder=False)
     cache.add_argument("--out", default="data/latents", help="latent shards + stats.json (default: data/latents)")
-    cache.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    switches(cache, register=False)
 
     dit = add("train_dit", cmd_train_dit,
               "stage `train_dit`: a LightningDiT with flow matching on the cached latents (torchrun-able)")
@@ -269,23 +280,18 @@ def build_parser() -> argparse.ArgumentParser:
     dit.add_argument("--out", default="models/dit", help="output folder (default: models/dit)")
     dit.add_argument("--checkpoints", default="checkpoints", help="in-progress checkpoints (default: checkpoints)")
     dit.add_argument("--metrics", help="metrics JSON (default: OUT/metrics.json)")
-    dit.add_argument("--no-register", action="store_true", help="skip MLflow tracking and registry")
-    dit.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    switches(dit, register=True)
 
     reference = add("fid_reference", cmd_fid_reference,
                     "stage `fid_reference`: Inception and encoder features of the reference images (cached)")
-    reference.add_argument("--data", default="data/shards", help="ingest folder (default: data/shards)")
-    reference.add_argument("--encoder", default="models/encoder", help="encoder stage folder")
+    shard_inputs(reference, encoder=True)
     reference.add_argument("--out", default="data/fid_reference", help="output folder (default: data/fid_reference)")
-    reference.add_argument("--validation", default=VALIDATION_REPORT, help="the shards' validation report; "
-                           f"refused unless it passed (default: {VALIDATION_REPORT})")
-    reference.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    switches(reference, register=False)
 
     evaluate = add("evaluate", cmd_evaluate,
                    "stage `evaluate`: rFID/PSNR/SSIM/linear probe of every tokenizer stage, gFID/precision/recall "
                    "of the diffusion model; metrics JSON, plots, grids, registry tags")
-    evaluate.add_argument("--data", default="data/shards", help="ingest folder (default: data/shards)")
-    evaluate.add_argument("--encoder", default="models/encoder", help="encoder stage folder")
+    shard_inputs(evaluate, encoder=True)
     evaluate.add_argument("--reference", default="data/fid_reference", help="fid_reference folder")
     evaluate.add_argument("--tokenizers", default="models/tokenizer",
                           help="folder with one folder per tokenizer stage (default: models/tokenizer)")
@@ -293,10 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", default="reports/eval", help="grids and protocol.json (default: reports/eval)")
     evaluate.add_argument("--metrics", default="reports/metrics.json", help="metrics JSON (DVC metrics)")
     evaluate.add_argument("--plots", default="reports/plots", help="CSV files for DVC plots")
-    evaluate.add_argument("--validation", default=VALIDATION_REPORT, help="the shards' validation report; "
-                          f"refused unless it passed (default: {VALIDATION_REPORT})")
-    evaluate.add_argument("--no-register", action="store_true", help="skip MLflow logging and registry tags")
-    evaluate.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    switches(evaluate, register=True)
 
     study = add("study", cmd_study,
                 "the small-scale study: tokenizer variants (a)-(f) as `dvc exp run`s with one diffusion budget, "

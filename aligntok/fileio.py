@@ -8,13 +8,18 @@ from pathlib import Path
 from typing import Callable
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """Hex digest (`hashlib` algorithm name) of a file, read in 1 MiB chunks."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file (the project's content hash)."""
+    return file_digest(path, "sha256")
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:

