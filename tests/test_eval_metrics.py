@@ -216,11 +216,11 @@ def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     from aligntok.config import EncoderConfig
     from aligntok.encoder import export_encoder
-    from aligntok.encoder.sources import create_model
+    from aligntok.encoder import create_vit
 
     root = tmp_path_factory.mktemp("encoder")
     torch.manual_seed(0)
-    state = {k: v.contiguous() for k, v in create_model("vit_small_patch14_dinov2", depth=1).state_dict().items()}
+    state = {k: v.contiguous() for k, v in create_vit("vit_small_patch14_dinov2", depth=1).state_dict().items()}
     save_file(state, str(root / "random.safetensors"), metadata={"arch": "vit_small_patch14_dinov2"})
     export_encoder(EncoderConfig(source=f"file:{root / 'random.safetensors'}", depth=1, image_size=28),
                    root / "encoder")
@@ -230,7 +230,7 @@ def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_encoder_features_are_pooled_tokens_named_fd_dinov2(tiny_encoder: Path) -> None:
     from aligntok.encoder import load_encoder
     from aligntok.eval.fd_encoder import EncoderFeatures, metric_name
-    from aligntok.tokenizer.foundation import FoundationEncoder
+    from aligntok.encoder import FoundationEncoder
 
     feats = EncoderFeatures(tiny_encoder)
     assert feats.name == "fd_dinov2" and metric_name("vit_base_patch16_224.mae") == "fd_vit_base_patch16_224_mae"

@@ -23,7 +23,7 @@ from aligntok.losses import (
     l1_loss,
     semantic_preservation_loss,
 )
-from aligntok.tokenizer import FoundationEncoder, create_random_encoder
+from aligntok.encoder import FoundationEncoder, create_random_encoder
 
 
 def test_l1_loss_is_the_mean_absolute_difference() -> None:

@@ -13,15 +13,13 @@ from aligntok.tokenizer import (
     Adapter,
     AlignedTokenizer,
     Decoder,
-    EncoderDescription,
-    FoundationEncoder,
     PatchDiscriminator,
     VAETokenizer,
     build_discriminator,
     build_tokenizer,
-    create_random_encoder,
 )
-from aligntok.tokenizer.decoder import AttnBlock, group_norm
+from aligntok.encoder import EncoderDescription, FoundationEncoder, create_random_encoder
+from aligntok.tokenizer.blocks import AttnBlock, group_norm
 
 from conftest import REPO
 

@@ -20,8 +20,8 @@ import aligntok.train.loop
 from aligntok.config import ConfigError, Params, parse_params
 from aligntok.losses import l1_loss, vf_cosine_margin_loss, vf_distance_matrix_loss
 from aligntok.tokenizer.api import Tokenizer
-from aligntok.tokenizer.foundation import FoundationEncoder, create_random_encoder
-from aligntok.tokenizer.model import to_signed
+from aligntok.encoder import FoundationEncoder, create_random_encoder
+from aligntok.tokenizer.outputs import to_signed
 from aligntok.tokenizer.stages import (
     StagePaths,
     TokenizerObjective,

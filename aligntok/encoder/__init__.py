@@ -1,12 +1,15 @@
-"""The foundation encoder (`encoder` stage): resolve a source, keep the first blocks, load them back."""
+"""The foundation encoder: the ViT module and its description (`vit`), and the `encoder` stage that
+resolves a source, keeps the first blocks and loads them back (`sources`)."""
 
-from aligntok.encoder.sources import (
-    EMBEDDED,
+from aligntok.encoder.sources import EMBEDDED, export_encoder, load_encoder, resolve_source
+from aligntok.encoder.vit import (
+    EncoderDescription,
     EncoderSourceError,
-    encoder_features,
-    export_encoder,
-    load_encoder,
-    resolve_source,
+    FoundationEncoder,
+    create_random_encoder,
+    create_vit,
+    patch_tokens,
 )
 
-__all__ = ["EMBEDDED", "EncoderSourceError", "encoder_features", "export_encoder", "load_encoder", "resolve_source"]
+__all__ = ["EMBEDDED", "EncoderDescription", "EncoderSourceError", "FoundationEncoder", "create_random_encoder",
+           "create_vit", "export_encoder", "load_encoder", "patch_tokens", "resolve_source"]

@@ -25,23 +25,19 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
-from aligntok.errors import AligntokError
-from aligntok.fileio import atomic_write, sha256_file
 from aligntok.config import EncoderConfig
+from aligntok.encoder.vit import EncoderDescription, EncoderSourceError, create_vit, patch_tokens
+from aligntok.fileio import atomic_write, sha256_file
 
 log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "encoder.safetensors"
 DESCRIPTION_FILE = "encoder.json"
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
-
-
-class EncoderSourceError(AligntokError, RuntimeError):
-    """An encoder source or setting that cannot be used; the message says which and why."""
 
 
 @dataclass(frozen=True)
@@ -70,41 +66,20 @@ EMBEDDED: dict[str, Callable[[], ResolvedSource]] = {"dinov2_vits14": _embedded_
 """Known `embedded:` names and their loaders."""
 
 
-def create_model(arch: str, depth: int | None = None, device: str | None = None,
-                 img_size: int | None = None) -> torch.nn.Module:
-    """Randomly initialised timm ViT `arch` (no head, dynamic image size), optionally truncated,
-    with its position embedding sized for `img_size` (default: the architecture's own)."""
-    import timm
-
-    kwargs: dict[str, Any] = {"pretrained": False, "num_classes": 0, "dynamic_img_size": True}
-    if depth is not None:
-        kwargs["depth"] = depth
-    if img_size is not None:
-        kwargs["img_size"] = img_size
-    try:
-        with torch.device(device or "cpu"):
-            model = timm.create_model(arch, **kwargs)
-    except Exception as exc:  # timm raises bare RuntimeError/TypeError for unknown names and kwargs
-        raise EncoderSourceError(f"cannot build timm architecture '{arch}': {exc}") from None
-    if not all(hasattr(model, attr) for attr in ("blocks", "patch_embed", "num_prefix_tokens")):
-        raise EncoderSourceError(f"timm architecture '{arch}' is not a ViT with patch_embed and blocks")
-    return model
-
-
 def build_loaded(arch: str, depth: int, state: dict[str, torch.Tensor], img_size: int | None = None) -> torch.nn.Module:
-    """`create_model(arch, depth)` holding exactly `state` (strict), in eval mode.
+    """`create_vit(arch, depth)` holding exactly `state` (strict), in eval mode.
 
     Built on the meta device and filled with `assign=True`, so no time goes into a random init
     that is overwritten at once; falls back to a CPU build if the model has non-persistent
     buffers that the state dict cannot fill.
     """
-    model = create_model(arch, depth=depth, device="meta", img_size=img_size)
+    model = create_vit(arch, depth=depth, device="meta", img_size=img_size)
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
         raise EncoderSourceError(f"weights do not fit timm '{arch}' with {depth} blocks: {exc}") from None
     if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
-        model = create_model(arch, depth=depth, img_size=img_size)
+        model = create_vit(arch, depth=depth, img_size=img_size)
         model.load_state_dict(state, strict=True)
     return model.eval()
 
@@ -160,7 +135,7 @@ def _check_keys(path: Path, arch: str, state: dict[str, torch.Tensor]) -> None:
     depth = 1 + max((int(m.group(1)) for k in state if (m := _BLOCK.match(k))), default=-1)
     if depth == 0:
         raise EncoderSourceError(f"{path}: no 'blocks.<i>.' tensors: not a timm ViT state dict")
-    reference = create_model(arch, depth=depth, device="meta").state_dict()
+    reference = create_vit(arch, depth=depth, device="meta").state_dict()
     missing, unexpected = sorted(set(reference) - set(state)), sorted(set(state) - set(reference))
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
              for k, v in reference.items() if k in state and state[k].shape != v.shape
@@ -189,7 +164,7 @@ def _random(name: str) -> ResolvedSource:
     arch = EMBEDDED[name]().arch if name in EMBEDDED else name
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = create_model(arch)
+        model = create_vit(arch)
     state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     return ResolvedSource(arch=arch, state_dict=state, sha256=_state_sha256(state))
 
@@ -211,25 +186,19 @@ def resolve_source(cfg: EncoderConfig) -> ResolvedSource:
     raise EncoderSourceError(f"encoder.source '{cfg.source}': unknown scheme '{kind}'")
 
 
-def _describe(cfg: EncoderConfig, source: ResolvedSource, model: torch.nn.Module, total_depth: int) -> dict[str, Any]:
+def _describe(cfg: EncoderConfig, source: ResolvedSource, model: torch.nn.Module, total_depth: int) -> EncoderDescription:
     pretrained = model.pretrained_cfg
     normalisation = source.normalisation or {"mean": list(pretrained["mean"]), "std": list(pretrained["std"])}
-    return {
-        "arch": source.arch,
-        "source": cfg.source,
-        "depth": cfg.depth,
-        "total_depth": total_depth,
-        "feature_width": int(model.embed_dim),
-        "patch_size": int(model.patch_embed.patch_size[0]),
-        "image_size": cfg.image_size,
-        "pos_embed_grid": [int(g) for g in model.patch_embed.grid_size],
-        "normalisation": normalisation,
-        "num_params": sum(p.numel() for p in model.state_dict().values()),
-        "source_sha256": source.sha256,
-    }
+    return EncoderDescription(
+        arch=source.arch, source=cfg.source, depth=cfg.depth, total_depth=total_depth,
+        feature_width=int(model.embed_dim), patch_size=int(model.patch_embed.patch_size[0]),
+        image_size=cfg.image_size, pos_embed_grid=tuple(int(g) for g in model.patch_embed.grid_size),
+        mean=tuple(float(m) for m in normalisation["mean"]), std=tuple(float(v) for v in normalisation["std"]),
+        num_params=sum(p.numel() for p in model.state_dict().values()), source_sha256=source.sha256,
+    )
 
 
-def export_encoder(cfg: EncoderConfig, out_dir: Path) -> dict[str, Any]:
+def export_encoder(cfg: EncoderConfig, out_dir: Path) -> EncoderDescription:
     """Write `out_dir/encoder.safetensors` (kept blocks) and `out_dir/encoder.json`; return the description.
 
     A pure function of the source and `cfg`: the same bytes on any machine (see `fit_pos_embed`)."""
@@ -240,11 +209,11 @@ def export_encoder(cfg: EncoderConfig, out_dir: Path) -> dict[str, Any]:
     if cfg.depth > total_depth:
         raise EncoderSourceError(
             f"encoder.depth {cfg.depth} exceeds the {total_depth} blocks of '{cfg.source}'")
-    patch_size = int(create_model(source.arch, depth=1, device="meta").patch_embed.patch_size[0])
+    patch_size = int(create_vit(source.arch, depth=1, device="meta").patch_embed.patch_size[0])
     if cfg.image_size % patch_size:
         raise EncoderSourceError(
             f"encoder.image_size {cfg.image_size} is not a multiple of the patch size {patch_size} of '{source.arch}'")
-    template = create_model(source.arch, depth=cfg.depth, device="meta", img_size=cfg.image_size)
+    template = create_vit(source.arch, depth=cfg.depth, device="meta", img_size=cfg.image_size)
     kept = {k: source.state_dict[k].contiguous() for k in template.state_dict()}
     kept["pos_embed"] = fit_pos_embed(template, kept["pos_embed"])
     model = build_loaded(source.arch, cfg.depth, kept, img_size=cfg.image_size)
@@ -255,10 +224,10 @@ def export_encoder(cfg: EncoderConfig, out_dir: Path) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     metadata = {"arch": source.arch, "depth": str(cfg.depth), "source": cfg.source, "format": "pt"}
     atomic_save_safetensors(kept, out_dir / WEIGHTS_FILE, metadata)  # same content, same bytes
-    text = json.dumps(description, indent=2) + "\n"
+    text = json.dumps(description.to_dict(), indent=2) + "\n"
     atomic_write(out_dir / DESCRIPTION_FILE, lambda tmp: tmp.write_text(text))
     log.info("exported %s: %d of %d blocks, %d tensors, %.1fM params, %dx%d input -> %s",
-             source.arch, cfg.depth, total_depth, len(kept), description["num_params"] / 1e6,
+             source.arch, cfg.depth, total_depth, len(kept), description.num_params / 1e6,
              cfg.image_size, cfg.image_size, out_dir)
     return description
 
@@ -292,38 +261,26 @@ def fit_pos_embed(template: torch.nn.Module, pos_embed: torch.Tensor) -> torch.T
 
 
 @torch.no_grad()
-def _check_forward(model: torch.nn.Module, description: dict[str, Any]) -> None:
+def _check_forward(model: torch.nn.Module, description: EncoderDescription) -> None:
     """One zero image at `image_size` must give (1, (image_size / patch)^2, feature_width) tokens."""
-    side = description["image_size"]
-    tokens = encoder_features(model, torch.zeros(1, 3, side, side))
-    grid = side // description["patch_size"]
-    if tokens.shape != (1, grid * grid, description["feature_width"]) or not torch.isfinite(tokens).all():
+    side = description.image_size
+    tokens = patch_tokens(model, torch.zeros(1, 3, side, side))
+    grid = side // description.patch_size
+    if tokens.shape != (1, grid * grid, description.feature_width) or not torch.isfinite(tokens).all():
         raise EncoderSourceError(f"encoder forward at {side}x{side} gave {tuple(tokens.shape)} or non-finite values")
 
 
-def load_encoder(out_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild the exported, truncated encoder in eval mode; returns (model, description)."""
+def load_encoder(out_dir: Path) -> tuple[torch.nn.Module, EncoderDescription]:
+    """Rebuild the exported, truncated encoder in eval mode; returns (timm ViT, its description)."""
     from safetensors.torch import load_file
 
     out_dir = Path(out_dir)
     paths = out_dir / DESCRIPTION_FILE, out_dir / WEIGHTS_FILE
     if missing := [str(p) for p in paths if not p.is_file()]:
         raise EncoderSourceError(f"no exported encoder: missing {missing} (run the encoder stage)")
-    description = json.loads(paths[0].read_text())
-    model = build_loaded(description["arch"], description["depth"], load_file(str(paths[1])),
-                         img_size=description["image_size"])
-    log.info("loaded %s with %d blocks, %.1fM params from %s", description["arch"], description["depth"],
-             description["num_params"] / 1e6, out_dir)
+    description = EncoderDescription.coerce(json.loads(paths[0].read_text()))
+    model = build_loaded(description.arch, description.depth, load_file(str(paths[1])),
+                         img_size=description.image_size)
+    log.info("loaded %s with %d blocks, %.1fM params from %s", description.arch, description.depth,
+             (description.num_params or 0) / 1e6, out_dir)
     return model, description
-
-
-def encoder_features(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Patch tokens after the final norm, prefix (CLS/register) tokens dropped.
-
-    images: (B, 3, H, W), normalised with the description's mean/std, H and W multiples of
-    the patch size. Returns (B, N, D) with N = (H / patch) * (W / patch), row-major.
-    """
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
-    tokens = model.forward_features(images)  # (B, prefix + N, D)
-    return tokens[:, model.num_prefix_tokens:]  # (B, N, D)

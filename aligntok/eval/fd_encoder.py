@@ -33,10 +33,9 @@ class EncoderFeatures:
     def __init__(self, encoder_dir: Path, device: str | torch.device = "cpu") -> None:
         from aligntok.encoder import load_encoder
         from aligntok.fileio import sha256_file
-        from aligntok.tokenizer.foundation import EncoderDescription, FoundationEncoder
+        from aligntok.encoder.vit import FoundationEncoder
 
-        vit, raw = load_encoder(Path(encoder_dir))
-        desc = EncoderDescription.coerce(raw)
+        vit, desc = load_encoder(Path(encoder_dir))
         self.net = FoundationEncoder(vit, desc).eval().to(device)
         self.device = torch.device(device)
         self.name = metric_name(desc.arch)

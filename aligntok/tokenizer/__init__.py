@@ -4,30 +4,20 @@ the PatchGAN discriminator, and the builders that make them from the typed confi
 from aligntok.tokenizer.adapter import Adapter
 from aligntok.tokenizer.decoder import Decoder
 from aligntok.tokenizer.discriminator import PatchDiscriminator
-from aligntok.tokenizer.foundation import EncoderDescription, FoundationEncoder, create_random_encoder
-from aligntok.tokenizer.model import (
-    AlignedTokenizer,
-    TokenizerOutput,
-    build_discriminator,
-    build_tokenizer,
-    to_signed,
-    to_unit,
-)
+from aligntok.tokenizer.model import AlignedTokenizer, build_discriminator, build_tokenizer
+from aligntok.tokenizer.outputs import TokenizerOutput, to_signed, to_unit
 from aligntok.tokenizer.vae import VAEEncoder, VAETokenizer
 
 __all__ = [
     "Adapter",
     "AlignedTokenizer",
     "Decoder",
-    "EncoderDescription",
-    "FoundationEncoder",
     "PatchDiscriminator",
     "TokenizerOutput",
     "VAEEncoder",
     "VAETokenizer",
     "build_discriminator",
     "build_tokenizer",
-    "create_random_encoder",
     "to_signed",
     "to_unit",
 ]

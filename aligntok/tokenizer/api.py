@@ -38,7 +38,7 @@ def save_tokenizer_folder(folder: Path, model: torch.nn.Module, description: dic
 
 def build_from_description(description: dict[str, Any]) -> torch.nn.Module:
     """An untrained module with the architecture a tokenizer.json describes."""
-    from aligntok.tokenizer.foundation import EncoderDescription, create_random_encoder
+    from aligntok.encoder.vit import EncoderDescription, create_random_encoder
     from aligntok.tokenizer.model import build_tokenizer
 
     # "kind" sat inside "tokenizer" in descriptions written before the stage rows carried it

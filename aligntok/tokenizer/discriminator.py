@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from aligntok.tokenizer.decoder import group_norm
+from aligntok.tokenizer.blocks import group_norm
 
 KERNEL = 4
 PADDING = 1

@@ -13,7 +13,6 @@ the latent grid times the decoder's upsampling factor gives `data.resolution`.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,32 +22,9 @@ from aligntok.config import DiscriminatorConfig, LatentConfig, TokenizerConfig
 from aligntok.tokenizer.adapter import Adapter
 from aligntok.tokenizer.decoder import Decoder
 from aligntok.tokenizer.discriminator import PatchDiscriminator, patch_output_side
-from aligntok.tokenizer.foundation import EncoderDescription, FoundationEncoder
-
-
-def to_signed(images: torch.Tensor) -> torch.Tensor:
-    """Images in [0, 1] -> pixels in [-1, 1] (the decoder's and the losses' range)."""
-    return images * 2.0 - 1.0
-
-
-def to_unit(pixels: torch.Tensor) -> torch.Tensor:
-    """Pixels in [-1, 1] -> images in [0, 1], clamped (for output only: clamping stops gradients)."""
-    return ((pixels + 1.0) / 2.0).clamp(0.0, 1.0)
-
-
-@dataclass
-class TokenizerOutput:
-    """What a tokenizer's `forward` returns.
-
-    latent: z (B, C, h, w); for the VAE, the reparameterised sample.
-    reconstruction: x_hat (B, 3, H, W) in [-1, 1], unclamped (compare with `to_signed(images)`).
-    posterior_mean, posterior_logvar: (B, C, h, w) for the VAE's KL term; None for the aligned tokenizer.
-    """
-
-    latent: torch.Tensor
-    reconstruction: torch.Tensor
-    posterior_mean: torch.Tensor | None = None
-    posterior_logvar: torch.Tensor | None = None
+from aligntok.encoder.vit import EncoderDescription, FoundationEncoder
+from aligntok.tokenizer.outputs import TokenizerOutput, to_signed, to_unit
+from aligntok.tokenizer.vae import VAEEncoder, VAETokenizer
 
 
 class AlignedTokenizer(nn.Module):
@@ -133,8 +109,6 @@ def build_tokenizer(
         raise ValueError(f"encoder.image_size={desc.image_size} is not a multiple of patch {desc.patch_size}")
     hint = "change tokenizer.decoder.channel_mult, data.resolution or encoder.image_size"
     if kind == "vae":
-        from aligntok.tokenizer.vae import VAEEncoder, VAETokenizer  # vae.py imports this module
-
         grid = resolution // factor
         if grid * factor != resolution:
             raise ValueError(

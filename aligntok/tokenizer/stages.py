@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from aligntok.config import ConfigError, Params, TrainStageConfig, stage_alias
+from aligntok.encoder.vit import EncoderDescription
 from aligntok.data.loader import ImageSet, batch_indices, load_split, require_validated
 from aligntok.losses import (
     PerceptualLoss,
@@ -46,7 +47,8 @@ from aligntok.losses import (
 from aligntok.losses import VF_ADAPTIVE_MAX, vf_cosine_margin_loss, vf_distance_matrix_loss
 from aligntok.metrics import psnr, ssim
 from aligntok.tokenizer.api import Tokenizer, save_tokenizer_folder
-from aligntok.tokenizer.model import build_discriminator, build_tokenizer, to_signed
+from aligntok.tokenizer.model import build_discriminator, build_tokenizer
+from aligntok.tokenizer.outputs import to_signed
 from aligntok.fileio import atomic_write_text, sha256_file
 from aligntok.train.checkpoint import (
     TrainState,
@@ -201,7 +203,7 @@ def latent_output_layer(model: nn.Module) -> torch.Tensor:
 def vf_alignment(stage: str, cfg: TrainStageConfig, paths: StagePaths, model: nn.Module) -> VFAlignment:
     """The VF loss's head (freshly initialised) and frozen target (from `paths.encoder`) for `model`."""
     from aligntok.encoder import load_encoder
-    from aligntok.tokenizer.foundation import FoundationEncoder
+    from aligntok.encoder.vit import FoundationEncoder
 
     if cfg.losses.vf_adaptive and not latent_output_layer(model).requires_grad:
         raise ConfigError(f"{stage}.losses.vf_adaptive: true needs the layer that outputs the latent to train, "
@@ -257,7 +259,7 @@ def fingerprint(stage: str, params: Params, paths: StagePaths, perceptual: str |
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def build_stage_model(stage: str, params: Params, paths: StagePaths) -> tuple[nn.Module, dict[str, Any]]:
+def build_stage_model(stage: str, params: Params, paths: StagePaths) -> tuple[nn.Module, EncoderDescription]:
     """The model a stage starts from and the encoder description it carries."""
     from aligntok.encoder import load_encoder
 
@@ -271,7 +273,7 @@ def build_stage_model(stage: str, params: Params, paths: StagePaths) -> tuple[nn
         if found != (row.start_from, row.kind):
             raise ConfigError(f"stage {stage} starts from {row.start_from} ({row.kind}), but {paths.previous} "
                               f"holds {found[0]} ({found[1]})")
-        return tokenizer.model, tokenizer.description["encoder"]
+        return tokenizer.model, EncoderDescription.coerce(tokenizer.description["encoder"])
     vit, desc = load_encoder(paths.encoder)
     try:
         return build_tokenizer(params.tokenizer, params.latent, vit, desc, params.data.resolution, kind=row.kind), desc
@@ -287,7 +289,7 @@ def perceptual_loss(choice: str, paths: StagePaths) -> PerceptualLoss:
     """
     from aligntok.encoder import load_encoder
     from aligntok.perceptual import EFFICIENTNET_LITE0, EfficientNetFeatures
-    from aligntok.tokenizer.foundation import FoundationEncoder
+    from aligntok.encoder.vit import FoundationEncoder
 
     if choice in ("auto", "lpips"):
         if find_lpips_backbone() is not None:
@@ -299,7 +301,7 @@ def perceptual_loss(choice: str, paths: StagePaths) -> PerceptualLoss:
     if choice == EFFICIENTNET_LITE0:
         return PerceptualLoss(EfficientNetFeatures(), use_lpips=False, feature_name=EFFICIENTNET_LITE0)
     vit, desc = load_encoder(paths.encoder)
-    blocks = [b for b in PERCEPTUAL_BLOCKS if b <= desc["depth"]] or [desc["depth"]]
+    blocks = [b for b in PERCEPTUAL_BLOCKS if b <= desc.depth] or [desc.depth]
     return PerceptualLoss(FoundationEncoder(vit, desc), blocks=blocks, use_lpips=False)
 
 
@@ -428,7 +430,7 @@ def _tracking_run(stage: str, params: Params, checkpoint: Path) -> Any:
     return StageRun.for_checkpoint(stage, logged | {"data.resolution": params.data.resolution}, checkpoint)
 
 
-def _finish(stage: str, params: Params, paths: StagePaths, model: nn.Module, encoder_desc: dict[str, Any],
+def _finish(stage: str, params: Params, paths: StagePaths, model: nn.Module, encoder_desc: EncoderDescription,
             metrics: dict[str, float], run: Any, perceptual: PerceptualLoss | None) -> StageResult:
     from aligntok.tracking import git_commit
 
@@ -437,7 +439,7 @@ def _finish(stage: str, params: Params, paths: StagePaths, model: nn.Module, enc
     description = {
         "kind": row.kind, "stage": stage, "alias": stage_alias(stage, row),
         "tokenizer": params.tokenizer.model_dump(mode="json"),
-        "latent": params.latent.model_dump(mode="json"), "encoder": encoder_desc,
+        "latent": params.latent.model_dump(mode="json"), "encoder": encoder_desc.to_dict(),
         "resolution": params.data.resolution, "metrics": metrics,
         "perceptual_loss": perceptual.name if perceptual is not None else None,
         "manifest_sha256": manifest_sha, "git_commit": git_commit(),

@@ -13,33 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aligntok.tokenizer.decoder import AttnBlock, Decoder, Downsample, MidBlock, ResnetBlock, group_norm
-from aligntok.tokenizer.model import TokenizerOutput, to_signed, to_unit
+from aligntok.tokenizer.blocks import Level, MidBlock, group_norm
+from aligntok.tokenizer.decoder import Decoder
+from aligntok.tokenizer.outputs import TokenizerOutput, to_signed, to_unit
 
 LOGVAR_RANGE = (-30.0, 20.0)
 """LDM's clamp on the posterior log-variance (keeps exp(logvar) finite)."""
-
-
-class DownLevel(nn.Module):
-    """One level of the down path: ResnetBlocks (each followed by attention if enabled), then Downsample."""
-
-    def __init__(
-        self, in_channels: int, out_channels: int, num_blocks: int, attention: bool, downsample: bool
-    ) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(
-            [ResnetBlock(in_channels if i == 0 else out_channels, out_channels) for i in range(num_blocks)]
-        )
-        self.attns = nn.ModuleList([AttnBlock(out_channels) for _ in range(num_blocks)] if attention else [])
-        self.downsample = Downsample(out_channels) if downsample else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, C_in, H, W) -> (B, C_out, H/2, W/2) (or (B, C_out, H, W) at the last level)."""
-        for i, block in enumerate(self.blocks):
-            x = block(x)  # (B, C_out, H, W)
-            if self.attns:
-                x = self.attns[i](x)  # (B, C_out, H, W)
-        return self.downsample(x)  # (B, C_out, H/2, W/2) or (B, C_out, H, W)
 
 
 class VAEEncoder(nn.Module):
@@ -72,7 +51,7 @@ class VAEEncoder(nn.Module):
         for level, mult in enumerate(channel_mult):
             block_out = channels * mult
             last = level == len(channel_mult) - 1
-            levels.append(DownLevel(block_in, block_out, num_res_blocks, side in attn_resolutions, not last))
+            levels.append(Level(block_in, block_out, num_res_blocks, side in attn_resolutions, "down", resample=not last))
             block_in = block_out
             side = side if last else side // 2
         self.down = nn.ModuleList(levels)

@@ -1,14 +1,21 @@
-"""The foundation encoder E: a timm ViT wrapped to take images in [0, 1] and return a patch-token grid.
+"""The foundation encoder as a module: its timm ViT, its description, and the wrapper the tokenizer uses.
 
-The wrapper owns everything the ViT expects of its input, so callers never do it themselves:
-resize to `image_size` (bicubic, antialiased; a multiple of the patch size) and the mean/std
-normalisation the weights were trained with. It returns the patch tokens after the final norm,
-CLS/register tokens dropped, as a grid (B, D, h, w) with h = w = image_size / patch_size.
-`features` exposes intermediate block outputs by name for a perceptual distance.
+- `create_vit`: the one builder of the timm ViT (random init; the `encoder` stage fills in weights);
+- `patch_tokens`: the one place that drops the prefix (CLS/register) tokens;
+- `EncoderDescription`: what `encoder.json` says (architecture, normalisation, provenance);
+- `FoundationEncoder`: the ViT wrapped to take images in [0, 1] and return a patch-token grid. It owns
+  everything the ViT expects of its input, so callers never do it themselves: resize to `image_size`
+  (bicubic, antialiased; a multiple of the patch size) and the mean/std normalisation the weights were
+  trained with. It returns the patch tokens after the final norm as a grid (B, D, h, w) with
+  h = w = image_size / patch_size; `features` exposes intermediate block outputs for a perceptual distance.
+
+Where the weights come from (`encoder.source`), and the export and loading of the kept blocks, is
+`aligntok.encoder.sources`.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,10 +24,54 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aligntok.errors import AligntokError
+
+
+class EncoderSourceError(AligntokError, RuntimeError):
+    """An encoder source or setting that cannot be used; the message says which and why."""
+
+
+def create_vit(arch: str, depth: int | None = None, device: str | None = None,
+               img_size: int | None = None) -> nn.Module:
+    """The one builder of the encoder's timm ViT: `arch` randomly initialised (no head, dynamic image size),
+    optionally truncated to `depth` blocks, its position embedding sized for `img_size` (default: the
+    architecture's own), on `device` (default: the current default device, so that a caller's
+    `with torch.device("meta"):` holds)."""
+    import timm
+
+    kwargs: dict[str, Any] = {"pretrained": False, "num_classes": 0, "dynamic_img_size": True}
+    if depth is not None:
+        kwargs["depth"] = depth
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    try:
+        with torch.device(device) if device else contextlib.nullcontext():
+            model = timm.create_model(arch, **kwargs)
+    except Exception as exc:  # timm raises bare RuntimeError/TypeError for unknown names and kwargs
+        raise EncoderSourceError(f"cannot build timm architecture '{arch}': {exc}") from None
+    if not all(hasattr(model, attr) for attr in ("blocks", "patch_embed", "num_prefix_tokens")):
+        raise EncoderSourceError(f"timm architecture '{arch}' is not a ViT with patch_embed and blocks")
+    return model
+
+
+def patch_tokens(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The one place that drops the ViT's prefix tokens: patch tokens after the final norm, prefix
+    (CLS/register) tokens dropped.
+
+    images: (B, 3, H, W), normalised with the description's mean/std, H and W multiples of
+    the patch size. Returns (B, N, D) with N = (H / patch) * (W / patch), row-major.
+    """
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
+    tokens = model.forward_features(images)  # (B, prefix + N, D)
+    return tokens[:, model.num_prefix_tokens:]  # (B, N, D)
+
 
 @dataclass(frozen=True)
 class EncoderDescription:
-    """What the tokenizer needs to know about an encoder (the `encoder` stage's JSON description)."""
+    """An exported encoder, as the `encoder` stage's `encoder.json` describes it: the architecture the
+    tokenizer needs, and where the weights came from (the provenance fields are None for an encoder built
+    here rather than exported)."""
 
     arch: str
     depth: int
@@ -29,6 +80,13 @@ class EncoderDescription:
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    source: str | None = None
+    """`encoder.source` it was exported from."""
+    total_depth: int | None = None
+    """Blocks of the source (`depth` of them are kept)."""
+    pos_embed_grid: tuple[int, int] | None = None
+    num_params: int | None = None
+    source_sha256: str | None = None
 
     @property
     def grid_size(self) -> int:
@@ -41,6 +99,7 @@ class EncoderDescription:
         if isinstance(value, EncoderDescription):
             return value
         norm = value["normalisation"]
+        grid = value.get("pos_embed_grid")
         return cls(
             arch=str(value["arch"]),
             depth=int(value["depth"]),
@@ -49,17 +108,29 @@ class EncoderDescription:
             image_size=int(value["image_size"]),
             mean=tuple(float(m) for m in norm["mean"]),  # type: ignore[arg-type]
             std=tuple(float(s) for s in norm["std"]),  # type: ignore[arg-type]
+            source=value.get("source"),
+            total_depth=value.get("total_depth"),
+            pos_embed_grid=tuple(int(g) for g in grid) if grid is not None else None,  # type: ignore[arg-type]
+            num_params=value.get("num_params"),
+            source_sha256=value.get("source_sha256"),
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """The JSON form (`encoder.json`, and the `encoder` entry of a tokenizer.json); provenance when known."""
+        full = {
             "arch": self.arch,
+            "source": self.source,
             "depth": self.depth,
+            "total_depth": self.total_depth,
             "feature_width": self.feature_width,
             "patch_size": self.patch_size,
             "image_size": self.image_size,
+            "pos_embed_grid": list(self.pos_embed_grid) if self.pos_embed_grid is not None else None,
             "normalisation": {"mean": list(self.mean), "std": list(self.std)},
+            "num_params": self.num_params,
+            "source_sha256": self.source_sha256,
         }
+        return {k: v for k, v in full.items() if v is not None}
 
 
 class FoundationEncoder(nn.Module):
@@ -113,8 +184,7 @@ class FoundationEncoder(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images: (B, 3, H, W) in [0, 1] -> patch tokens after the final norm (B, D, h, w)."""
         x = self.preprocess(images)  # (B, 3, S, S)
-        tokens = self.vit.forward_features(x)  # (B, P + h*w, D), P prefix (CLS/register) tokens
-        tokens = tokens[:, self.vit.num_prefix_tokens :]  # (B, h*w, D)
+        tokens = patch_tokens(self.vit, x)  # (B, h*w, D)
         B, N, D = tokens.shape
         h = self.grid_size
         assert N == h * h, f"expected {h}x{h} patch tokens, got {N}"
@@ -145,11 +215,7 @@ def create_random_encoder(arch: str, depth: int, image_size: int) -> tuple[nn.Mo
 
     Build under `with torch.device("meta"):` to count parameters of a large arch without allocating them.
     """
-    import timm
-
-    kwargs: dict[str, Any] = {"pretrained": False, "depth": depth, "dynamic_img_size": True, "num_classes": 0,
-                              "img_size": image_size}
-    vit = timm.create_model(arch, **kwargs)
+    vit = create_vit(arch, depth=depth, img_size=image_size)
     cfg = vit.pretrained_cfg
     desc = EncoderDescription(
         arch=arch,
