@@ -53,7 +53,11 @@ def test_closure_follows_lazy_imports_and_stays_narrow() -> None:
     ingest = set(stage_code("ingest"))
     assert COMMON | {"aligntok/data/ingest.py", "aligntok/data/images.py", "aligntok/data/sources.py",
                      "aligntok/data/__init__.py"} <= ingest
-    assert "aligntok/data/validate.py" not in ingest and "aligntok/data/loader.py" not in ingest
+    assert not any(f.startswith("aligntok/data/validate/") for f in ingest) and "aligntok/data/loader.py" not in ingest
+    validate = set(stage_code("validate"))
+    assert {"aligntok/data/validate/__init__.py", "aligntok/data/validate/expectations.py",
+            "aligntok/data/shards.py"} <= validate
+    assert "aligntok/data/shards.py" in dit and "aligntok/data/images.py" not in dit  # the shard format, not ingest's
 
 
 def test_relative_imports_resolve_against_the_package() -> None:

@@ -30,13 +30,10 @@ from PIL import Image, ImageFile, ImageOps
 
 from aligntok.config import DataConfig
 
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".pgm", ".ppm", ".pbm", ".pnm"}
-)
-"""File extensions (lower case) that an image folder may hold; anything else is rejected by name."""
-
-ENCODED_EXTENSION = {"png": "png", "jpeg": "jpg"}
-"""WebDataset key of the output image for each `DataConfig.image_format`."""
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "jfif", "png", "webp", "bmp", "gif", "tif", "tiff", "pgm", "ppm", "pbm", "pnm")
+"""The one list of image extensions (lower case, no dot) read from inputs: the file suffixes an image folder
+may hold and the entries of an input WebDataset sample, in the order a sample's image is chosen. Anything
+else is rejected by name; which formats are then opened is `data.formats`."""
 
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 

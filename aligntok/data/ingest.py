@@ -62,7 +62,8 @@ from typing import IO, NamedTuple, TypeVar
 from tqdm import tqdm
 
 from aligntok.config import DataConfig
-from aligntok.data.images import ENCODED_EXTENSION, ImagePolicy, ProcessedImage, process_image
+from aligntok.data.images import ImagePolicy, ProcessedImage, process_image
+from aligntok.data.shards import ENCODED_EXTENSION
 from aligntok.data.sources import IngestError, Source, SourceItem, open_source
 
 __all__ = ["IngestError", "IngestSummary", "ingest", "plan_shards", "split_of", "tar_size"]

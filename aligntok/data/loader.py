@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,12 +20,10 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from aligntok.data.shards import iter_records, record_image_key, record_label
 from aligntok.errors import AligntokError
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
-
 
 def decode_image(data: bytes) -> torch.Tensor:
     """Encoded image bytes -> (3, H, W) uint8 RGB."""
@@ -57,25 +55,13 @@ def read_dataset_info(data_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def iter_shard(path: Path):
-    """Yield (key, image bytes, label) from one shard, in stored order."""
-    records: dict[str, dict[str, bytes]] = {}
-    order: list[str] = []
-    with tarfile.open(path) as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.rpartition("/")[2].partition(".")
-            if key not in records:
-                records[key] = {}
-                order.append(key)
-            records[key][ext] = tar.extractfile(member).read()
-    for key in order:
-        fields = records[key]
-        image = next((fields[e] for e in IMAGE_EXTENSIONS if e in fields), None)
-        if image is None or "cls" not in fields:
-            raise ValueError(f"{path}: record {key!r} lacks an image or a cls field")
-        yield key, image, int(fields["cls"])
+def iter_shard(path: Path) -> Iterator[tuple[str, bytes, int]]:
+    """Yield (key, image bytes, label) from one shard, in stored order (`aligntok.data.shards`)."""
+    for record in iter_records(path):
+        try:
+            yield record["__key__"], record[record_image_key(record)], record_label(record)
+        except ValueError as exc:
+            raise ValueError(f"{path}: record {record['__key__']!r}: {exc}") from None
 
 
 def load_split(data_dir: Path, split: str, limit: int | None = None, progress: bool = True) -> ImageSet:

@@ -18,8 +18,8 @@ A source spec (the syntax of `DataConfig.source`) names one of three sources:
   pattern, `file://`, `http(s)://` or `s3://` URLs, and nothing else. Shards are read
   here (tarfile over a local file, urllib, or `aws s3 cp URL -` run as an argument
   list), never through webdataset's `gopen`, whose `pipe:` URLs and `GOPEN_REWRITE`
-  rules run shell commands. The image is the first of the jpg/jpeg/png/webp/bmp/tif/tiff
-  entries, the label comes from `cls` (or `label`), and the class name from the sample's
+  rules run shell commands. The image is the first entry named in `IMAGE_EXTENSIONS`
+  (`aligntok.data.images`), the label comes from `cls` (or `label`), and the class name from the sample's
   `json` `class_name` when present, else `str(label)`. A sample with an entry larger than
   `max_input_bytes` or a label above `max_label` is rejected unread; a shard that is not a
   readable tar stops the ingest with an error naming it.
@@ -59,14 +59,13 @@ FASHION_MNIST_FILES = (
     ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 )
-WEBDATASET_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
 WEBDATASET_SCHEMES = ("file", "http", "https", "s3")
 """URL schemes a `webdataset:` shard may have (besides a plain local path)."""
 _ALLOWED_SHARDS = "a local path, file://, http://, https:// or s3://"
 _URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 _KEY_AND_EXTENSION = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's sample key / entry split
 _METADATA_MEMBER = re.compile(r"__[^/]*__($|/)")  # skipped, as webdataset does
-_KEPT_ENTRIES = frozenset({*WEBDATASET_IMAGE_KEYS, "cls", "label", "json"})
+_KEPT_ENTRIES = frozenset({*IMAGE_EXTENSIONS, "cls", "label", "json"})
 _MAX_SAMPLE_ENTRIES = 1_000  # a sample with more entries than this is malformed (bounds the memory per sample)
 
 
@@ -220,7 +219,7 @@ class ImageFolder:
         if label is None:
             return SourceItem(relative, None, None, "not in a class folder")
         suffix = PurePosixPath(relative).suffix
-        if suffix.lower() not in IMAGE_EXTENSIONS:
+        if suffix.lower().removeprefix(".") not in IMAGE_EXTENSIONS:
             return SourceItem(relative, label, None, f"unsupported extension '{suffix}'")
         data, reason = _read_inside(os.path.join(self.root, relative), self._real_root, self.max_input_bytes)
         return SourceItem(relative, label, data, reason)
@@ -351,10 +350,10 @@ class WebDatasetSource:
         path = f"{url}#{sample.key}"
         if sample.reason is not None:
             return SourceItem(path, None, None, sample.reason)
-        image_key = next((key for key in WEBDATASET_IMAGE_KEYS if key in sample.entries), None)
+        image_key = next((key for key in IMAGE_EXTENSIONS if key in sample.entries), None)
         if image_key is None:
             keys = ", ".join(sorted(sample.names))
-            reason = f"not an image: no {'/'.join(WEBDATASET_IMAGE_KEYS)} entry (has: {keys})"
+            reason = f"not an image: no {'/'.join(IMAGE_EXTENSIONS)} entry (has: {keys})"
             return SourceItem(path, None, None, reason)
         label, reason = _sample_label(sample.entries, self.max_label)
         if label is not None:

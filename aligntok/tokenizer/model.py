@@ -23,7 +23,7 @@ from aligntok.tokenizer.adapter import Adapter
 from aligntok.tokenizer.decoder import Decoder
 from aligntok.tokenizer.discriminator import PatchDiscriminator, patch_output_side
 from aligntok.encoder.vit import EncoderDescription, FoundationEncoder
-from aligntok.tokenizer.outputs import TokenizerOutput, to_signed, to_unit
+from aligntok.tokenizer.outputs import TokenizerOutput, to_unit
 from aligntok.tokenizer.vae import VAEEncoder, VAETokenizer
 
 

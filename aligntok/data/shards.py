@@ -1,0 +1,45 @@
+"""The one reader of the project's own shards (what `ingest` writes; `validate`, the training loader and
+`cache_latents` read them).
+
+A shard is a tar of records `<key>.png` (or `.jpg`), `<key>.cls` and `<key>.json`. Records are grouped by
+key exactly as webdataset's loader groups them, so what validation checks is what a WebDataset consumer
+sees. Input shards (`data.source: webdataset:...`) are untrusted and read by the hardened reader in
+`aligntok.data.sources` instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+ENCODED_EXTENSION = {"png": "png", "jpeg": "jpg"}
+"""The entry name of a record's image for each `data.image_format` (what ingest writes)."""
+
+SHARD_IMAGE_KEYS = tuple(ENCODED_EXTENSION.values())
+"""The entries an image can have in the project's own shards."""
+
+
+def iter_records(path: Path) -> Iterator[dict[str, Any]]:
+    """The records of one shard in stored order: {"__key__": key, "__url__": shard name, entry: bytes, ...}."""
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    with Path(path).open("rb") as stream:
+        files = ({**f, "__url__": Path(path).name} for f in tar_file_iterator(stream))
+        yield from group_by_keys(files)
+
+
+def record_image_key(record: dict[str, Any]) -> str:
+    """The entry holding the record's image; ValueError naming the entries when there is none."""
+    key = next((k for k in SHARD_IMAGE_KEYS if k in record), None)
+    if key is None:
+        entries = sorted(k for k in record if not k.startswith("__"))
+        raise ValueError(f"no {'/'.join('.' + k for k in SHARD_IMAGE_KEYS)} entry (entries: {entries})")
+    return key
+
+
+def record_label(record: dict[str, Any]) -> int:
+    """The record's class label (its `.cls` entry); ValueError when it has none."""
+    if "cls" not in record:
+        raise ValueError("no .cls entry")
+    return int(record["cls"].decode("ascii").strip())
