@@ -34,6 +34,7 @@ SAMPLE_COLUMNS = (
 )  # fmt: skip
 SHARD_COLUMNS = ("shard", "split", "exists", "readable", "records", "error")
 
+
 class DatasetFormatError(AligntokError, ValueError):
     """A contract file exists but cannot be read as the ingest contract describes."""
 

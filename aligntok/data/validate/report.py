@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+
 @dataclass(frozen=True)
 class ExpectationResult:
     """The outcome of one named expectation."""
