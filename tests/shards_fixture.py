@@ -19,6 +19,7 @@ import pandas as pd
 from PIL import Image
 
 from aligntok.config import DataConfig
+from aligntok.data.shards import iter_records
 
 CLASSES = ("tshirt", "trouser", "pullover")
 RESOLUTION = 16
@@ -162,15 +163,11 @@ def write_shard(path: Path, samples: list[Sample]) -> None:
 
 
 def read_shard(path: Path) -> list[Sample]:
-    """The records of a shard as dicts of bytes, keyed by extension plus `__key__`."""
-    from webdataset.tariterators import group_by_keys, tar_file_iterator
-
-    with path.open("rb") as stream:
-        files = ({**f, "__url__": str(path)} for f in tar_file_iterator(stream))
-        return [
-            {k: v for k, v in s.items() if k == "__key__" or not k.startswith("__")}
-            for s in group_by_keys(files)
-        ]
+    """The records of a shard as dicts of bytes, keyed by extension plus `__key__` (the project's reader)."""
+    return [
+        {k: v for k, v in s.items() if k == "__key__" or not k.startswith("__")}
+        for s in iter_records(path)
+    ]
 
 
 def edit_manifest(root: Path, edit: Callable[[pd.DataFrame], pd.DataFrame | None]) -> None:

@@ -310,6 +310,21 @@ def test_default_label_cap_refuses_a_billion_classes(tmp_path: Path) -> None:
     assert source.classes() == []
 
 
+def test_a_sample_image_is_one_of_the_sample_image_entries_and_nothing_else_is_read(tmp_path: Path) -> None:
+    members = [
+        ("png_and_jfif.cls", b"0"), ("png_and_jfif.jfif", b"never read"), ("png_and_jfif.png", noise_png(1)),
+        ("gif_only.cls", b"0"), ("gif_only.gif", noise_png(2)),
+        ("big_extra.cls", b"0"), ("big_extra.png", noise_png(3)), ("big_extra.ppm", bytes(4097)),
+    ]  # fmt: skip
+    write_tar(tmp_path / "s.tar", members)
+    items = list(WebDatasetSource(str(tmp_path / "s.tar"), 4096, CFG.max_label))  # the .ppm is over the cap
+    assert [(item.data, item.reason) for item in items] == [
+        (noise_png(1), None),
+        (None, "not an image: no jpg/jpeg/png/webp/bmp/tif/tiff entry (has: cls, gif)"),
+        (noise_png(3), None),
+    ]
+
+
 def test_image_folder_files_over_the_cap_are_rejected_unread(tmp_path: Path) -> None:
     write_png(tmp_path / "src/class_0/small.png", seed=1)
     write_png(tmp_path / "src/class_0/big.png", seed=2, size=64)

@@ -31,9 +31,12 @@ from PIL import Image, ImageFile, ImageOps
 from aligntok.config import DataConfig
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "jfif", "png", "webp", "bmp", "gif", "tif", "tiff", "pgm", "ppm", "pbm", "pnm")
-"""The one list of image extensions (lower case, no dot) read from inputs: the file suffixes an image folder
-may hold and the entries of an input WebDataset sample, in the order a sample's image is chosen. Anything
-else is rejected by name; which formats are then opened is `data.formats`."""
+"""The image extensions of inputs (lower case, no dot): the file suffixes an image folder may hold; a file
+with any other is rejected by name. Which formats are then opened is `data.formats`."""
+
+SAMPLE_IMAGE_ENTRIES = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
+"""The entries of an input WebDataset sample that can be its image (a subset of `IMAGE_EXTENSIONS`), in the
+order the image is chosen; a sample with none of them is rejected, and its other entries are never read."""
 
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 

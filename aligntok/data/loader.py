@@ -1,9 +1,11 @@
 """Training batches from the ingest shards.
 
 The tokenizer stages read one split's encoded images into memory (a few hundred bytes to a
-few hundred KB each), decode only the images of each batch, and draw each step's batch from a generator seeded by (seed, step). A batch is therefore a pure
-function of the step: a resumed run sees exactly the batches an uninterrupted run
-would have seen, and ranks under DDP can take disjoint slices of the same global batch.
+few hundred KB each), decode only the images of each batch, and draw each step's batch from a
+generator seeded by (seed, step). A batch is therefore a pure function of the step: a resumed
+run sees exactly the batches an uninterrupted run would have seen, and ranks under DDP can take
+disjoint slices of the same global batch. Every stage that reads the shards first passes the
+validation gate, `require_validated`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from aligntok.data.shards import iter_records, record_image_key, record_label
 from aligntok.errors import AligntokError
 
 log = logging.getLogger(__name__)
+
 
 def decode_image(data: bytes) -> torch.Tensor:
     """Encoded image bytes -> (3, H, W) uint8 RGB."""

@@ -16,8 +16,9 @@ from typing import Any
 ENCODED_EXTENSION = {"png": "png", "jpeg": "jpg"}
 """The entry name of a record's image for each `data.image_format` (what ingest writes)."""
 
-SHARD_IMAGE_KEYS = tuple(ENCODED_EXTENSION.values())
-"""The entries an image can have in the project's own shards."""
+SHARD_IMAGE_KEYS = (*ENCODED_EXTENSION.values(), "jpeg")
+"""The entries read as a record's image, in this order: what ingest writes, then `jpeg` (webdataset's other
+name for a JPEG entry)."""
 
 
 def iter_records(path: Path) -> Iterator[dict[str, Any]]:
@@ -33,13 +34,13 @@ def record_image_key(record: dict[str, Any]) -> str:
     """The entry holding the record's image; ValueError naming the entries when there is none."""
     key = next((k for k in SHARD_IMAGE_KEYS if k in record), None)
     if key is None:
-        entries = sorted(k for k in record if not k.startswith("__"))
-        raise ValueError(f"no {'/'.join('.' + k for k in SHARD_IMAGE_KEYS)} entry (entries: {entries})")
+        members = sorted(k for k in record if not k.startswith("__"))
+        raise ValueError(f"no {'/'.join('.' + k for k in ENCODED_EXTENSION.values())} member (members: {members})")
     return key
 
 
 def record_label(record: dict[str, Any]) -> int:
     """The record's class label (its `.cls` entry); ValueError when it has none."""
     if "cls" not in record:
-        raise ValueError("no .cls entry")
+        raise ValueError("no .cls member")
     return int(record["cls"].decode("ascii").strip())

@@ -18,9 +18,9 @@ A source spec (the syntax of `DataConfig.source`) names one of three sources:
   pattern, `file://`, `http(s)://` or `s3://` URLs, and nothing else. Shards are read
   here (tarfile over a local file, urllib, or `aws s3 cp URL -` run as an argument
   list), never through webdataset's `gopen`, whose `pipe:` URLs and `GOPEN_REWRITE`
-  rules run shell commands. The image is the first entry named in `IMAGE_EXTENSIONS`
-  (`aligntok.data.images`), the label comes from `cls` (or `label`), and the class name from the sample's
-  `json` `class_name` when present, else `str(label)`. A sample with an entry larger than
+  rules run shell commands. The image is the first entry named in `SAMPLE_IMAGE_ENTRIES`
+  (`aligntok.data.images`), the label comes from `cls` (or `label`), and the class name from
+  the sample's `json` `class_name` when present, else `str(label)`. A sample with an entry larger than
   `max_input_bytes` or a label above `max_label` is rejected unread; a shard that is not a
   readable tar stops the ingest with an error naming it.
 
@@ -50,7 +50,7 @@ import numpy as np
 
 from aligntok.errors import AligntokError
 from aligntok.config import DataConfig
-from aligntok.data.images import IMAGE_EXTENSIONS
+from aligntok.data.images import IMAGE_EXTENSIONS, SAMPLE_IMAGE_ENTRIES
 
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -65,7 +65,7 @@ _ALLOWED_SHARDS = "a local path, file://, http://, https:// or s3://"
 _URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 _KEY_AND_EXTENSION = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's sample key / entry split
 _METADATA_MEMBER = re.compile(r"__[^/]*__($|/)")  # skipped, as webdataset does
-_KEPT_ENTRIES = frozenset({*IMAGE_EXTENSIONS, "cls", "label", "json"})
+_KEPT_ENTRIES = frozenset({*SAMPLE_IMAGE_ENTRIES, "cls", "label", "json"})
 _MAX_SAMPLE_ENTRIES = 1_000  # a sample with more entries than this is malformed (bounds the memory per sample)
 
 
@@ -350,10 +350,10 @@ class WebDatasetSource:
         path = f"{url}#{sample.key}"
         if sample.reason is not None:
             return SourceItem(path, None, None, sample.reason)
-        image_key = next((key for key in IMAGE_EXTENSIONS if key in sample.entries), None)
+        image_key = next((key for key in SAMPLE_IMAGE_ENTRIES if key in sample.entries), None)
         if image_key is None:
             keys = ", ".join(sorted(sample.names))
-            reason = f"not an image: no {'/'.join(IMAGE_EXTENSIONS)} entry (has: {keys})"
+            reason = f"not an image: no {'/'.join(SAMPLE_IMAGE_ENTRIES)} entry (has: {keys})"
             return SourceItem(path, None, None, reason)
         label, reason = _sample_label(sample.entries, self.max_label)
         if label is not None:

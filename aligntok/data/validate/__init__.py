@@ -18,9 +18,10 @@ The dataset directory is the contract written by `aligntok ingest`: WebDataset s
 The package, by concern: `dataset` reads the contract and the shards, `frames` builds the frames,
 `expectations` declares and runs the checks, `report` writes the result. A failed expectation is
 reported, never raised: `ValidationReport.success` is False and `ValidationReport.failed` names the
-failures. Only a missing or malformed contract file
-(`dataset.json`, `manifest.parquet`, `rejected.csv`) raises. GX (~4 s to import) and
-webdataset are imported inside the functions that use them.
+failures. Only a missing or malformed contract file (`dataset.json`, `manifest.parquet`,
+`rejected.csv`) raises. GX (~4 s to import) and webdataset are imported inside the functions that
+use them. The stages that read the shards check the written report with
+`aligntok.data.loader.require_validated` (kept out of this package, so that they do not depend on it).
 """
 
 from __future__ import annotations
