@@ -71,7 +71,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from aligntok.data.ingest import ingest
 
     source = args.source or params.data.source
-    ingest(source, Path(args.out_dir), params.data, progress=not args.no_progress)  # logs its summary
+    ingest(source, Path(args.out_dir), params.data, progress=not args.no_progress,
+           limit=params.data.max_images)  # logs its summary
     return 0
 
 
@@ -182,6 +183,23 @@ def cmd_sample(args: argparse.Namespace) -> int:
     written = write_samples(args.model, classes=args.classes, per_class=args.per_class, steps=args.steps,
                             cfg_scale=args.cfg, seed=args.seed, out=Path(args.out))
     log.info("wrote %s and %d images beside it", args.out, len(written))
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from aligntok.promote import promote
+
+    params = _params(args)  # the gate's rules: params.yaml `promote:`
+    decision = promote(args.model, args.version, params.promote, force=args.force, reason=args.reason)
+    print(decision.message)
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from aligntok.promote import rollback
+
+    decision = rollback(args.model, _params(args).promote, reason=args.reason)
+    print(decision.message)
     return 0
 
 
@@ -332,6 +350,18 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--max-pixels", type=int, default=max_pixels, metavar="N",
                         help=f"refuse images with more pixels, from their header (default: {max_pixels}, "
                         "as data.max_pixels)")
+
+    promote = add("promote", cmd_promote,
+                  "move a registered model's @champion to VERSION if its metrics are not worse than the champion's "
+                  "(rules: params.yaml promote.models); a refusal exits 1 naming the worse metric")
+    promote.add_argument("model", help="registered model, e.g. aligntok-tokenizer")
+    promote.add_argument("version", help="version number (7) or alias (@stage3)")
+    promote.add_argument("--force", action="store_true", help="promote even if the gate refuses (recorded as forced)")
+    promote.add_argument("--reason", help="why; recorded on the version with the decision")
+
+    rollback = add("rollback", cmd_rollback, "swap a registered model's @champion and @previous (the last promotion)")
+    rollback.add_argument("model", help="registered model, e.g. aligntok-tokenizer")
+    rollback.add_argument("--reason", help="why; recorded on the version with the decision")
 
     decode = add("decode", cmd_decode, "decode latents (from `aligntok encode`) to PNG images")
     decode.add_argument("latents", help=".safetensors written by `aligntok encode`")

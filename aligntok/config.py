@@ -335,6 +335,8 @@ class DataConfig(Section):
     """Largest input read (an image-folder file or a shard member); larger ones are rejected unread."""
     max_label: int = Field(99_999, ge=0)
     """Largest class label a `webdataset:` sample may carry; larger ones are rejected."""
+    max_images: int | None = Field(None, ge=1)
+    """Keep only the first N inputs of the source (the tiny preset's subset); null = all."""
 
     @field_validator("source")
     @classmethod
@@ -361,6 +363,54 @@ class ValidateConfig(Section):
     """Records decoded from every shard to check shape, dtype and value range."""
 
 
+class PromoteRule(Section):
+    """One metric a candidate must not be worse on than the champion, by more than `tolerance`."""
+
+    metric: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    """The model-version tag that holds the figure (`eval_*` from `evaluate`, `val_*` from the stage)."""
+    better: Literal["higher", "lower"]
+    tolerance: float = Field(0.0, ge=0.0)
+    """Absolute slack: `lower` passes when candidate <= champion + tolerance."""
+
+
+class PromoteModelRules(Section):
+    """The gate of one registered model: the first rule set that both versions carry decides."""
+
+    evaluation: list[PromoteRule] = Field(default_factory=list)
+    """Figures of the `evaluate` stage (the gate of record)."""
+    validation: list[PromoteRule] = Field(default_factory=list)
+    """Figures the training stage records itself, used while a version has no evaluation tags yet."""
+
+
+def _rules(evaluation: list[tuple[str, str, float]], validation: list[tuple[str, str, float]]) -> PromoteModelRules:
+    return PromoteModelRules(
+        evaluation=[PromoteRule(metric=m, better=b, tolerance=t) for m, b, t in evaluation],  # type: ignore[arg-type]
+        validation=[PromoteRule(metric=m, better=b, tolerance=t) for m, b, t in validation])  # type: ignore[arg-type]
+
+
+DIT_REGISTERED_MODEL = "aligntok-dit"
+"""The registered model of the `train_dit` stage."""
+
+_TOKENIZER_RULES = (
+    [("eval_rfid", "lower", 2.0), ("eval_psnr", "higher", 0.1), ("eval_lp_top1", "higher", 0.02)],
+    [("val_psnr", "higher", 0.1), ("val_ssim", "higher", 0.005)],
+)
+
+
+class PromoteConfig(Section):
+    """Metric-gated promotion to `@champion` (`aligntok promote`, flows/promote.py); no DVC stage reads it."""
+
+    champion_alias: str = Field("champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
+    previous_alias: str = Field("previous", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
+    models: dict[str, PromoteModelRules] = Field(default_factory=lambda: {
+        "aligntok-tokenizer": _rules(*_TOKENIZER_RULES),
+        "aligntok-vae-baseline": _rules(*_TOKENIZER_RULES),
+        DIT_REGISTERED_MODEL: _rules([("eval_gfid_cfg", "lower", 5.0)], []),
+    })
+    pipeline_candidates: list[str] = Field(default_factory=lambda: ["refine_decoder", "train_dit"])
+    """Stages whose registered version the pipeline flow offers for promotion after `evaluate`."""
+
+
 class Params(Section):
     encoder: EncoderConfig = EncoderConfig()
     latent: LatentConfig = LatentConfig()
@@ -381,6 +431,7 @@ class Params(Section):
     train_dit: TrainDiTConfig = TrainDiTConfig()
     sample: SampleConfig = SampleConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    promote: PromoteConfig = PromoteConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False, populate_by_name=True)
 
@@ -438,11 +489,37 @@ def _mismatches(params: Params) -> list[str]:
     elif resolution % factor:
         problems.append(f"data.resolution: {resolution!r} is invalid: not divisible by {upsampling}")
     problems += _stage_row_problems(params)
+    problems += _promote_problems(params)
     layers = params.tokenizer.discriminator.layers
     gan_stages = [name for name in TOKENIZER_STAGE_SECTIONS if getattr(params, name).losses.gan > 0]
     if gan_stages and discriminator_logit_side(resolution, layers) < 1:
         problems.append(f"tokenizer.discriminator.layers: {layers!r} is invalid: downsamples data.resolution "
                         f"{resolution} to no logits (needed by the GAN loss of {', '.join(gan_stages)})")
+    return problems
+
+
+def _promote_problems(params: Params) -> list[str]:
+    """The promotion gate must name stages that register a model, and those models need rules; a tag named
+    twice in one rule set, or the same alias for champion and previous, would make the gate ambiguous."""
+    cfg, problems = params.promote, []
+    if cfg.champion_alias == cfg.previous_alias:
+        problems.append(f"promote.previous_alias: {cfg.previous_alias!r} is invalid: the same as promote.champion_alias")
+    registering = {name: getattr(params, name).registered_model for name in TOKENIZER_STAGE_SECTIONS}
+    registering["train_dit"] = DIT_REGISTERED_MODEL
+    for stage in cfg.pipeline_candidates:
+        if stage not in registering:
+            problems.append(f"promote.pipeline_candidates: {stage!r} is invalid: not a stage that registers a model "
+                            f"({', '.join(registering)})")
+        elif registering[stage] not in cfg.models:
+            problems.append(f"promote.pipeline_candidates: {stage!r} is invalid: its model {registering[stage]} "
+                            f"has no rules in promote.models")
+    for model, rules in cfg.models.items():
+        for kind in ("evaluation", "validation"):
+            names = [rule.metric for rule in getattr(rules, kind)]
+            for name in sorted({n for n in names if names.count(n) > 1}):
+                problems.append(f"promote.models.{model}.{kind}: {name!r} is invalid: named twice")
+        if not rules.evaluation and not rules.validation:
+            problems.append(f"promote.models.{model}: {{}} is invalid: no rule, so nothing could be compared")
     return problems
 
 

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from aligntok.config import Params
+from aligntok.config import DIT_REGISTERED_MODEL, Params
 from aligntok.data.loader import step_generator
 from aligntok.diffusion.dit import build_dit
 from aligntok.diffusion.flow import FlowDraws, draw_flow, flow_matching_loss, sample
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 WEIGHTS, CONFIG = "dit.safetensors", "dit.json"
 FORMAT = "aligntok-dit/1"
-REGISTERED_MODEL = "aligntok-dit"
+REGISTERED_MODEL = DIT_REGISTERED_MODEL
 
 
 @dataclass(frozen=True)
