@@ -4,7 +4,6 @@ SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
-FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
 # Telemetry off for every tool the pipeline touches.
 export DO_NOT_TRACK := true
@@ -13,14 +12,14 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := false
 
-.PHONY: setup run test test-all study bench clean-venv help
+.PHONY: setup system-packages run test test-slow test-all study bench deploy serve clean-venv help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
 
-setup: $(BIN)/.installed $(FASHION_MNIST)  ## install system packages, the virtualenv and the project
+setup: system-packages $(BIN)/.installed  ## install system packages, the virtualenv and the project
 
-$(FASHION_MNIST):
+system-packages:  ## Debian packages (Fashion-MNIST, PostgreSQL for the integration tests); a no-op when present
 	bash infra/install-system-packages.sh
 
 $(BIN)/.installed: pyproject.toml
@@ -38,8 +37,11 @@ $(BIN)/.installed: pyproject.toml
 run: setup  ## reproduce the embedded default pipeline (dvc repro)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
-test: setup  ## the default test suite (no slow, integration or gpu tests)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m "not slow and not integration and not gpu"
+test: setup  ## the default test suite, integration tests against real servers included (CI runs this)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m "not slow and not gpu"
+
+test-slow: setup  ## the slow tests only (SIGKILL resume, DDP), minutes each
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m "slow"
 
 test-all: setup  ## every test, slow ones included
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
@@ -49,6 +51,20 @@ study: setup  ## the small-scale study (dvc exp run per tokenizer variant) -> re
 
 bench: setup  ## ingest throughput benchmark
 	$(BIN)/python benchmarks/ingest_throughput.py
+
+# Prefect: a local server + worker, and the deployments of prefect.yaml registered against a server.
+PREFECT_PORT ?= 4200
+export PREFECT_API_URL ?= http://127.0.0.1:$(PREFECT_PORT)/api
+export ALIGNTOK_REPO ?= $(CURDIR)
+export ALIGNTOK_WORK_POOL ?= aligntok-process
+
+serve: setup  ## a local Prefect server (UI on 127.0.0.1:PREFECT_PORT) and a process worker; Ctrl-C stops both
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash infra/serve-local.sh
+
+deploy: setup  ## register prefect.yaml's deployments (nightly, on-demand, promote) with the server at PREFECT_API_URL
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/prefect work-pool inspect $(ALIGNTOK_WORK_POOL) >/dev/null 2>&1 || \
+		PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/prefect work-pool create $(ALIGNTOK_WORK_POOL) --type process
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/prefect --no-prompt deploy --all
 
 clean-venv:
 	rm -rf $(VENV)

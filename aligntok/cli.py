@@ -26,7 +26,8 @@ disable_telemetry()
 
 from aligntok.errors import AligntokError  # noqa: E402
 from aligntok.config import (  # noqa: E402
-    TOKENIZER_STAGE_SECTIONS, ConfigError, DataConfig, Params, TrainStageConfig, dump_params, load_params, yaml_problem,
+    TOKENIZER_STAGE_SECTIONS, ConfigError, DataConfig, Params, TrainStageConfig, dump_params, load_params, params_yaml,
+    yaml_problem,
 )
 
 log = logging.getLogger("aligntok")
@@ -50,7 +51,14 @@ def _params(args: argparse.Namespace) -> Params:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    print(dump_params(_params(args)))
+    params = _params(args)
+    if args.out:
+        from aligntok.fileio import atomic_write_text
+
+        atomic_write_text(Path(args.out), params_yaml(params, args.params))
+        log.info("wrote %s (resolved from %s)", args.out, args.params)
+    else:
+        print(dump_params(params))
     return 0
 
 
@@ -252,7 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
         command.set_defaults(handler=handler)
         return command
 
-    add("config", cmd_config, "validate the parameter file and print the resolved configuration")
+    config = add("config", cmd_config, "validate the parameter file and print the resolved configuration")
+    config.add_argument("--out", metavar="PATH", help="write it as a complete params file instead (e.g. params.yaml, "
+                        "to run a preset under `dvc repro`)")
 
     encoder = add("encoder", cmd_encoder,
                   "stage `encoder`: export the foundation encoder (encoder.source) as safetensors + JSON")

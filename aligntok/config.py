@@ -637,5 +637,13 @@ def yaml_problem(exc: yaml.YAMLError) -> str:
     return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
 
 
+def params_yaml(params: Params, origin: str) -> str:
+    """The complete, resolved parameters as a params.yaml that DVC can track (every key spelled out: a preset
+    only lists what it changes, and DVC reads param values from this one file)."""
+    header = (f"# Written from {origin} (`aligntok --params {origin} config --out params.yaml`): every key resolved.\n"
+              "# `git checkout params.yaml` returns to the embedded default.\n")
+    return header + yaml.safe_dump(params.to_dict(), sort_keys=False, default_flow_style=None, width=100)
+
+
 def dump_params(params: Params) -> str:
     return json.dumps(params.to_dict(), indent=2, sort_keys=True)

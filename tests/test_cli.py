@@ -6,13 +6,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from aligntok.cli import build_parser, main
+from aligntok.config import Params, load_params
 
 from conftest import REPO
 
 COMMANDS = {"config", "encoder", "ingest", "validate", "align_latent", "align_perceptual", "refine_decoder",
-            "vae_baseline", "cache_latents", "train_dit", "fid_reference", "evaluate", "sample", "encode", "decode", "study"}
+            "vae_baseline", "cache_latents", "train_dit", "fid_reference", "evaluate", "sample", "encode", "decode", "study",
+            "promote", "rollback"}
 
 
 def run_module(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
@@ -50,3 +53,14 @@ def test_bad_param_is_one_clear_line_not_a_traceback(tmp_path: Path) -> None:
 def test_malformed_set_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--params", str(REPO / "params.yaml"), "--set", "data.resolution", "config"]) == 1
     assert "KEY=VALUE" in capsys.readouterr().err
+
+
+def test_config_out_writes_a_complete_params_file_that_loads_to_the_preset(tmp_path: Path) -> None:
+    out = tmp_path / "params.yaml"
+    assert main(["--params", str(REPO / "configs" / "tiny.yaml"), "config", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text.startswith(f"# Written from {REPO / 'configs' / 'tiny.yaml'}")
+    written = yaml.safe_load(text)
+    assert set(written) == set(Params().to_dict())  # every section spelled out, for DVC to read
+    assert load_params(out) == load_params(REPO / "configs" / "tiny.yaml")
+    assert written["data"]["max_images"] == 600 and written["align_latent"]["steps"] == 6

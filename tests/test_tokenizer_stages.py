@@ -145,6 +145,7 @@ def _stage_command(params_file: Path, inputs: tuple[Path, Path], out: Path, chec
             "--validation", str(report), "--no-register", "--no-progress"]
 
 
+@pytest.mark.slow  # SIGKILL and resume: ~40 s; `make test-slow`
 def test_sigkill_mid_stage_then_rerun_resumes_to_identical_weights(inputs: tuple[Path, Path], tmp_path: Path) -> None:
     raw = {**TINY, "align_latent": {**TINY["align_latent"], "steps": 24, "checkpoint_every": 3,
                                     "losses": {"gan_start": 6}}}

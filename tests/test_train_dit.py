@@ -154,6 +154,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, raw: dict, paths: dict[st
         Path(paths["history"]).write_text(json.dumps(history))
 
 
+@pytest.mark.slow  # two torchrun-style processes (DDP); `make test-slow`
 def test_two_processes_follow_the_single_process_loss_trajectory(setup: dict[str, Path], params: Params,
                                                                  tmp_path: Path) -> None:
     import torch.multiprocessing as mp
@@ -206,6 +207,7 @@ def test_registered_model_samples_and_sample_command(setup: dict[str, Path], par
     assert len(list((tmp_path / "samples" / "grid").glob("*.png"))) == 4
 
 
+@pytest.mark.slow  # SIGKILL and resume: ~25 s; `make test-slow`
 def test_sigkill_mid_training_then_rerun_gives_the_same_weights(setup: dict[str, Path], tmp_path: Path) -> None:
     import signal
     import subprocess
