@@ -209,10 +209,22 @@ def run_stage(stage: str, repo: str, force: bool, parent_run_id: str | None) -> 
             "metrics": stage_metrics(Path(repo), stage)}
 
 
+def _logger() -> Any:
+    """The flow run's logger inside a run, else this module's."""
+    import logging
+
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("aligntok.pipeline")
+
+
 @contextmanager
 def pipeline_lock(repo: Path, timeout: float, holder: str) -> Iterator[None]:
     """Hold the checkout's pipeline lock; wait for it up to `timeout` seconds, then raise `PipelineBusy`."""
-    logger = get_run_logger()
+    logger = _logger()
     path = repo / LOCK_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as handle:
