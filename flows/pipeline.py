@@ -310,9 +310,12 @@ def promote_candidates(repo: Path, stages: list[str]) -> list[dict[str, Any]]:
                 decisions.append({"outcome": "skipped", "message": f"{receipt['model']} v{receipt['version']} was "
                                   f"registered at {receipt['tracking_uri']}, not at {tracking_uri()}"})
                 continue
-            decisions.append(promote_version(receipt["model"], receipt["version"],
-                                             reason=f"pipeline run after evaluate ({stage})",
-                                             params=str(repo / "params.yaml"), fail_on_refusal=False))
+            try:
+                decisions.append(promote_version(receipt["model"], receipt["version"],
+                                                 reason=f"pipeline run after evaluate ({stage})",
+                                                 params=str(repo / "params.yaml"), fail_on_refusal=False))
+            except AligntokError as exc:  # e.g. no rules for the model: the run's stages still stand
+                decisions.append({"outcome": "error", "message": str(exc)})
     return decisions
 
 

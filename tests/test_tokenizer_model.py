@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
@@ -216,8 +215,6 @@ def test_paper_scale_counts_and_shapes() -> None:
         attn_resolutions=[16], latent_size=16,
     )  # real weights: a real forward of one 16x16 latent
     assert count(decoder) == roles["decoder"]
-    start = time.perf_counter()
     with torch.no_grad():
         pixels = decoder(torch.randn(1, 32, 16, 16))
     assert pixels.shape == (1, 3, 256, 256) and torch.isfinite(pixels).all()
-    assert time.perf_counter() - start < 60

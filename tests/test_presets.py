@@ -1,0 +1,53 @@
+"""The presets in configs/: the paper-scale one is the paper's whole recipe, nothing left at the CPU default."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+from aligntok.config import TOKENIZER_STAGE_SECTIONS, Params, load_params
+from aligntok.diffusion.dit import build_dit
+
+from conftest import REPO
+
+PAPER = REPO / "configs" / "imagenet256.yaml"
+
+
+def test_paper_preset_spells_out_every_section_and_every_row_key() -> None:
+    raw = yaml.safe_load(PAPER.read_text())
+    default = Params().to_dict()
+    assert set(raw) == set(default), f"left at the embedded default: {sorted(set(default) - set(raw))}"
+    for section in (*TOKENIZER_STAGE_SECTIONS, "cache_latents", "dit", "train_dit", "sample", "evaluate", "promote"):
+        missing = set(default[section]) - set(raw[section])
+        assert not missing, f"{section}: {sorted(missing)} fall back to the embedded default"
+
+
+def test_paper_preset_is_the_paper_recipe() -> None:
+    p = load_params(PAPER)
+    assert (p.dit.preset, p.dit.qk_norm, p.dit.class_dropout) == ("LightningDiT-XL/1", True, 0.1)
+    assert (p.train_dit.steps, p.train_dit.batch_size) == (80_000, 1024)  # 64 epochs
+    assert p.cache_latents.max_images is None  # every training image
+    assert p.align_perceptual.train == ["encoder", "adapter", "decoder"] and p.align_perceptual.losses.semantic == 1.0
+    assert p.align_perceptual.encoder_lr_scale == 0.1 and p.align_perceptual.ema_decay == 0.999
+    # the stage-2 EMA must have forgotten the stage-1 weights it starts from
+    assert p.align_perceptual.ema_decay ** p.align_perceptual.steps < 1e-3
+    assert p.refine_decoder.train == ["decoder"]
+    # the baseline is trained with the same reconstruction losses as the aligned stages (an even comparison)
+    for name in ("l1", "perceptual", "gan"):
+        assert getattr(p.vae_baseline.losses, name) == getattr(p.align_latent.losses, name), name
+    assert p.sample.method == "euler" and p.sample.cfg_scale == 10.0 and p.sample.cfg_interval is not None
+    assert p.evaluate.gen_samples == p.evaluate.recon_images == 50_000  # FID-50K
+
+
+def test_paper_preset_model_sizes() -> None:
+    p = load_params(PAPER)
+    grid = p.encoder.image_size // 14
+    with torch.device("meta"):
+        dit = build_dit(p.dit, p.latent.channels, grid, num_classes=1000)
+    params = sum(t.numel() for t in dit.parameters())
+    assert 660e6 < params < 690e6, params  # LightningDiT-XL/1, ~675M
+
+
+@pytest.mark.parametrize("preset", ["imagenet256.yaml", "tiny.yaml"])
+def test_every_preset_loads(preset: str) -> None:
+    load_params(REPO / "configs" / preset)
