@@ -26,3 +26,16 @@ def test_peer_benchmarks_quick_run_writes_consistent_reports(tmp_path: Path) -> 
         assert "diffusers" in row["peer"] and "aligntok" in row["ours"]
     table = out.with_suffix(".md").read_text()
     assert all(f"| {name} |" in table for name in names)
+
+
+def test_gpu_check_runs_on_cpu_at_tiny_size(tmp_path: Path) -> None:
+    result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--tiny"], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads((REPO / "benchmarks" / "out" / "gpu_check.json").read_text())
+    assert figures["preset"] == "LightningDiT-T/1" and figures["dtype"] == "torch.float32"
+    for stage in ("align_latent", "align_perceptual", "refine_decoder"):
+        assert figures[f"tokenizer_train_{stage}_images_per_s"] > 0
+    assert figures["dit_train_samples_per_s"] > 0 and 0 < figures["dit_mfu"] < 1
+    assert abs(figures["dit_train_ratio"] - figures["dit_train_samples_per_s"] / figures["dit_train_peer_samples_per_s"]) < 1e-9
+    assert "MFU" in result.stdout and "sampling" in result.stdout
