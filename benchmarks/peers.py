@@ -10,6 +10,8 @@ every model is randomly initialised (no weights needed).
   ViT-S/14 at 112 px) against the same SD-VAE at 32x32.
 - diffusion training step (forward, MSE loss, backward, AdamW step), samples/s: our LightningDiT against
   diffusers' DiTTransformer2DModel at the same width, depth, heads and token count (patch 1 on the latent).
+- data loading, images/s: our WebDataset shards (written once by `ingest`) against torchvision's ImageFolder
+  + DataLoader on the same photos (../shared/data/imagenet-sample), both ending in 256x256 float tensors.
 - sampling, images/s: 50 Euler steps with classifier-free guidance (one forward of [cond; uncond] per step),
   our `aligntok.diffusion.flow.sample` against the same loop over DiTTransformer2DModel written as diffusers'
   DiTPipeline does it, with diffusers' FlowMatchEulerDiscreteScheduler.
@@ -201,6 +203,55 @@ def bench_sampling(preset: str, channels: int, side: int, batch: int, steps: int
                        repeats)
 
 
+def bench_data_loading(photos: Path, workers: int, batch: int, repeats: int, limit: int | None) -> Result:
+    """Images/s of one pass over the same photos at 256x256 (decoded, resized, centre-cropped, to float):
+    our shards (ingested once, untimed) read by `load_split` + `ImageSet.batch`, against torchvision's
+    ImageFolder + DataLoader doing the decode and resize every pass, with `workers` loader processes."""
+    import shutil
+    import tempfile
+
+    from torch.utils.data import DataLoader
+    from torchvision import datasets, transforms
+
+    from aligntok.data.ingest import ingest
+    from aligntok.data.loader import load_split, read_dataset_info
+
+    tmp = Path(tempfile.mkdtemp(prefix="aligntok-bench-"))
+    folder = tmp / "folder"
+    files = sorted(photos.glob("*.JPEG"))[:limit]
+    for path in files:  # ImageFolder wants one folder per class: the synset prefix of the file name
+        (folder / path.name.split("_", 1)[0]).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, folder / path.name.split("_", 1)[0] / path.name)  # ingest refuses outside links
+    cfg = load_params(REPO / "params.yaml").data.model_copy(
+        update={"resolution": 256, "val_fraction": 0.01, "workers": workers, "min_side": 16})
+    ingest(f"imagefolder:{folder}", tmp / "shards", cfg, progress=False)
+
+    def ours() -> int:  # both splits: every photo, as the peer reads them
+        seen = 0
+        for split in [name for name, shards in read_dataset_info(tmp / "shards")["shards"].items() if shards]:
+            images = load_split(tmp / "shards", split, progress=False)
+            for start in range(0, len(images), batch):
+                x, _ = images.batch(torch.arange(start, min(start + batch, len(images))))
+                seen += len(x)
+        return seen
+
+    transform = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(256), transforms.ToTensor()])
+    loader = DataLoader(datasets.ImageFolder(folder, transform=transform), batch_size=batch,
+                        num_workers=workers, persistent_workers=False)
+
+    def peer() -> int:
+        return sum(len(x) for x, _ in loader)
+
+    try:
+        n = ours()
+        assert n == len(files), f"the shards hold {n} of {len(files)} photos"
+        return compare(f"data loading {len(files)} photos at 256px", "images/s", n,
+                       ("aligntok shards: load_split + ImageSet.batch", ours),
+                       (f"torchvision ImageFolder + DataLoader ({workers} workers)", peer), repeats)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_report(results: list[Result], header: dict[str, str], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {**header, "results": [asdict(r) | {"ratio": r.ratio} for r in results]}
@@ -235,8 +286,11 @@ def main() -> int:
     repeats = 1 if args.quick else args.repeats
     embedded = load_params(REPO / "params.yaml")
     results = []
+    photos = REPO.parent / "shared" / "data" / "imagenet-sample"
     if args.quick:
         results += bench_tokenizer("embedded default", embedded, batch=2, repeats=repeats)
+        if photos.is_dir():
+            results.append(bench_data_loading(photos, workers=1, batch=8, repeats=repeats, limit=24))
         results.append(bench_dit_training("LightningDiT-T/1", 32, 8, batch=8, repeats=repeats))
         results.append(bench_sampling("LightningDiT-T/1", 32, 8, batch=2, steps=5, repeats=repeats))
     else:
@@ -246,6 +300,10 @@ def main() -> int:
         for preset in ("LightningDiT-T/1", "LightningDiT-S/1"):
             results.append(bench_dit_training(preset, 32, 8, batch=64, repeats=repeats))
         results.append(bench_sampling("LightningDiT-T/1", 32, 8, batch=16, steps=50, repeats=repeats))
+        if photos.is_dir():
+            results.append(bench_data_loading(photos, workers=2, batch=64, repeats=repeats, limit=None))
+        else:
+            print(f"data loading: skipped, {photos} not present")
     write_report(results, header, args.out)
     print(f"wrote {args.out.with_suffix('.md')} and .json")
     return 0
