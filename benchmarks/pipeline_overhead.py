@@ -1,0 +1,92 @@
+"""Our overhead around the models: latent caching against its bare forward, and a no-op `dvc repro`.
+
+- cache_latents: images/s of `aligntok.diffusion.latents.cache_latents` (read shards, decode, encode every
+  image and its flip, write latent shards, channel statistics) against the bare forward it cannot beat:
+  the same tokenizer's `encode` on the same already-decoded batches and their flips (the ceiling). Ratio =
+  ours / ceiling; the gap is our overhead. Uses the checkout's `data/shards` and stage-3 tokenizer (run
+  `dvc repro cache_latents` first).
+- no-op `dvc repro` in this checkout (everything up to date): wall seconds, median of 3 (target: under 3 s).
+
+    python benchmarks/pipeline_overhead.py --images 2000 --json benchmarks/out/overhead.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from aligntok.config import load_params  # noqa: E402
+from aligntok.data.loader import load_split  # noqa: E402
+from aligntok.diffusion.latents import cache_latents  # noqa: E402
+from aligntok.tokenizer.api import Tokenizer  # noqa: E402
+
+
+def bench_cache(images: int, batch: int) -> dict[str, float]:
+    shards, tokenizer = REPO / "data" / "shards", REPO / "models" / "tokenizer" / "refine_decoder"
+    if not (shards / "dataset.json").is_file() or not (tokenizer / "tokenizer.safetensors").is_file():
+        raise SystemExit("run `dvc repro cache_latents` first: data/shards and models/tokenizer/refine_decoder")
+    cfg = load_params(REPO / "params.yaml").cache_latents.model_copy(
+        update={"max_images": images, "batch_size": batch, "shard_size": 1000})
+    out = Path(tempfile.mkdtemp(prefix="aligntok-cache-bench-"))
+    try:
+        start = time.perf_counter()
+        cache_latents(tokenizer, shards, out / "latents", cfg, progress=False)
+        ours = images / (time.perf_counter() - start)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    data = load_split(shards, "train", limit=images, progress=False)
+    model = Tokenizer.load(tokenizer, batch_size=batch)
+    decoded = [data.batch(torch.arange(s, min(s + batch, images)))[0] for s in range(0, images, batch)]
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for x in decoded:
+            model.encode(x)
+            model.encode(torch.flip(x, dims=[3]))
+    ceiling = images / (time.perf_counter() - start)
+    print(f"cache_latents {ours:8.1f} images/s; bare encode of the same batches and flips {ceiling:8.1f} images/s; "
+          f"ratio {ours / ceiling:.2f}", flush=True)
+    return {"cache_latents_images_per_s": ours, "bare_forward_images_per_s": ceiling, "cache_ratio": ours / ceiling}
+
+
+def bench_noop_repro(repeats: int = 3) -> dict[str, float]:
+    dvc = shutil.which("dvc", path=str(Path(sys.executable).parent)) or "dvc"
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = subprocess.run([dvc, "repro"], cwd=REPO, capture_output=True, text=True)
+        times.append(time.perf_counter() - start)
+        if result.returncode != 0 or "Running stage" in result.stdout:
+            raise SystemExit(f"`dvc repro` was not a no-op here:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
+    seconds = statistics.median(times)
+    print(f"no-op dvc repro {seconds:.2f} s (median of {repeats}; target under 3 s)", flush=True)
+    return {"noop_dvc_repro_seconds": seconds}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=2000, help="training images cached (default: 2000)")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    figures = bench_cache(args.images, args.batch) | bench_noop_repro()
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
