@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -28,6 +27,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from a checkout
+
+from common import cpu_model  # noqa: E402  (benchmarks/, the script's own folder)
 
 from aligntok.eval.inception import SIZE, InceptionFeatures  # noqa: E402
 from aligntok.eval.probe import linear_probe  # noqa: E402
@@ -44,16 +45,6 @@ class Row:
     @property
     def rate(self) -> float:
         return self.items / self.seconds
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def time_forward(fn, batches: list[torch.Tensor]) -> float:

@@ -30,7 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from peers import cpu_model, dit_pair, our_tokenizer, sd_vae  # noqa: E402
+from common import cpu_model  # noqa: E402
+from peers import dit_pair, our_tokenizer, sd_vae  # noqa: E402
 
 from aligntok.config import TOKENIZER_STAGE_SECTIONS, load_params  # noqa: E402
 from aligntok.diffusion.dit import PRESETS  # noqa: E402

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -39,6 +38,8 @@ from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from a checkout
+
+from common import cpu_model  # noqa: E402  (benchmarks/, the script's own folder)
 
 from aligntok.config import Params, load_params  # noqa: E402  (Params: type hints)
 from aligntok.diffusion.dit import PRESETS, LightningDiT  # noqa: E402
@@ -61,16 +62,6 @@ class Result:
     @property
     def ratio(self) -> float:
         return self.ours_rate / self.peer_rate
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def compare(benchmark: str, unit: str, items: int, ours: tuple[str, Callable[[], object]],
