@@ -49,8 +49,9 @@ test-all: setup  ## every test, slow ones included
 study: setup  ## the small-scale study (dvc exp run per tokenizer variant) -> reports/study.md
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/aligntok study
 
-bench: setup  ## benchmarks against peers -> reports/benchmarks.md/.json; then ingest and evaluation throughput
+bench: setup  ## (after make run) peers -> reports/benchmarks.md/.json, pipeline overhead, ingest and evaluation throughput
 	$(BIN)/python benchmarks/peers.py
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/pipeline_overhead.py --prefect --json reports/overhead.json
 	$(BIN)/python benchmarks/ingest_throughput.py
 	$(BIN)/python benchmarks/eval_throughput.py
 

@@ -6,6 +6,9 @@
   ours / ceiling; the gap is our overhead. Uses the checkout's `data/shards` and stage-3 tokenizer (run
   `dvc repro cache_latents` first).
 - no-op `dvc repro` in this checkout (everything up to date): wall seconds, median of 3 (target: under 3 s).
+- `--prefect`: the tiny preset's whole DAG run by the Prefect flow (flows/pipeline.py, with its temporary
+  server, lock, parent run and summary) against `dvc repro` of the same DAG, each in a fresh copy of this
+  checkout (target: the flow adds under 10%).
 
     python benchmarks/pipeline_overhead.py --images 2000 --json benchmarks/out/overhead.json
 """
@@ -74,14 +77,59 @@ def bench_noop_repro(repeats: int = 3) -> dict[str, float]:
     return {"noop_dvc_repro_seconds": seconds}
 
 
+def _checkout(root: Path) -> Path:
+    """A fresh git copy of this checkout's code (what `git ls-files` lists; no data, models or reports)."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.splitlines()
+    for name in files:
+        if (REPO / name).is_file() and not name.startswith(("data/", "models/", "reports/")):
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, root / name)
+    for command in (["git", "init", "-q"], ["git", "add", "-A"],
+                    ["git", "-c", "user.email=b@example.com", "-c", "user.name=b", "commit", "-qm", "bench"]):
+        subprocess.run(command, cwd=root, check=True, capture_output=True)
+    return root
+
+
+def bench_prefect() -> dict[str, float]:
+    import os
+
+    bin_dir = str(Path(sys.executable).parent)
+    tmp = Path(tempfile.mkdtemp(prefix="aligntok-flow-bench-"))
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PREFECT_HOME": str(tmp / "prefect"),
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    try:
+        direct, flow = _checkout(tmp / "direct"), _checkout(tmp / "flow")
+        aligntok = [sys.executable, "-m", "aligntok", "--params", "configs/tiny.yaml", "config", "--out", "params.yaml"]
+        subprocess.run(aligntok, cwd=direct, env=env, check=True, capture_output=True)
+        start = time.perf_counter()
+        subprocess.run(["dvc", "repro"], cwd=direct, env=env, check=True, capture_output=True)
+        seconds_direct = time.perf_counter() - start
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "flows/pipeline.py", "--preset", "configs/tiny.yaml", "--no-promote"],
+                       cwd=flow, env=env, check=True, capture_output=True)
+        seconds_flow = time.perf_counter() - start
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    overhead = seconds_flow / seconds_direct - 1
+    print(f"tiny DAG: dvc repro {seconds_direct:.1f} s, Prefect flow {seconds_flow:.1f} s: overhead "
+          f"{100 * overhead:+.1f}% (target under 10%)", flush=True)
+    return {"tiny_dvc_repro_seconds": seconds_direct, "tiny_prefect_flow_seconds": seconds_flow,
+            "prefect_overhead": overhead}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=2000, help="training images cached (default: 2000)")
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--prefect", action="store_true", help="also the Prefect flow against dvc repro (~6 min)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     figures = bench_cache(args.images, args.batch) | bench_noop_repro()
+    if args.prefect:
+        figures |= bench_prefect()
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
