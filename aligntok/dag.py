@@ -81,3 +81,9 @@ def upstream(dvc_yaml: Path | str, targets: list[str]) -> list[str]:
             needed.add(name)
             todo += sorted(needs[name])
     return [name for name in stage_order(dvc_yaml) if name in needed]
+
+
+def stage_paths(dvc_yaml: Path | str, stage: str, key: str) -> list[str]:
+    """The paths a stage lists under `key` (`deps`, `outs`, `metrics`, ...), `${...}` resolved."""
+    stages, values = _load(dvc_yaml)
+    return _paths(stages[stage].get(key), values)

@@ -48,12 +48,11 @@ from aligntok.telemetry import disable_telemetry  # noqa: E402
 # Prefect reads its settings and before MLflow or a `dvc` subprocess starts.
 disable_telemetry()
 
-import yaml  # noqa: E402
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
-from aligntok.dag import stage_order, upstream  # noqa: E402
+from aligntok.dag import stage_order, stage_paths, upstream  # noqa: E402
 from aligntok.errors import AligntokError  # noqa: E402
 from aligntok.tracking import PARENT_RUN_ENV  # noqa: E402
 
@@ -114,18 +113,10 @@ def error_line(output: str) -> str:
     return lines[-1] if lines else "(no output)"
 
 
-def _stages_yaml(repo: Path) -> dict[str, Any]:
-    return yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
-
-
-def _outs(entry: dict[str, Any], key: str) -> list[str]:
-    return [p if isinstance(p, str) else next(iter(p)) for p in entry.get(key) or []]
-
-
 def stage_receipts(repo: Path, stage: str) -> list[dict[str, Any]]:
     """The registry receipts (receipt.json) among a stage's outputs."""
     found = []
-    for out in _outs(_stages_yaml(repo)[stage], "outs"):
+    for out in stage_paths(repo / "dvc.yaml", stage, "outs"):
         receipt = repo / out / "receipt.json"
         if receipt.is_file():
             found.append(json.loads(receipt.read_text()))
@@ -143,7 +134,7 @@ def stage_metrics(repo: Path, stage: str) -> dict[str, float]:
         elif isinstance(value, (int, float)) and prefix.rsplit(".", 1)[-1] in KEY_METRICS:
             found[prefix] = float(value)
 
-    for path in _outs(_stages_yaml(repo)[stage], "metrics"):
+    for path in stage_paths(repo / "dvc.yaml", stage, "metrics"):
         if (repo / path).is_file():
             walk("", json.loads((repo / path).read_text()))
     return found

@@ -76,6 +76,17 @@ def start(command: list[str], log: Path, env: dict[str, str], cwd: Path | None =
                             start_new_session=True)
 
 
+@contextmanager
+def serving(command: list[str], log: Path, env: dict[str, str], health: str, what: str) -> Iterator[None]:
+    """Run a server until the block ends; fail (with its log) unless `health` answers within 180 s."""
+    process = start(command, log, env)
+    try:
+        wait_http(health, process, log, 180, what)
+        yield
+    finally:
+        stop(process)
+
+
 # --- PostgreSQL ------------------------------------------------------------------------------------------------
 
 def postgres_bin() -> Path:
@@ -149,13 +160,9 @@ def mlflow_server(root: Path, backend: str, env: dict[str, str]) -> Iterator[str
     command = [shutil.which("mlflow", path=env["PATH"]) or "mlflow", "server", "--host", "127.0.0.1",
                "--port", str(port), "--backend-store-uri", backend, "--serve-artifacts",
                "--artifacts-destination", (root / "artifacts").as_uri(), "--workers", "1"]
-    process = start(command, log, env)
     url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{url}/health", process, log, 180, "mlflow server")
+    with serving(command, log, env, f"{url}/health", "mlflow server"):
         yield url
-    finally:
-        stop(process)
 
 
 # --- Prefect -------------------------------------------------------------------------------------------------
@@ -168,14 +175,11 @@ def prefect_server(root: Path, database: str, env: dict[str, str]) -> Iterator[s
     server_env = {**env, "PREFECT_HOME": str(root / "home"), "PREFECT_API_DATABASE_CONNECTION_URL": database,
                   "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(port),
                   "PREFECT_UI_ENABLED": "false"}
-    process = start([shutil.which("prefect", path=env["PATH"]) or "prefect", "server", "start", "--host", "127.0.0.1",
-                     "--port", str(port)], log, server_env)
+    command = [shutil.which("prefect", path=env["PATH"]) or "prefect", "server", "start", "--host", "127.0.0.1",
+               "--port", str(port)]
     api = f"http://127.0.0.1:{port}/api"
-    try:
-        wait_http(f"{api}/health", process, log, 180, "prefect server")
+    with serving(command, log, server_env, f"{api}/health", "prefect server"):
         yield api
-    finally:
-        stop(process)
 
 
 def prefect_api(api: str, path: str, body: dict[str, Any] | None = None) -> Any:
