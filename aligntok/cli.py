@@ -47,7 +47,11 @@ def _params(args: argparse.Namespace) -> Params:
             overrides[key] = yaml.safe_load(value)
         except yaml.YAMLError as exc:
             raise ConfigError(f"--set {item!r}: the value is not valid YAML: {yaml_problem(exc)}") from None
-    return load_params(args.params, overrides)
+    params = load_params(args.params, overrides)
+    from aligntok.runtime import configure_threads
+
+    configure_threads(params.runtime)  # before any work: torch sizes its pools at the first op
+    return params
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -156,7 +160,7 @@ def cmd_fid_reference(args: argparse.Namespace) -> int:
     from aligntok.eval.reference import build_reference
 
     build_reference(Path(args.data), Path(args.encoder), Path(args.out), params.evaluate,
-                    progress=not args.no_progress, validation=Path(args.validation))
+                    progress=not args.no_progress, validation=Path(args.validation), runtime=params.runtime)
     return 0
 
 
@@ -388,10 +392,17 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("great_expectations", "mlflow", "alembic", "httpx"):  # their INFO lines drown ours
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # mlflow resets its level from this at import
+    code = 1
     try:
-        return args.handler(args)
+        code = args.handler(args)
+        return code
     except (AligntokError, FileNotFoundError) as exc:  # bad input: one line; anything else is a bug
         if args.debug:
             raise
         print(f"aligntok {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        if os.environ.get("ALIGNTOK_RESOURCE_LOG"):  # wall/CPU/peak RSS of this stage process (`make run`)
+            from aligntok.runtime import record_resources
+
+            record_resources(args.command, code)

@@ -363,6 +363,24 @@ class ValidateConfig(Section):
     """Records decoded from every shard to check shape, dtype and value range."""
 
 
+class RuntimeConfig(Section):
+    """Fast paths (`aligntok.runtime`): how fast a stage runs, never what it computes beyond float rounding."""
+
+    threads: int | None = Field(None, ge=1, le=1024)
+    """torch intra-op threads per process; None: usable cores / processes of this machine's torchrun group."""
+    channels_last: bool = True
+    """NHWC for the decoder, VAE encoder, discriminator, perceptual network and FID Inception."""
+    compile: bool = False
+    """torch.compile the DiT's training forward (eager, with a warning, when compilation is unavailable). Off
+    unless a params file turns it on (params.yaml does): compiling costs ~1 min, more than a short run saves."""
+    autocast: Literal["auto", "off", "bf16"] = "auto"
+    """bf16 autocast for training and sampling: auto = on CUDA only (this CPU has no bf16 units)."""
+    decode_threads: int = Field(2, ge=0, le=64)
+    """Threads decoding a batch's images (Pillow releases the GIL); 0 or 1 = in the calling thread."""
+    prefetch: int = Field(0, ge=0, le=8)
+    """Training batches built ahead by a background thread (0: inline, the batch costs <1% of a CPU step)."""
+
+
 class PromoteRule(Section):
     """One metric a candidate must not be worse on than the champion, by more than `tolerance`."""
 
@@ -432,6 +450,7 @@ class Params(Section):
     sample: SampleConfig = SampleConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     promote: PromoteConfig = PromoteConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False, populate_by_name=True)
 

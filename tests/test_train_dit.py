@@ -249,3 +249,27 @@ def test_sigkill_mid_training_then_rerun_gives_the_same_weights(setup: dict[str,
     a = load_file(str(tmp_path / "reference" / "dit.safetensors"))
     b = load_file(str(tmp_path / "killed" / "dit.safetensors"))
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+def test_compile_switch_trains_eagerly_when_the_compiler_fails(setup: dict[str, Path], params: Params,
+                                                                tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """runtime.compile on a machine whose compiler fails: the stage warns, trains eagerly to the same weights."""
+    import functools
+
+    def failing_backend(gm: object, example_inputs: object) -> None:
+        raise RuntimeError("no C++ compiler on this machine")
+
+    paths = dict(latents=setup["latents"], tokenizer=setup["tokenizer"])
+    eager = run_train_dit(params, DiTPaths(**paths, out=tmp_path / "eager", checkpoints=tmp_path / "ck1"),
+                          register=False, progress=False)
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=failing_backend))
+    compiled = parse_params({**TINY, "runtime": {"compile": True}})
+    fallback = run_train_dit(compiled, DiTPaths(**paths, out=tmp_path / "fallback", checkpoints=tmp_path / "ck2"),
+                             register=False, progress=False)
+    assert eager["compiled"] == 0.0 and fallback["compiled"] == 0.0
+    assert fallback["final_loss"] == eager["final_loss"]
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(tmp_path / "eager" / "dit.safetensors")), load_file(str(tmp_path / "fallback" / "dit.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

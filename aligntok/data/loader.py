@@ -14,7 +14,8 @@ import io
 import json
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,18 +37,31 @@ def decode_image(data: bytes) -> torch.Tensor:
 
 @dataclass
 class ImageSet:
-    """N encoded images (decoded per batch), labels (N,) int64 and record keys."""
+    """N encoded images (decoded per batch), labels (N,) int64 and record keys.
+
+    `decode_threads` >= 2 decodes a batch's images on that many threads (`runtime.decode_threads`): Pillow
+    releases the GIL while it decodes, so the threads run on separate cores. The batch is the same either way.
+    """
 
     encoded: list[bytes]
     labels: torch.Tensor
     keys: list[str]
+    decode_threads: int = 0
+    _pool: ThreadPoolExecutor | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> images (B, 3, R, R) float in [0, 1], labels (B,)."""
-        images = torch.stack([decode_image(self.encoded[int(i)]) for i in indices])  # (B, 3, R, R) uint8
+        chosen = [self.encoded[int(i)] for i in indices]
+        if self.decode_threads >= 2 and len(chosen) > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="aligntok-decode")
+            decoded = list(self._pool.map(decode_image, chosen))
+        else:
+            decoded = [decode_image(data) for data in chosen]
+        images = torch.stack(decoded)  # (B, 3, R, R) uint8
         return images.float().div_(255.0), self.labels[indices]
 
 
@@ -67,8 +81,10 @@ def iter_shard(path: Path) -> Iterator[tuple[str, bytes, int]]:
             raise ValueError(f"{path}: record {record['__key__']!r}: {exc}") from None
 
 
-def load_split(data_dir: Path, split: str, limit: int | None = None, progress: bool = True) -> ImageSet:
-    """Read the `split` shards of an ingest folder (the first `limit` records, if given)."""
+def load_split(data_dir: Path, split: str, limit: int | None = None, progress: bool = True,
+               decode_threads: int = 0) -> ImageSet:
+    """Read the `split` shards of an ingest folder (the first `limit` records, if given); batches are decoded
+    on `decode_threads` threads (0 or 1: in the calling thread)."""
     info = read_dataset_info(data_dir)
     shards = info["shards"].get(split) or []
     if not shards:
@@ -91,7 +107,8 @@ def load_split(data_dir: Path, split: str, limit: int | None = None, progress: b
         raise ValueError(f"{data_dir}: {split} shards hold {len(keys)} records, dataset.json says {total}")
     log.info("read %d %s images from %d shards (%.1f MB encoded)", total, split, len(shards),
              sum(map(len, encoded)) / 1e6)
-    return ImageSet(encoded=encoded, labels=torch.tensor(labels, dtype=torch.int64), keys=keys)
+    return ImageSet(encoded=encoded, labels=torch.tensor(labels, dtype=torch.int64), keys=keys,
+                    decode_threads=decode_threads)
 
 
 STREAMS = ("batch", "flip", "flow")

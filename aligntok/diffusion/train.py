@@ -10,6 +10,7 @@ Rank 0 alone logs, checkpoints, writes outputs and registers.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -21,6 +22,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from aligntok import runtime
 from aligntok.config import DIT_REGISTERED_MODEL, Params
 from aligntok.data.loader import step_generator
 from aligntok.diffusion.dit import build_dit
@@ -29,6 +31,7 @@ from aligntok.diffusion.latents import LatentSet, dist_info, load_latents, read_
 from aligntok.fileio import atomic_write_text, sha256_file
 from aligntok.tokenizer.api import Tokenizer
 from aligntok.train.checkpoint import TrainState, atomic_save_safetensors, clean_checkpoint_folder
+from aligntok.runtime import CompiledOrEager
 from aligntok.train.loop import LoopSettings, StepLosses, run_loop
 
 log = logging.getLogger(__name__)
@@ -76,14 +79,17 @@ def step_batch(latents: LatentSet, step: int, batch_size: int, seed: int, class_
 
 class FlowMatchingObjective:
     """`flow_matching_loss` on this rank's slice, with the step's draws and label dropout (logged as the
-    global mean)."""
+    global mean). `model` may be the module or its `runtime.CompiledOrEager` wrapper; `autocast` is the
+    forward's precision context (`runtime.autocast`; none: float32)."""
 
-    def __init__(self, model: torch.nn.Module, world_size: int) -> None:
-        self.model, self.world_size = model, world_size
+    def __init__(self, model: Callable[..., torch.Tensor], world_size: int,
+                 autocast: Callable[[], Any] = contextlib.nullcontext) -> None:
+        self.model, self.world_size, self.autocast = model, world_size, autocast
 
     def __call__(self, batch: StepBatch, step: int) -> StepLosses:
         def velocity(z_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return self.model(z_t, t, y, force_drop=batch.drop)  # (b, C, h, w)
+            with self.autocast():
+                return self.model(z_t, t, y, force_drop=batch.drop).float()  # (b, C, h, w)
 
         loss = flow_matching_loss(velocity, batch.z0, batch.y, draws=FlowDraws(t=batch.t, eps=batch.eps)).loss
         logged = loss.detach().clone()
@@ -179,15 +185,21 @@ def run_train_dit(params: Params, paths: DiTPaths, register: bool = True, progre
     settings = LoopSettings.from_schedule(cfg, "train_dit",
                                           extra_checkpoints=tuple(s for s in cfg.snapshot_steps if s < cfg.steps))
     try:
+        fast = params.runtime
+        device = next(model.parameters()).device
+        forward = CompiledOrEager(trained, "train_dit", enabled=fast.compile)
         result = run_loop(
-            settings=settings, state=state, objective=FlowMatchingObjective(trained, world_size),
+            settings=settings, state=state,
+            objective=FlowMatchingObjective(forward, world_size, lambda: runtime.autocast(fast, device)),
             batches=lambda step: step_batch(latents, step, cfg.batch_size, cfg.seed, params.dit.class_dropout,
                                             cfg.t_mean, cfg.t_std, rank, world_size),
             checkpoint=checkpoint, sidecar=lambda: {"mlflow_run_id": run.run_id if run else None, "fingerprint": key},
             on_log=log_step, on_checkpoint=keep_snapshot, is_main_process=is_main, progress=progress,
+            prefetch=fast.prefetch,
         )
         metrics = {"final_loss": result.last_logs.get("loss_global", float("nan")), "steps": float(cfg.steps),
-                   "train_seconds": result.seconds, "world_size": float(world_size)}
+                   "train_seconds": result.seconds, "world_size": float(world_size),
+                   "compiled": float(forward.is_compiled)}
         if is_main:
             _save(paths, params, ema, latents, metrics, run, snapshots)
         return metrics

@@ -223,8 +223,10 @@ def run_evaluate(params: Params, paths: EvalPaths, register: bool = True, progre
     folders = {name: paths.tokenizers / name for name in cfg.tokenizers}
     if missing := [str(f) for f in folders.values() if not (f / "tokenizer.json").is_file()]:
         raise FileNotFoundError(f"no tokenizer in {missing} (run the tokenizer stages first)")
-    inception, encoder = InceptionFeatures(), EncoderFeatures(paths.encoder)
-    val = load_split(paths.data, "val", limit=max(cfg.recon_images, cfg.probe_val_images), progress=progress)
+    inception, encoder = InceptionFeatures(channels_last=params.runtime.channels_last), EncoderFeatures(paths.encoder)
+    threads = params.runtime.decode_threads
+    val = load_split(paths.data, "val", limit=max(cfg.recon_images, cfg.probe_val_images), progress=progress,
+                     decode_threads=threads)
     probe = ProbeSets(train=load_split(paths.data, "train", limit=cfg.probe_train_images, progress=progress),
                       val=_head(val, cfg.probe_val_images))
     paths.out.mkdir(parents=True, exist_ok=True)
@@ -258,7 +260,8 @@ def run_evaluate(params: Params, paths: EvalPaths, register: bool = True, progre
 
 
 def _head(images: ImageSet, count: int) -> ImageSet:
-    return ImageSet(encoded=images.encoded[:count], labels=images.labels[:count], keys=images.keys[:count])
+    return ImageSet(encoded=images.encoded[:count], labels=images.labels[:count], keys=images.keys[:count],
+                    decode_threads=images.decode_threads)
 
 
 def _save_grid(images: torch.Tensor, path: Path, nrow: int) -> None:

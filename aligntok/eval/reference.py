@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from aligntok.config import EvaluateConfig
+from aligntok.config import EvaluateConfig, RuntimeConfig
 from aligntok.data.loader import ImageSet, load_split, require_validated
 from aligntok.eval.fid import FeatureStats
 from aligntok.eval.fd_encoder import EncoderFeatures
@@ -35,16 +35,18 @@ def batches(images: ImageSet, count: int, batch_size: int) -> Iterator[torch.Ten
 
 
 def build_reference(data_dir: Path, encoder_dir: Path, out_dir: Path, cfg: EvaluateConfig,
-                    progress: bool = True, validation: Path | None = None) -> dict[str, Any]:
+                    progress: bool = True, validation: Path | None = None,
+                    runtime: RuntimeConfig | None = None) -> dict[str, Any]:
     """Inception and encoder features of the reference images (`fid_reference` stage); with `validation`,
-    refuses shards whose validation report failed."""
+    refuses shards whose validation report failed. `runtime`: the fast paths (default: `RuntimeConfig()`)."""
     if validation is not None:
         require_validated(validation)
-    inception, encoder = InceptionFeatures(), EncoderFeatures(encoder_dir)
+    fast = runtime or RuntimeConfig()
+    inception, encoder = InceptionFeatures(channels_last=fast.channels_last), EncoderFeatures(encoder_dir)
     summary: dict[str, Any] = {"manifest_sha256": sha256_file(data_dir / "manifest.parquet"),
                                "inception": inception.description, "encoder": encoder.description}
     for split, count in (("train", cfg.reference_images), ("val", cfg.recon_images)):
-        images = load_split(data_dir, split, limit=count, progress=progress)
+        images = load_split(data_dir, split, limit=count, progress=progress, decode_threads=fast.decode_threads)
         for kind, fn in (("inception", inception), ("encoder", encoder)):
             feats = extract_features(fn, batches(images, len(images), cfg.batch_size), len(images),
                             f"{split} {kind} features", progress)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from aligntok import runtime
 from aligntok.config import ConfigError, Params, TrainStageConfig, stage_alias
 from aligntok.encoder.vit import EncoderDescription
 from aligntok.data.loader import ImageSet, batch_indices, load_split, require_validated
@@ -319,16 +320,18 @@ def run_tokenizer_stage(stage: str, params: Params, paths: StagePaths, register:
     if paths.validation is not None:
         require_validated(paths.validation)
     torch.manual_seed(cfg.seed)
+    fast = params.runtime
     model, encoder_desc = build_stage_model(stage, params, paths)
     set_trainable(model, cfg.train)
-    semantic = SemanticTarget(model) if cfg.losses.semantic > 0 else None
-    vf = vf_alignment(stage, cfg, paths, model) if cfg.losses.vf > 0 else None
     perceptual = perceptual_loss(params.tokenizer.perceptual, paths) if cfg.losses.perceptual > 0 else None
     discriminator = build_discriminator(params.tokenizer.discriminator, params.data.resolution) \
         if cfg.losses.gan > 0 else None
+    runtime.channels_last(fast.channels_last, model, perceptual, discriminator)  # before the copies below
+    semantic = SemanticTarget(model) if cfg.losses.semantic > 0 else None
+    vf = vf_alignment(stage, cfg, paths, model) if cfg.losses.vf > 0 else None
 
-    train = load_split(paths.data, "train", progress=progress)
-    val = load_split(paths.data, "val", limit=cfg.val_images, progress=progress)
+    train = load_split(paths.data, "train", progress=progress, decode_threads=fast.decode_threads)
+    val = load_split(paths.data, "val", limit=cfg.val_images, progress=progress, decode_threads=fast.decode_threads)
     modules: dict[str, nn.Module] = {"model": model}
     optimizers = {"main": torch.optim.AdamW(param_groups(model, cfg), betas=tuple(cfg.betas),
                                             weight_decay=cfg.weight_decay)}
@@ -355,10 +358,11 @@ def run_tokenizer_stage(stage: str, params: Params, paths: StagePaths, register:
         result = run_loop(
             settings=settings, state=state,
             objective=TokenizerObjective(model, cfg, perceptual, discriminator, semantic, vf),
-            batches=lambda step: train.batch(batch_indices(len(train), cfg.batch_size, cfg.seed, step)),
+            batches=lambda step: _nhwc_batch(train.batch(batch_indices(len(train), cfg.batch_size, cfg.seed, step)),
+                                             fast.channels_last),
             checkpoint=checkpoint, sidecar=lambda: {"mlflow_run_id": run.run_id if run else None,
                                                     "fingerprint": key},
-            on_log=logger, progress=progress,
+            on_log=logger, progress=progress, prefetch=fast.prefetch,
         )
         final = modules.get("ema", model)
         if discriminator is not None:
@@ -370,6 +374,11 @@ def run_tokenizer_stage(stage: str, params: Params, paths: StagePaths, register:
         if run is not None:
             run.finish("FAILED")
         raise
+
+
+def _nhwc_batch(batch: tuple[torch.Tensor, torch.Tensor], enabled: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = batch  # (B, 3, R, R), (B,)
+    return runtime.nhwc(images, enabled), labels
 
 
 DISCRIMINATOR = "discriminator.safetensors"
