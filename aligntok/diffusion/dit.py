@@ -38,8 +38,8 @@ same range as DiT's integer timesteps 0..999 (with t in [0, 1] the slow frequenc
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN: x (B, N, D), shift/scale (B, D) -> (B, N, D)."""
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    """adaLN: x (B, N, D), shift/scale (B, D) -> (B, N, D) = x * (1 + scale) + shift, as one fused op."""
+    return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
 
 
 def sincos_pos_embed_2d(dim: int, h: int, w: int) -> torch.Tensor:
@@ -123,7 +123,8 @@ class RotaryEmbedding2D(nn.Module):
         self._cache: dict[tuple[int, int, torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def tables(self, h: int, w: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin tables, each (h*w, head_dim), tokens in row-major order."""
+        """cos, signed sin tables, each (h*w, head_dim), tokens in row-major order. The sin table's first
+        half is negated, so that `rotate` needs no negation: rot(x) = roll(x, d/2) * signed_sin."""
         key = (h, w, torch.device(device), dtype)
         if key not in self._cache:
             self._cache[key] = self._compute_tables(h, w, device, dtype)
@@ -139,13 +140,14 @@ class RotaryEmbedding2D(nn.Module):
                                     torch.arange(w, dtype=torch.float64, device=device), indexing="ij")
         angles = torch.cat([rows.reshape(-1, 1) * freqs, cols.reshape(-1, 1) * freqs], dim=1)  # (N, d/2)
         angles = torch.cat([angles, angles], dim=1)  # (N, d): pair (i, i + d/2) shares angle i
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        sign = torch.cat([-torch.ones(self.head_dim // 2), torch.ones(self.head_dim // 2)]).to(device, torch.float64)
+        return angles.cos().to(dtype), (angles.sin() * sign).to(dtype)
 
     @staticmethod
-    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x (..., N, d), cos/sin (N, d) -> (..., N, d): each pair (x_i, x_{i+d/2}) rotated by its angle."""
-        first, second = x.chunk(2, dim=-1)  # (..., N, d/2) each
-        return x * cos + torch.cat([-second, first], dim=-1) * sin  # (..., N, d)
+    def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+        """x (..., N, d), cos/signed_sin (N, d) from `tables` -> (..., N, d): each pair (x_i, x_{i+d/2})
+        rotated by its angle, [x_i cos - x_{i+d/2} sin, x_{i+d/2} cos + x_i sin], in three kernels."""
+        return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)  # (..., N, d)
 
     def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
         cos, sin = self.tables(h, w, x.device, x.dtype)  # (N, d) each
@@ -169,11 +171,11 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         B, N, D = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)  # (B, N, 3, heads, d)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N, d) each
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, heads, N, d)
+        qk, v = qkv[:2], qkv[2]  # (2, B, heads, N, d), (B, heads, N, d)
         if self.qk_norm:  # in float32: under bf16 autocast q, k are bf16 and the norm weights float32
-            q, k = self.q_norm(q.float()).to(v.dtype), self.k_norm(k.float()).to(v.dtype)  # (B, heads, N, d)
-        q, k = self.rope(q, *grid), self.rope(k, *grid)  # (B, heads, N, d) each
+            qk = torch.stack([self.q_norm(qk[0].float()), self.k_norm(qk[1].float())]).to(v.dtype)
+        q, k = self.rope(qk, *grid).unbind(0)  # q and k rotated in one pass: (B, heads, N, d) each
         x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, d)
         x = x.transpose(1, 2).reshape(B, N, D)  # (B, N, D)
         return self.proj(x)  # (B, N, D)
@@ -199,9 +201,9 @@ class LightningDiTBlock(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
             self.adaLN_modulation(c).chunk(6, dim=1))  # (B, D) each
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), grid)  # (B, N, D)
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (B, N, D)
-        return x
+        # gated residuals x + gate * f(x), each one fused op
+        x = torch.addcmul(x, gate_msa.unsqueeze(1), self.attn(modulate(self.norm1(x), shift_msa, scale_msa), grid))
+        return torch.addcmul(x, gate_mlp.unsqueeze(1), self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
 
 
 class FinalLayer(nn.Module):
