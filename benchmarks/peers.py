@@ -10,11 +10,15 @@ every model is randomly initialised (no weights needed).
   ViT-S/14 at 112 px) against the same SD-VAE at 32x32.
 - diffusion training step (forward, MSE loss, backward, AdamW step), samples/s: our LightningDiT against
   diffusers' DiTTransformer2DModel at the same width, depth, heads and token count (patch 1 on the latent).
-- data loading, images/s: our WebDataset shards (written once by `ingest`) against torchvision's ImageFolder
-  + DataLoader on the same photos (../shared/data/imagenet-sample), both ending in 256x256 float tensors.
+  Three rows per size: both eager; ours compiled (how `train_dit` runs with params.yaml's `runtime.compile`)
+  against the peer as it comes; both compiled. Compilation happens in the untimed warm-up.
+- data loading, images/s: our WebDataset shards (written once by `ingest` with the paper preset's data section:
+  256 px, JPEG q95) read with 2 decode threads (`runtime.decode_threads`), against torchvision's ImageFolder +
+  DataLoader with 2 worker processes decoding the original photos (../shared/data/imagenet-sample), both ending
+  in 256x256 float tensors.
 - sampling, images/s: 50 Euler steps with classifier-free guidance (one forward of [cond; uncond] per step),
   our `aligntok.diffusion.flow.sample` against the same loop over DiTTransformer2DModel written as diffusers'
-  DiTPipeline does it, with diffusers' FlowMatchEulerDiscreteScheduler.
+  DiTPipeline does it, with diffusers' FlowMatchEulerDiscreteScheduler; both eager, then both compiled.
 
     pip install -e '.[bench]'
     python benchmarks/peers.py                      # ~10 minutes on 2 cores; writes reports/benchmarks.{md,json}
@@ -136,36 +140,65 @@ def dit_pair(preset: str, channels: int, side: int, classes: int) -> tuple[nn.Mo
     return ours, peer
 
 
-def bench_dit_training(preset: str, channels: int, side: int, batch: int, repeats: int) -> Result:
+def compiled(module: nn.Module) -> Callable[..., object]:
+    """`torch.compile` as the pipeline applies it (`aligntok.runtime.CompiledOrEager`: eager if it cannot)."""
+    from aligntok.runtime import CompiledOrEager
+
+    return CompiledOrEager(module, type(module).__name__)
+
+
+def bench_dit_training(preset: str, channels: int, side: int, batch: int, repeats: int,
+                       steps_per_call: int = 3, with_compiled: bool = True) -> list[Result]:
+    """Three rows: both eager; ours compiled (as params.yaml's `runtime.compile` trains) against the peer eager
+    (what a user of each gets out of the box); both compiled."""
     ours, peer = dit_pair(preset, channels, side, classes=10)
     x, t, y = torch.randn(batch, channels, side, side), torch.rand(batch), torch.randint(0, 10, (batch,))
     target = torch.randn_like(x)
     opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4)
     opt_peer = torch.optim.AdamW(peer.parameters(), lr=1e-4)
 
-    def step_ours() -> None:
-        loss = torch.nn.functional.mse_loss(ours(x, t, y), target)
-        opt_ours.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_ours.step()
+    def train_ours(forward: Callable[..., torch.Tensor]) -> Callable[[], None]:
+        def run() -> None:
+            for _ in range(steps_per_call):
+                loss = torch.nn.functional.mse_loss(forward(x, t, y), target)
+                opt_ours.zero_grad(set_to_none=True)
+                loss.backward()
+                opt_ours.step()
+        return run
 
-    def step_peer() -> None:  # diffusers' timestep is the discrete index; its output is the prediction
-        out = peer(x, timestep=(t * 999).long(), class_labels=y).sample
-        loss = torch.nn.functional.mse_loss(out, target)
-        opt_peer.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_peer.step()
+    def train_peer(forward: Callable[..., object]) -> Callable[[], None]:
+        def run() -> None:  # diffusers' timestep is the discrete index; its output is the prediction
+            for _ in range(steps_per_call):
+                out = forward(x, timestep=(t * 999).long(), class_labels=y).sample
+                loss = torch.nn.functional.mse_loss(out, target)
+                opt_peer.zero_grad(set_to_none=True)
+                loss.backward()
+                opt_peer.step()
+        return run
 
     ours.train()
     peer.train()
     n_ours = sum(p.numel() for p in ours.parameters()) / 1e6
     n_peer = sum(p.numel() for p in peer.parameters()) / 1e6
-    return compare(f"DiT train step {preset} {side}x{side}x{channels}", "samples/s", batch,
-                   (f"aligntok LightningDiT ({n_ours:.1f}M)", step_ours),
-                   (f"diffusers DiTTransformer2DModel ({n_peer:.1f}M)", step_peer), repeats)
+    name, ours_name = f"DiT train step {preset} {side}x{side}x{channels}", f"aligntok LightningDiT ({n_ours:.1f}M)"
+    peer_name = f"diffusers DiTTransformer2DModel ({n_peer:.1f}M)"
+    items = batch * steps_per_call
+    results = [compare(f"{name}, both eager", "samples/s", items, (ours_name, train_ours(ours)),
+                       (peer_name, train_peer(peer)), repeats)]
+    if not with_compiled:
+        return results
+    ours_compiled, peer_compiled = compiled(ours), compiled(peer)
+    return results + [
+        compare(f"{name}, ours compiled", "samples/s", items, (ours_name + " compiled", train_ours(ours_compiled)),
+                (peer_name, train_peer(peer)), repeats),
+        compare(f"{name}, both compiled", "samples/s", items, (ours_name + " compiled", train_ours(ours_compiled)),
+                (peer_name + " compiled", train_peer(peer_compiled)), repeats),
+    ]
 
 
-def bench_sampling(preset: str, channels: int, side: int, batch: int, steps: int, repeats: int) -> Result:
+def bench_sampling(preset: str, channels: int, side: int, batch: int, steps: int, repeats: int,
+                   with_compiled: bool = True) -> list[Result]:
+    """Both eager (how `evaluate` and `aligntok sample` run), then both compiled."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     ours, peer = dit_pair(preset, channels, side, classes=10)
@@ -174,24 +207,36 @@ def bench_sampling(preset: str, channels: int, side: int, batch: int, steps: int
     labels = torch.randint(0, 10, (batch,))
     null = torch.full_like(labels, 10)
 
-    def sample_ours() -> None:
-        sample(ours, labels, (channels, side, side), steps=steps, cfg_scale=4.0, seed=0)
+    def sample_ours(model: Callable[..., torch.Tensor]) -> Callable[[], None]:
+        def run() -> None:
+            sample(model, labels, (channels, side, side), steps=steps, cfg_scale=4.0, seed=0)
+        return run
 
-    def sample_peer() -> None:  # DiTPipeline's loop: [cond; uncond] in one forward, guidance, scheduler step
-        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000)
-        scheduler.set_timesteps(steps)
-        latents = torch.randn(batch, channels, side, side, generator=torch.Generator().manual_seed(0))
-        class_labels = torch.cat([labels, null])
-        for timestep in scheduler.timesteps:
-            model_input = torch.cat([latents, latents])
-            out = peer(model_input, timestep=timestep.expand(2 * batch), class_labels=class_labels).sample
-            cond, uncond = out.chunk(2)
-            latents = scheduler.step(uncond + 4.0 * (cond - uncond), timestep, latents).prev_sample
+    def sample_peer(model: Callable[..., object]) -> Callable[[], None]:
+        def run() -> None:  # DiTPipeline's loop: [cond; uncond] in one forward, guidance, scheduler step
+            scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000)
+            scheduler.set_timesteps(steps)
+            latents = torch.randn(batch, channels, side, side, generator=torch.Generator().manual_seed(0))
+            class_labels = torch.cat([labels, null])
+            for timestep in scheduler.timesteps:
+                model_input = torch.cat([latents, latents])
+                out = model(model_input, timestep=timestep.expand(2 * batch), class_labels=class_labels).sample
+                cond, uncond = out.chunk(2)
+                latents = scheduler.step(uncond + 4.0 * (cond - uncond), timestep, latents).prev_sample
+        return run
 
+    name = f"sampling {preset} {steps} Euler steps, CFG"
+    ours_name, peer_name = "aligntok flow.sample", "diffusers DiT loop (FlowMatchEuler)"
     with torch.inference_mode():
-        return compare(f"sampling {preset} {steps} Euler steps, CFG", "images/s", batch,
-                       ("aligntok flow.sample", sample_ours), ("diffusers DiT loop (FlowMatchEuler)", sample_peer),
-                       repeats)
+        results = [compare(f"{name}, both eager", "images/s", batch, (ours_name, sample_ours(ours)),
+                           (peer_name, sample_peer(peer)), repeats)]
+    if with_compiled:
+        with torch.no_grad():  # compiled graphs are traced outside inference mode
+            ours_c, peer_c = torch.compile(ours), torch.compile(peer)  # modules: flow.sample reads attributes
+            results.append(compare(f"{name}, both compiled", "images/s", batch,
+                                   (ours_name + " compiled", sample_ours(ours_c)),
+                                   (peer_name + " compiled", sample_peer(peer_c)), repeats))
+    return results
 
 
 def bench_data_loading(photos: Path, workers: int, batch: int, repeats: int, limit: int | None) -> Result:
@@ -213,14 +258,16 @@ def bench_data_loading(photos: Path, workers: int, batch: int, repeats: int, lim
     for path in files:  # ImageFolder wants one folder per class: the synset prefix of the file name
         (folder / path.name.split("_", 1)[0]).mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, folder / path.name.split("_", 1)[0] / path.name)  # ingest refuses outside links
-    cfg = load_params(REPO / "params.yaml").data.model_copy(
-        update={"resolution": 256, "val_fraction": 0.01, "workers": workers, "min_side": 16})
+    # the paper preset's data section (256 px, JPEG q95: how photos are stored for training), read with as many
+    # decode threads as the peer has loader processes
+    cfg = load_params(REPO / "configs" / "imagenet256.yaml").data.model_copy(
+        update={"val_fraction": 0.01, "workers": workers, "min_side": 16})
     ingest(f"imagefolder:{folder}", tmp / "shards", cfg, progress=False)
 
     def ours() -> int:  # both splits: every photo, as the peer reads them
         seen = 0
         for split in [name for name, shards in read_dataset_info(tmp / "shards")["shards"].items() if shards]:
-            images = load_split(tmp / "shards", split, progress=False)
+            images = load_split(tmp / "shards", split, progress=False, decode_threads=workers)
             for start in range(0, len(images), batch):
                 x, _ = images.batch(torch.arange(start, min(start + batch, len(images))))
                 seen += len(x)
@@ -237,7 +284,8 @@ def bench_data_loading(photos: Path, workers: int, batch: int, repeats: int, lim
         n = ours()
         assert n == len(files), f"the shards hold {n} of {len(files)} photos"
         return compare(f"data loading {len(files)} photos at 256px", "images/s", n,
-                       ("aligntok shards: load_split + ImageSet.batch", ours),
+                       (f"aligntok shards (JPEG q{cfg.jpeg_quality}): load_split + ImageSet.batch "
+                        f"({workers} decode threads)", ours),
                        (f"torchvision ImageFolder + DataLoader ({workers} workers)", peer), repeats)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -282,15 +330,16 @@ def main() -> int:
         results += bench_tokenizer("embedded default", embedded, batch=2, repeats=repeats)
         if photos.is_dir():
             results.append(bench_data_loading(photos, workers=1, batch=8, repeats=repeats, limit=24))
-        results.append(bench_dit_training("LightningDiT-T/1", 32, 8, batch=8, repeats=repeats))
-        results.append(bench_sampling("LightningDiT-T/1", 32, 8, batch=2, steps=5, repeats=repeats))
+        results += bench_dit_training("LightningDiT-T/1", 32, 8, batch=8, repeats=repeats, steps_per_call=1,
+                                      with_compiled=False)  # compiling takes a minute
+        results += bench_sampling("LightningDiT-T/1", 32, 8, batch=2, steps=5, repeats=repeats, with_compiled=False)
     else:
         paper = load_params(REPO / "configs" / "imagenet256.yaml")
         results += bench_tokenizer("imagenet256 preset", paper, batch=2, repeats=repeats)
         results += bench_tokenizer("embedded default", embedded, batch=64, repeats=repeats)
         for preset in ("LightningDiT-T/1", "LightningDiT-S/1"):
-            results.append(bench_dit_training(preset, 32, 8, batch=64, repeats=repeats))
-        results.append(bench_sampling("LightningDiT-T/1", 32, 8, batch=16, steps=50, repeats=repeats))
+            results += bench_dit_training(preset, 32, 8, batch=64, repeats=repeats)
+        results += bench_sampling("LightningDiT-T/1", 32, 8, batch=16, steps=50, repeats=repeats)
         if photos.is_dir():
             results.append(bench_data_loading(photos, workers=2, batch=64, repeats=repeats, limit=None))
         else:
