@@ -13,6 +13,7 @@ Choices (`tokenizer.perceptual`): `auto` = real LPIPS when its weights are on di
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 from pathlib import Path
 
@@ -75,15 +76,46 @@ def load_efficientnet_lite0(weights: Path | None = None) -> nn.Module:
     return model.eval()
 
 
+_CONV_BN_PAIRS = {
+    "EfficientNet": (("conv_stem", "bn1"),),
+    "DepthwiseSeparableConv": (("conv_dw", "bn1"), ("conv_pw", "bn2")),
+    "InvertedResidual": (("conv_pw", "bn1"), ("conv_dw", "bn2"), ("conv_pwl", "bn3")),
+}
+"""timm EfficientNet modules: each convolution and the batch norm (+ activation) that follows it."""
+
+
+def fold_batch_norms(network: nn.Module) -> int:
+    """Fold every frozen (eval-mode) batch norm of a timm EfficientNet into the convolution before it, in place:
+    the convolution gets the norm's scale and shift, the norm is replaced by its activation alone. The network
+    computes the same function up to float rounding with one op fewer per convolution, forward and backward.
+    Returns the number of norms folded."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    folded = 0
+    for module in list(network.modules()):
+        for conv_name, bn_name in _CONV_BN_PAIRS.get(type(module).__name__, ()):
+            conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
+            if not isinstance(conv, nn.Conv2d) or not isinstance(bn, nn.BatchNorm2d) or bn.training:
+                continue
+            setattr(module, conv_name, fuse_conv_bn_eval(conv, bn).requires_grad_(False))
+            setattr(module, bn_name, nn.Sequential(getattr(bn, "drop", nn.Identity()), getattr(bn, "act", nn.Identity())))
+            folded += 1
+    return folded
+
+
 class EfficientNetFeatures(nn.Module):
     """Frozen EfficientNet-Lite0 feature taps: images in [0, 1] (B, 3, H, W) -> {f"stage{i}": (B, D, h, w)}."""
 
     name = EFFICIENTNET_LITE0
 
     def __init__(self, network: nn.Module | None = None, taps: tuple[int, ...] = DEFAULT_TAPS,
-                 min_side: int = MIN_SIDE) -> None:
+                 min_side: int = MIN_SIDE, fold_norms: bool = True) -> None:
         super().__init__()
         self.net = network if network is not None else load_efficientnet_lite0()
+        if fold_norms:  # frozen: its norms are fixed affine maps (x1.6 forward + backward on this CPU)
+            if network is not None:
+                self.net = copy.deepcopy(network)  # fold our own copy: the caller's network stays as it was
+            fold_batch_norms(self.net.eval())
         if not taps or max(taps) >= len(self.net.blocks):
             raise ValueError(f"taps must be stages of the network (0..{len(self.net.blocks) - 1}), got {taps}")
         self.taps, self.min_side = tuple(sorted(taps)), min_side

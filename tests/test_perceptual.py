@@ -100,3 +100,27 @@ def test_carrying_without_a_saved_discriminator_names_the_missing_file(tmp_path:
     paths = StagePaths(data=tmp_path, encoder=tmp_path, out=tmp_path / "b", previous=tmp_path / "a")
     with pytest.raises(ConfigError, match=r"refine_decoder.carry_discriminator: .*discriminator.safetensors"):
         carry_discriminator("refine_decoder", paths, disc, opt, lr=1e-4)
+
+
+def test_folding_the_frozen_batch_norms_keeps_the_features(lite0: torch.nn.Module) -> None:
+    """EfficientNetFeatures folds each eval-mode batch norm into its convolution: same features to rounding,
+    and gradients to the input (what the perceptual loss uses) agree too."""
+    import copy
+
+    plain = EfficientNetFeatures(copy.deepcopy(lite0), fold_norms=False)
+    folded = EfficientNetFeatures(copy.deepcopy(lite0))
+    n_norms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in plain.modules())
+    assert n_norms > 40 and sum(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules()) <= 1  # the head's
+    x = torch.rand(3, 3, 40, 40, generator=torch.Generator().manual_seed(0))
+
+    def taps(features: EfficientNetFeatures) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        image = x.clone().requires_grad_(True)
+        out = features.features(image)
+        sum(v.square().mean() for v in out.values()).backward()
+        return out, image.grad
+
+    (f_plain, g_plain), (f_folded, g_folded) = taps(plain), taps(folded)
+    assert list(f_plain) == list(f_folded)
+    for name in f_plain:
+        torch.testing.assert_close(f_folded[name], f_plain[name], rtol=1e-4, atol=1e-4 * f_plain[name].abs().max().item())
+    torch.testing.assert_close(g_folded, g_plain, rtol=1e-3, atol=1e-3 * g_plain.abs().max().item())
