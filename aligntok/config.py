@@ -375,6 +375,9 @@ class RuntimeConfig(Section):
     unless a params file turns it on (params.yaml does): compiling costs ~1 min, more than a short run saves."""
     autocast: Literal["auto", "off", "bf16"] = "auto"
     """bf16 autocast for training and sampling: auto = on CUDA only (this CPU has no bf16 units)."""
+    fid_backend: Literal["onnxruntime", "torch"] = "onnxruntime"
+    """Who runs the FID Inception on the CPU: ONNX Runtime on a graph exported from the TorchScript file (x2.7
+    images/s here, features equal to ~1e-5), or the TorchScript module itself."""
     decode_threads: int = Field(2, ge=0, le=64)
     """Threads decoding a batch's images (Pillow releases the GIL); 0 or 1 = in the calling thread."""
     prefetch: int = Field(0, ge=0, le=8)

@@ -85,3 +85,31 @@ def test_features_do_not_depend_on_the_batch_and_see_content(inception: Inceptio
     for i in range(2):
         others = np.linalg.norm(np.delete(clean, i, axis=0) - clean[i], axis=1)
         assert np.linalg.norm(mirrored[i] - clean[i]) < others.min()
+
+
+def test_onnxruntime_backend_gives_the_torchscript_features(inception: InceptionFeatures, photos, features) -> None:
+    """runtime.fid_backend: onnxruntime runs a graph exported from the same TorchScript file; its features
+    equal the module's to float rounding, so FIDs from either backend agree."""
+    ort = InceptionFeatures(backend="onnxruntime")
+    assert ort.backend == "onnxruntime" and inception.backend == "torch"
+    got = extract_features(ort, photos.split(8), total=COUNT, progress=False)
+    clean = features[0.0]
+    assert np.abs(got - clean).max() < 1e-4 * max(1.0, np.abs(clean).max())
+    noisy = features[NOISE[-1]]
+    assert abs(fid_from_features(got, noisy) - fid_from_features(clean, noisy)) < 1e-3
+
+
+def test_onnxruntime_backend_falls_back_to_torchscript(monkeypatch: pytest.MonkeyPatch, photos,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    def no_export(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("exporter unavailable")
+
+    monkeypatch.setattr(torch.onnx, "export", no_export)
+    with caplog.at_level("WARNING", logger="aligntok.eval.inception"):
+        fallback = InceptionFeatures(backend="onnxruntime")
+    assert fallback.backend == "torch" and fallback.session is None
+    assert any("ONNX Runtime is unavailable (RuntimeError: exporter unavailable)" in r.getMessage()
+               for r in caplog.records)
+    assert fallback(photos[:1]).shape == (1, FEATURE_DIM)
+    with pytest.raises(ValueError, match="backend 'tensorrt' is unknown"):
+        InceptionFeatures(backend="tensorrt")

@@ -223,8 +223,10 @@ def run_evaluate(params: Params, paths: EvalPaths, register: bool = True, progre
     folders = {name: paths.tokenizers / name for name in cfg.tokenizers}
     if missing := [str(f) for f in folders.values() if not (f / "tokenizer.json").is_file()]:
         raise FileNotFoundError(f"no tokenizer in {missing} (run the tokenizer stages first)")
-    inception, encoder = InceptionFeatures(channels_last=params.runtime.channels_last), EncoderFeatures(paths.encoder)
-    threads = params.runtime.decode_threads
+    fast = params.runtime
+    inception = InceptionFeatures(channels_last=fast.channels_last, backend=fast.fid_backend)
+    encoder = EncoderFeatures(paths.encoder)
+    threads = fast.decode_threads
     val = load_split(paths.data, "val", limit=max(cfg.recon_images, cfg.probe_val_images), progress=progress,
                      decode_threads=threads)
     probe = ProbeSets(train=load_split(paths.data, "train", limit=cfg.probe_train_images, progress=progress),
@@ -239,7 +241,8 @@ def run_evaluate(params: Params, paths: EvalPaths, register: bool = True, progre
     metrics = {"tokenizer": tokenizers, "reference": reference, "diffusion": diffusion,
                "evaluate_seconds": time.perf_counter() - start}
     protocol = {
-        "inception": ref["inception"], "encoder_features": ref["encoder"], "inception_score": (
+        "inception": ref["inception"], "inception_backend": inception.backend, "encoder_features": ref["encoder"],
+        "inception_score": (
             "not reported: the FID Inception network (pool3 features) has no classification head"),
         "rfid": f"first {cfg.recon_images} validation images vs their reconstructions",
         "gfid": f"{cfg.gen_samples} samples (labels cycling over the classes, seed {cfg.seed}) vs the first "

@@ -42,9 +42,11 @@ def build_reference(data_dir: Path, encoder_dir: Path, out_dir: Path, cfg: Evalu
     if validation is not None:
         require_validated(validation)
     fast = runtime or RuntimeConfig()
-    inception, encoder = InceptionFeatures(channels_last=fast.channels_last), EncoderFeatures(encoder_dir)
+    inception = InceptionFeatures(channels_last=fast.channels_last, backend=fast.fid_backend)
+    encoder = EncoderFeatures(encoder_dir)
     summary: dict[str, Any] = {"manifest_sha256": sha256_file(data_dir / "manifest.parquet"),
-                               "inception": inception.description, "encoder": encoder.description}
+                               "inception": inception.description, "inception_backend": inception.backend,
+                               "encoder": encoder.description}
     for split, count in (("train", cfg.reference_images), ("val", cfg.recon_images)):
         images = load_split(data_dir, split, limit=count, progress=progress, decode_threads=fast.decode_threads)
         for kind, fn in (("inception", inception), ("encoder", encoder)):
