@@ -2,8 +2,9 @@
 
 Every `aligntok` command appends one JSON line when it exits (`aligntok.runtime.record_resources`) if
 `ALIGNTOK_RESOURCE_LOG` names a file; `make run` sets it to `.dvc/tmp/run_resources.jsonl` (emptied first)
-and prints this table at the end. Peak RSS is the stage process's own high-water mark; `ingest` also
-reports its worker processes' largest (`children`).
+and prints this table at the end. Peak RSS is the stage process's own high-water mark. The records also
+hold `children_peak_rss_mb`, the largest child process (ingest's workers), which the table leaves out: a
+forked child (a `git` call) reports the pages it shared with its parent, so it mostly repeats the parent's.
 
     python benchmarks/stage_resources.py .dvc/tmp/run_resources.jsonl
     python benchmarks/stage_resources.py .dvc/tmp/run_resources.jsonl --out reports/run_resources.md
@@ -38,8 +39,6 @@ def table(records: list[dict]) -> str:
     for r in records:
         cpu = r["user_seconds"] + r["system_seconds"]
         rss = f"{r['peak_rss_mb'] / 1024:.2f} GB"
-        if r.get("children_peak_rss_mb", 0) > 0:
-            rss += f" (workers {r['children_peak_rss_mb'] / 1024:.2f} GB)"
         lines.append(f"| {r['command']} | {r['wall_seconds']:.0f} s | {cpu:.0f} s | {rss} | {r['exit_code']} |")
     if records:
         wall = max(r["ended"] for r in records) - min(r["started"] for r in records)
