@@ -47,10 +47,16 @@ def _params(args: argparse.Namespace) -> Params:
             overrides[key] = yaml.safe_load(value)
         except yaml.YAMLError as exc:
             raise ConfigError(f"--set {item!r}: the value is not valid YAML: {yaml_problem(exc)}") from None
-    params = load_params(args.params, overrides)
+    return load_params(args.params, overrides)
+
+
+def _compute_params(args: argparse.Namespace) -> Params:
+    """`_params` for the commands that run torch: also sets its thread count (`runtime.threads`) before any work,
+    since torch sizes its pools at the first op. The others (config, promote) stay free of the torch import."""
+    params = _params(args)
     from aligntok.runtime import configure_threads
 
-    configure_threads(params.runtime)  # before any work: torch sizes its pools at the first op
+    configure_threads(params.runtime)
     return params
 
 
@@ -67,7 +73,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_encoder(args: argparse.Namespace) -> int:
-    params = _params(args)  # validate before any heavy import or work
+    params = _compute_params(args)  # validate before any heavy import or work
     from aligntok.encoder.sources import export_encoder
 
     desc = export_encoder(params.encoder, Path(args.out))
@@ -101,7 +107,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_train_tokenizer(args: argparse.Namespace) -> int:
-    params = _params(args)
+    params = _compute_params(args)
     from aligntok.tokenizer.stages import StagePaths, run_tokenizer_stage
 
     start_from = params.stage(args.command).start_from
@@ -134,7 +140,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
 
 def cmd_cache_latents(args: argparse.Namespace) -> int:
-    params = _params(args)
+    params = _compute_params(args)
     from aligntok.diffusion.latents import cache_latents, dist_info
 
     rank, world_size, _ = dist_info()
@@ -145,7 +151,7 @@ def cmd_cache_latents(args: argparse.Namespace) -> int:
 
 
 def cmd_train_dit(args: argparse.Namespace) -> int:
-    params = _params(args)
+    params = _compute_params(args)
     from aligntok.diffusion.train import DiTPaths, run_train_dit
 
     paths = DiTPaths(latents=Path(args.latents), tokenizer=Path(args.tokenizer), out=Path(args.out),
@@ -156,7 +162,7 @@ def cmd_train_dit(args: argparse.Namespace) -> int:
 
 
 def cmd_fid_reference(args: argparse.Namespace) -> int:
-    params = _params(args)
+    params = _compute_params(args)
     from aligntok.eval.reference import build_reference
 
     build_reference(Path(args.data), Path(args.encoder), Path(args.out), params.evaluate,
@@ -165,7 +171,7 @@ def cmd_fid_reference(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    params = _params(args)
+    params = _compute_params(args)
     from aligntok.eval.evaluate import EvalPaths, run_evaluate
 
     paths = EvalPaths(data=Path(args.data), encoder=Path(args.encoder), reference=Path(args.reference),

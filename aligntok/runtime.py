@@ -27,7 +27,7 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -182,18 +182,6 @@ class Prefetcher:
                 future.cancel()
             self.pool.shutdown(wait=True)
             self.pending.clear()
-
-
-@contextlib.contextmanager
-def decode_pool(threads: int) -> Iterator[Any]:
-    """A thread pool for image decoding (None when `threads` < 2: decode in the calling thread)."""
-    if threads < 2:
-        yield None
-        return
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="aligntok-decode") as pool:
-        yield pool
 
 
 # --------------------------------------------------------------------------------------------- resources

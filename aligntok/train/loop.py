@@ -120,7 +120,7 @@ def run_loop(
     what makes a resumed run identical to an uninterrupted one, and what lets `prefetch` > 0 build the
     next batches on a background thread (`aligntok.runtime.Prefetcher`) without changing any of them.
     """
-    optimizers = state.optimizers
+    model, optimizers = state.modules["model"], state.optimizers
     handed_in = {role: [g["lr"] for g in opt.param_groups] for role, opt in optimizers.items()}
     for role, opt in optimizers.items():  # stored with the groups in every checkpoint
         for group, lr in zip(opt.param_groups, handed_in[role]):
@@ -129,13 +129,37 @@ def run_loop(
     # after a resume a group's "lr" is the warmed-up rate of the step before: the base rate is stored apart
     base_lrs = {role: [g.get("base_lr", lr) for g, lr in zip(opt.param_groups, handed_in[role])]
                 for role, opt in optimizers.items()}
+    logs: dict[str, float] = {}
     began = time.perf_counter()
     bar = tqdm(range(start, settings.steps), initial=start, total=settings.steps, desc=settings.name,
                unit="step", disable=not (is_main_process and progress), dynamic_ncols=True)
     upcoming = Prefetcher(batches, prefetch)
     try:
-        logs = _steps(bar, settings, state, objective, upcoming, checkpoint, sidecar, on_log, on_checkpoint,
-                      is_main_process, base_lrs)
+        for step in bar:
+            factor = warmup_factor(step, settings.warmup_steps)
+            for role, opt in optimizers.items():
+                for group, lr in zip(opt.param_groups, base_lrs[role]):
+                    group["lr"] = lr * factor
+            model.train()
+            losses = objective(upcoming(step, settings.steps), step)
+            _check_finite(losses, settings, step, checkpoint)
+            _minimise(optimizers["main"], losses.main, settings.grad_clip)
+            for role, loss in losses.aux.items():
+                _minimise(optimizers[role], loss, settings.grad_clip)
+            if settings.ema_decay is not None:
+                update_ema(state.modules["ema"], model, settings.ema_decay)
+            state.step = step + 1
+            logs = {"loss": losses.main.item(), **{f"loss_{k}": v.item() for k, v in losses.aux.items()},
+                    **losses.logs}
+            if state.step % settings.log_every == 0 or state.step == settings.steps:
+                bar.set_postfix({k: f"{v:.4g}" for k, v in list(logs.items())[:4]})
+                if on_log and is_main_process:
+                    on_log(state.step, logs)
+            if is_main_process and (state.step % settings.checkpoint_every == 0 or state.step == settings.steps
+                                    or state.step in settings.extra_checkpoints):
+                save_checkpoint(checkpoint, state, {"stage": settings.name, "logs": logs, **sidecar()})
+                if on_checkpoint:
+                    on_checkpoint(state.step)
     finally:
         upcoming.close()
     bar.close()
@@ -143,40 +167,6 @@ def run_loop(
     done = settings.steps - start
     log.info("%s: %d steps in %.1f s (%.2f steps/s)", settings.name, done, seconds, done / max(seconds, 1e-9))
     return TrainResult(steps=settings.steps, resumed_from=start, seconds=seconds, last_logs=logs, checkpoint=checkpoint)
-
-
-def _steps(bar: Any, settings: LoopSettings, state: TrainState, objective: Objective, batches: Prefetcher,
-           checkpoint: Path, sidecar: Callable[[], dict[str, Any]],
-           on_log: Callable[[int, dict[str, float]], None] | None, on_checkpoint: Callable[[int], None] | None,
-           is_main_process: bool, base_lrs: dict[str, list[float]]) -> dict[str, float]:
-    """The steps of `bar`; returns the last step's logs (empty when there was no step left)."""
-    model, optimizers = state.modules["model"], state.optimizers
-    logs: dict[str, float] = {}
-    for step in bar:
-        factor = warmup_factor(step, settings.warmup_steps)
-        for role, opt in optimizers.items():
-            for group, lr in zip(opt.param_groups, base_lrs[role]):
-                group["lr"] = lr * factor
-        model.train()
-        losses = objective(batches(step, settings.steps), step)
-        _check_finite(losses, settings, step, checkpoint)
-        _minimise(optimizers["main"], losses.main, settings.grad_clip)
-        for role, loss in losses.aux.items():
-            _minimise(optimizers[role], loss, settings.grad_clip)
-        if settings.ema_decay is not None:
-            update_ema(state.modules["ema"], model, settings.ema_decay)
-        state.step = step + 1
-        logs = {"loss": losses.main.item(), **{f"loss_{k}": v.item() for k, v in losses.aux.items()}, **losses.logs}
-        if state.step % settings.log_every == 0 or state.step == settings.steps:
-            bar.set_postfix({k: f"{v:.4g}" for k, v in list(logs.items())[:4]})
-            if on_log and is_main_process:
-                on_log(state.step, logs)
-        if is_main_process and (state.step % settings.checkpoint_every == 0 or state.step == settings.steps
-                                or state.step in settings.extra_checkpoints):
-            save_checkpoint(checkpoint, state, {"stage": settings.name, "logs": logs, **sidecar()})
-            if on_checkpoint:
-                on_checkpoint(state.step)
-    return logs
 
 
 def _resume(checkpoint: Path, state: TrainState, name: str, is_main_process: bool) -> int:
