@@ -60,6 +60,16 @@ def _compute_params(args: argparse.Namespace) -> Params:
     return params
 
 
+def _is_main_rank() -> bool:
+    """Rank 0 (or no launcher): the process that prints a stage's result."""
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
+def _print_result(result: dict[str, Any]) -> None:
+    if _is_main_rank():
+        print(json.dumps(result, indent=2))
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     params = _params(args)
     if args.out:
@@ -119,7 +129,7 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> int:
                        validation=Path(args.validation))
     result = run_tokenizer_stage(args.command, params, paths, register=not args.no_register,
                                  progress=not args.no_progress)
-    print(json.dumps({args.command: result.metrics, "receipt": result.receipt}, indent=2))
+    _print_result({args.command: result.metrics, "receipt": result.receipt})
     return 0
 
 
@@ -141,12 +151,10 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
 def cmd_cache_latents(args: argparse.Namespace) -> int:
     params = _compute_params(args)
-    from aligntok.diffusion.latents import cache_latents, dist_info
+    from aligntok.diffusion.latents import cache_latents
 
-    rank, world_size, _ = dist_info()
     cache_latents(args.tokenizer, Path(args.data), Path(args.out), params.cache_latents,
-                  progress=not args.no_progress, rank=rank, world_size=world_size,
-                  validation=Path(args.validation))
+                  progress=not args.no_progress, validation=Path(args.validation), runtime=params.runtime)
     return 0
 
 
@@ -157,7 +165,7 @@ def cmd_train_dit(args: argparse.Namespace) -> int:
     paths = DiTPaths(latents=Path(args.latents), tokenizer=Path(args.tokenizer), out=Path(args.out),
                      checkpoints=Path(args.checkpoints), metrics=Path(args.metrics) if args.metrics else None)
     metrics = run_train_dit(params, paths, register=not args.no_register, progress=not args.no_progress)
-    print(json.dumps({"train_dit": metrics}, indent=2))
+    _print_result({"train_dit": metrics})
     return 0
 
 
@@ -178,7 +186,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                       tokenizers=Path(args.tokenizers), dit=Path(args.dit), out=Path(args.out),
                       metrics=Path(args.metrics), plots=Path(args.plots), validation=Path(args.validation))
     metrics = run_evaluate(params, paths, register=not args.no_register, progress=not args.no_progress)
-    print(json.dumps(metrics, indent=2))
+    if metrics is not None:
+        _print_result(metrics)
     return 0
 
 
@@ -219,6 +228,25 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     decision = rollback(args.model, _params(args).promote, reason=args.reason)
     print(decision.message)
     return 0
+
+
+PEER_FAILURES = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted")
+"""What gloo and NCCL say in the collective of a rank whose peer went away."""
+
+
+def _peer_failed(exc: BaseException) -> bool:
+    """A collective that failed because a peer rank went away, not because of this rank."""
+    return isinstance(exc, RuntimeError) and any(marker in str(exc) for marker in PEER_FAILURES)
+
+
+def _record_rank_error(command: str, exc: BaseException, world_size: int) -> None:
+    """A rank's error, for the launcher to end the job with (`aligntok.launch.record_rank_error`)."""
+    if isinstance(exc, SystemExit) and not exc.code:
+        return
+    if world_size > 1 or os.environ.get("ALIGNTOK_ERROR_DIR"):
+        from aligntok.launch import record_rank_error
+
+        record_rank_error(command, exc, peer=_peer_failed(exc))
 
 
 VALIDATION_REPORT = "reports/validation/validation.json"
@@ -390,23 +418,58 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DISTRIBUTED_COMMANDS = (*TOKENIZER_STAGE_SECTIONS, "cache_latents", "train_dit", "fid_reference", "evaluate")
+"""The stages that run as N ranks under `runtime.nproc_per_node` > 1 or an outer torchrun (`aligntok.launch`)."""
+
+
+def _relaunch_count(args: argparse.Namespace) -> int:
+    """How many local processes this command should run as: 1 (run here) unless a distributed stage's
+    `runtime.nproc_per_node` (or $ALIGNTOK_NPROC_PER_NODE) asks for more and no launcher started us. The
+    placement is checked here too, so that `runtime.device: cuda` without a GPU fails before any work."""
+    if args.command not in DISTRIBUTED_COMMANDS:
+        return 1
+    from aligntok.distributed import check_device, is_launched_rank, resolve_nproc
+
+    runtime = _params(args).runtime
+    nproc = 1 if is_launched_rank() else resolve_nproc(runtime)
+    check_device(runtime, nproc)
+    return nproc
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    rank_tag = f"[rank {os.environ.get('RANK', '0')}/{world}] " if world > 1 else ""
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+                        format=f"%(asctime)s {rank_tag}%(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("great_expectations", "mlflow", "alembic", "httpx"):  # their INFO lines drown ours
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # mlflow resets its level from this at import
     code = 1
     try:
+        nproc = _relaunch_count(args)
+        if nproc > 1:
+            from aligntok.launch import relaunch
+
+            code = relaunch(argv, nproc, args.command)
+            return code
         code = args.handler(args)
         return code
     except (AligntokError, FileNotFoundError) as exc:  # bad input: one line; anything else is a bug
+        _record_rank_error(args.command, exc, world)
         if args.debug:
             raise
-        print(f"aligntok {args.command}: error: {exc}", file=sys.stderr)
+        print(f"aligntok {args.command}: error: {rank_tag}{exc}", file=sys.stderr)
         return 1
+    except BaseException as exc:
+        _record_rank_error(args.command, exc, world)
+        if world > 1 and not args.debug and _peer_failed(exc):  # another rank's error is the story; it says it
+            print(f"aligntok {args.command}: error: {rank_tag}stopped: another rank failed (a collective lost its "
+                  "peer)", file=sys.stderr)
+            return 1
+        raise
     finally:
         if os.environ.get("ALIGNTOK_RESOURCE_LOG"):  # wall/CPU/peak RSS of this stage process (`make run`)
             from aligntok.runtime import record_resources

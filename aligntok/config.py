@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from aligntok.errors import AligntokError
@@ -364,7 +364,16 @@ class ValidateConfig(Section):
 
 
 class RuntimeConfig(Section):
-    """Fast paths (`aligntok.runtime`): how fast a stage runs, never what it computes beyond float rounding."""
+    """Placement and fast paths (`aligntok.distributed`, `aligntok.runtime`): where and how fast a stage runs,
+    never what it computes beyond float rounding."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: cuda:LOCAL_RANK where CUDA exists, else the CPU; cuda without a GPU fails before any work."""
+    nproc_per_node: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = 1
+    """Processes of a stage on this machine (1: no re-launch); auto = the visible GPUs. A stage command launched
+    with more re-launches itself as that many torchrun ranks; under an outer torchrun it is not read."""
+    collective_timeout_s: int = Field(1800, ge=10, le=86_400)
+    """How long a rank waits in a collective (e.g. for rank 0 to register a model) before the job fails."""
 
     threads: int | None = Field(None, ge=1, le=1024)
     """torch intra-op threads per process; None: usable cores / processes of this machine's torchrun group."""

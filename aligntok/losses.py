@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -51,6 +51,7 @@ def adaptive_gan_weight(
     last_layer: torch.Tensor,
     base_weight: float,
     max_weight: float = 1e4,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """LDM's adaptive GAN weight: base * clamp(|grad_last rec| / (|grad_last g| + 1e-4), 0, max), detached.
 
@@ -60,11 +61,15 @@ def adaptive_gan_weight(
     Args:
         rec_loss, g_loss: scalars that depend on `last_layer`.
         last_layer: the decoder's output conv weight (3, C, 3, 3).
+        reduce: applied to both gradients before their norms; under DDP the mean over the ranks
+            (`Placement.mean`), so that the weight is the global batch's, as one process computes it.
     Returns:
         a detached scalar tensor.
     """
     (rec_grad,) = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)
     (g_grad,) = torch.autograd.grad(g_loss, last_layer, retain_graph=True)
+    if reduce is not None:
+        rec_grad, g_grad = reduce(rec_grad), reduce(g_grad)
     weight = rec_grad.norm() / (g_grad.norm() + 1e-4)
     return weight.clamp(0.0, max_weight).detach() * base_weight
 

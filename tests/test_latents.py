@@ -14,14 +14,16 @@ from safetensors.torch import load_file
 
 from aligntok.config import CacheLatentsConfig, EncoderConfig, Params, parse_params
 from aligntok.data.loader import load_split
-from aligntok.diffusion.latents import (STATS, LatentNormalizer, LatentSet, cache_latents, dist_info,
-                                        load_latents, read_stats, shard_name)
+from aligntok.diffusion.latents import (STATS, CacheSummary, LatentNormalizer, LatentSet, cache_latents,
+                                        load_latents, rank_shards, read_stats, shard_name)
+from aligntok.distributed import dist_info
 from aligntok.encoder import export_encoder
 from aligntok.errors import AligntokError
 from aligntok.tokenizer.api import Tokenizer
 from aligntok.tokenizer.stages import StagePaths, run_tokenizer_stage
 
 from tiny import QUICK_STAGE1, TINY_MODEL, one_thread  # noqa: F401 (fixture)
+from ranks import spawn_ranks
 from shards_fixture import edit_meta, write_dataset
 
 TINY = {
@@ -144,18 +146,50 @@ def test_fewer_images_re_encode_the_changed_shard_and_remove_stale_ones(
     assert torch.equal(latents.latent, full["latent"][:13]) and torch.equal(latents.label, full["label"][:13])
 
 
-def test_two_ranks_write_disjoint_shards_whose_union_is_the_single_process_cache(
+def _cache_as_a_rank(tokenizer: Path, data: Path, out: Path) -> CacheSummary:
+    return cache_latents(tokenizer, data, out, CFG, progress=False)
+
+
+def test_two_ranks_encode_contiguous_shards_and_equal_the_single_process_cache(
         cache: Path, setup: dict[str, Path], tmp_path: Path) -> None:
+    """Two gloo processes: rank 0 encodes shards 0-1, rank 1 shards 2-4; rank 0 merges the per-shard statistics
+    in shard order: every shard and stats.json are byte-identical to the one-process cache."""
     out = tmp_path / "cache"
-    first = cache_latents(setup["tokenizer"], setup["data"], out, CFG, progress=False, rank=0, world_size=2)
-    assert first.encoded == [0, 2, 4] and not first.stats_written  # rank 1 has not run: no stats yet
-    assert not (out / STATS).exists()
-    second = cache_latents(setup["tokenizer"], setup["data"], out, CFG, progress=False, rank=1, world_size=2)
-    assert second.encoded == [1, 3] and not second.stats_written  # only rank 0 writes stats
+    summaries = spawn_ranks(_cache_as_a_rank, 2, setup["tokenizer"], setup["data"], out)
+    assert [s.encoded for s in summaries] == [[0, 1], [2, 3, 4]]
+    assert [s.stats_written for s in summaries] == [True, False]  # only rank 0 writes stats
     assert all(same_shard(out / name, cache / name) for name in SHARDS)
-    finish = cache_latents(setup["tokenizer"], setup["data"], out, CFG, progress=False, rank=0, world_size=2)
-    assert finish.encoded == [] and finish.skipped == [0, 2, 4] and finish.stats_written
     assert (out / STATS).read_bytes() == (cache / STATS).read_bytes()
+    # resumed at one process: every shard is complete, the statistics come out the same
+    again = cache_latents(setup["tokenizer"], setup["data"], out, CFG, progress=False)
+    assert again.encoded == [] and again.skipped == [0, 1, 2, 3, 4]
+    assert (out / STATS).read_bytes() == (cache / STATS).read_bytes()
+
+
+def test_a_rank_reads_only_the_ingest_shards_that_hold_its_records(setup: dict[str, Path],
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import aligntok.diffusion.latents as latents_module
+    from aligntok.data.loader import iter_shard, read_dataset_info
+
+    info = read_dataset_info(setup["data"])  # 24 train records in two tars of 12
+    opened: list[str] = []
+
+    def recording(path: Path):  # the real reader, noting which tar it opened
+        opened.append(Path(path).name)
+        return iter_shard(path)
+
+    monkeypatch.setattr(latents_module, "iter_shard", recording)
+    everything = list(latents_module._records(setup["data"], info, 0, 24))
+    assert opened == ["train-000000.tar", "train-000001.tar"]
+    for first, stop, tars in ((0, 10, ["train-000000.tar"]), (12, 24, ["train-000001.tar"]),
+                              (10, 15, ["train-000000.tar", "train-000001.tar"])):
+        opened.clear()
+        assert list(latents_module._records(setup["data"], info, first, stop)) == everything[first:stop]
+        assert opened == tars
+    assert [rank_shards(5, r, 2) for r in (0, 1)] == [range(0, 2), range(2, 5)]
+    assert [len(rank_shards(3, r, 4)) for r in range(4)] == [0, 1, 1, 1]  # more ranks than shards: some idle
+    with pytest.raises(AligntokError, match="rank 4 is outside world size 4"):
+        rank_shards(5, 4, 4)
 
 
 def test_dist_info_reads_torchrun_variables(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -166,8 +200,6 @@ def test_dist_info_reads_torchrun_variables(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert dist_info() == (3, 4, 1)
-    with pytest.raises(AligntokError, match="rank 4 is outside world size 4"):
-        cache_latents("unused", Path("unused"), Path("unused"), CFG, rank=4, world_size=4)
 
 
 def test_normaliser_round_trip_and_normalised_cache_statistics(cache: Path, tokenizer: Tokenizer) -> None:

@@ -62,5 +62,6 @@ def test_stage_cleans_stale_checkpoints_and_starts_over_after_a_corrupt_one(
     result = run_tokenizer_stage("align_latent", params, paths, register=False, progress=False)
     assert (result.out / "tokenizer.safetensors").is_file()
     assert sorted(p.name for p in folder.iterdir()) == sorted([f"{key}.safetensors", f"{key}.json",
-                                                              f"{key}.safetensors.corrupt"])
+                                                              f"{key}.safetensors.corrupt", "stale"])
+    assert sorted(p.name for p in (folder / "stale").iterdir()) == sorted(stale[:2])  # set aside; the temp file removed
     assert json.loads((folder / f"{key}.json").read_text())["step"] == QUICK_STAGE1["steps"]

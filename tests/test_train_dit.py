@@ -106,7 +106,7 @@ def test_the_training_objective_is_the_tested_loss(monkeypatch: pytest.MonkeyPat
         return flow_matching_loss(*args, **kwargs)
 
     monkeypatch.setattr(train, "flow_matching_loss", spy)
-    trained = FlowMatchingObjective(model, world_size=1)(batch, step=0).main
+    trained = FlowMatchingObjective(model)(batch, step=0).main
     assert len(calls) == 1 and torch.equal(calls[0].t, draws.t) and torch.equal(calls[0].eps, draws.eps)
     tested = flow_matching_loss(lambda z, t, y: model(z, t, y, force_drop=drop), z0, y, draws=draws).loss
     assert torch.equal(trained, tested)
@@ -115,7 +115,7 @@ def test_the_training_objective_is_the_tested_loss(monkeypatch: pytest.MonkeyPat
     assert not torch.equal(trained, no_drop)  # the label dropout reaches the model
 
 
-def test_a_run_removes_stale_checkpoints(setup: dict[str, Path], params: Params, tmp_path: Path) -> None:
+def test_a_run_sets_stale_checkpoints_aside(setup: dict[str, Path], params: Params, tmp_path: Path) -> None:
     folder = tmp_path / "ck" / "train_dit"
     folder.mkdir(parents=True)
     stale = ["0123456789abcdef.safetensors", "0123456789abcdef.json", ".0123456789abcdef.json.tmp-7"]
@@ -124,7 +124,8 @@ def test_a_run_removes_stale_checkpoints(setup: dict[str, Path], params: Params,
     run_train_dit(params, DiTPaths(latents=setup["latents"], tokenizer=setup["tokenizer"], out=tmp_path / "out",
                   checkpoints=tmp_path / "ck"), register=False, progress=False)
     key = _fingerprint(params, DiTPaths(latents=setup["latents"], tokenizer=setup["tokenizer"], out=tmp_path))
-    assert sorted(p.name for p in folder.iterdir()) == [f"{key}.json", f"{key}.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == [f"{key}.json", f"{key}.safetensors", "stale"]
+    assert sorted(p.name for p in (folder / "stale").iterdir()) == sorted(stale[:2])
 
 
 def test_fingerprint_covers_the_code(params: Params, tmp_path: Path) -> None:

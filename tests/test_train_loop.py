@@ -162,18 +162,26 @@ def test_a_checkpoint_that_does_not_fit_leaves_the_state_untouched(tmp_path: Pat
     assert all(torch.equal(before[k], v) for k, v in state.modules["model"].state_dict().items())
 
 
-def test_cleaning_keeps_only_this_fingerprint(tmp_path: Path) -> None:
-    from aligntok.train.checkpoint import clean_checkpoint_folder
+def test_cleaning_sets_other_fingerprints_aside_and_removes_temporaries(tmp_path: Path,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    from aligntok.train.checkpoint import STALE, clean_checkpoint_folder
 
     names = ["aaaa.safetensors", "aaaa.json", "aaaa.safetensors.corrupt", "bbbb.safetensors", "bbbb.json",
              "bbbb.safetensors.corrupt", ".aaaa.safetensors.tmp-4242", ".bbbb.json.tmp-17", "notes.txt"]
     for name in names:
-        (tmp_path / name).write_text("x")
-    removed = clean_checkpoint_folder(tmp_path / "aaaa.safetensors")
-    assert sorted(removed) == sorted([".aaaa.safetensors.tmp-4242", ".bbbb.json.tmp-17", "bbbb.json",
+        (tmp_path / name).write_text(name)
+    (tmp_path / STALE).mkdir()
+    (tmp_path / STALE / "bbbb.json").write_text("an older set-aside copy")
+    with caplog.at_level("INFO"):
+        touched = clean_checkpoint_folder(tmp_path / "aaaa.safetensors")
+    assert sorted(touched) == sorted([".aaaa.safetensors.tmp-4242", ".bbbb.json.tmp-17", "bbbb.json",
                                       "bbbb.safetensors", "bbbb.safetensors.corrupt"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["aaaa.json", "aaaa.safetensors",
-                                                          "aaaa.safetensors.corrupt", "notes.txt"]
+                                                          "aaaa.safetensors.corrupt", "notes.txt", STALE]
+    kept = {p.name: p.read_text() for p in (tmp_path / STALE).iterdir()}  # moved, with their contents
+    assert kept == {name: name for name in ("bbbb.json", "bbbb.safetensors", "bbbb.safetensors.corrupt")}
+    assert any("aside" in r.message and "bbbb.safetensors" in r.message and r.levelname == "WARNING"
+               for r in caplog.records)
     assert clean_checkpoint_folder(tmp_path / "missing" / "x.safetensors") == []
 
 

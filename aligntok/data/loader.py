@@ -62,7 +62,7 @@ class ImageSet:
         else:
             decoded = [decode_image(data) for data in chosen]
         images = torch.stack(decoded)  # (B, 3, R, R) uint8
-        return images.float().div_(255.0), self.labels[indices]
+        return images.to(torch.get_default_dtype()).div_(255.0), self.labels[indices]  # float32 unless changed
 
 
 def read_dataset_info(data_dir: Path) -> dict:

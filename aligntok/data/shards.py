@@ -30,6 +30,22 @@ def iter_records(path: Path) -> Iterator[dict[str, Any]]:
         yield from group_by_keys(files)
 
 
+def count_records(path: Path) -> int:
+    """The records of one shard, counted from its tar headers (the members' data are skipped, not read):
+    consecutive members with the same key make one record, as `iter_records` groups them."""
+    import tarfile
+
+    from webdataset.tariterators import base_plus_ext
+
+    records, last = 0, None
+    with tarfile.open(Path(path), "r:") as tar:
+        for member in tar:
+            prefix, _ = base_plus_ext(member.name)
+            if member.isfile() and prefix is not None and prefix != last:
+                records, last = records + 1, prefix
+    return records
+
+
 def record_image_key(record: dict[str, Any]) -> str:
     """The entry holding the record's image; ValueError naming the entries when there is none."""
     key = next((k for k in SHARD_IMAGE_KEYS if k in record), None)

@@ -52,8 +52,10 @@ class DiffusionModel:
         self.dit, self.normalizer, self.tokenizer, self.description = dit.eval(), normalizer, tokenizer, description
 
     @classmethod
-    def load(cls, source: str | Path, weights: Path | None = None) -> DiffusionModel:
-        """`weights`: another safetensors file of the same DiT (a training snapshot) instead of the folder's."""
+    def load(cls, source: str | Path, weights: Path | None = None,
+             device: str | torch.device = "cpu") -> DiffusionModel:
+        """`weights`: another safetensors file of the same DiT (a training snapshot) instead of the folder's;
+        `device`: where the DiT and its tokenizer run (samples come back on the CPU)."""
         folder = resolve_folder(source)
         description = read_description(folder / CONFIG, FORMAT)
         try:
@@ -68,7 +70,7 @@ class DiffusionModel:
         except (OSError, KeyError, TypeError, ValueError) as exc:
             raise AligntokError(f"{folder / 'stats.json'}: cannot read the latent statistics: {one_line(exc)}") \
                 from None
-        return cls(dit, normalizer, Tokenizer.load(folder / "tokenizer"), description)
+        return cls(dit.to(device), normalizer, Tokenizer.load(folder / "tokenizer", device=device), description)
 
     @property
     def classes(self) -> list[str]:

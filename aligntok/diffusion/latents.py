@@ -3,8 +3,11 @@
 `cache_latents` writes `latents-NNNNNN.safetensors` shards (shard i holds records
 [i·shard_size, (i+1)·shard_size) of the train split, in shard order) and `stats.json`, the
 per-channel mean/std over all cached latents (both views). A shard whose metadata says it is
-complete is skipped, so a killed run redoes only unfinished shards; under torchrun, rank r
-encodes shards i with i % world_size == r.
+complete is skipped, so a killed run redoes only unfinished shards. Under W ranks, rank r encodes a
+contiguous run of latent shards (`rank_shards`), reading only the ingest shards that hold their
+records; each rank computes the (count, mean, M2) of its shards' views, and rank 0 merges them in
+shard order after a barrier, the same merges in the same order as one process: `stats.json` is
+byte-identical at any world size.
 
 Shard file: tensors `latent` (n, C, h, w) float32, `latent_flip` (n, C, h, w) float32 (the
 latent of `torch.flip(image, dims=[-1])`), `label` (n,) int64; metadata (strings) `format`,
@@ -21,23 +24,24 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from aligntok.config import CacheLatentsConfig
+from aligntok.config import CacheLatentsConfig, RuntimeConfig
 from aligntok.data.loader import (ImageSet, batch_indices, iter_shard, read_dataset_info, require_validated,
                                   step_generator)
-from aligntok.errors import AligntokError
+from aligntok.data.shards import count_records
+from aligntok.distributed import DistInfo, Placement, dist_info, placed  # noqa: F401 (dist_info: re-exported)
+from aligntok.errors import AligntokError, one_line
 from aligntok.fileio import atomic_write_text, sha256_file
 from aligntok.tokenizer.api import WEIGHTS, Tokenizer, resolve_folder
 from aligntok.train.checkpoint import atomic_save_safetensors
@@ -53,21 +57,6 @@ MIN_STD = 1e-6
 
 def shard_name(index: int) -> str:
     return f"latents-{index:06d}.safetensors"
-
-
-class DistInfo(NamedTuple):
-    rank: int
-    world_size: int
-    local_rank: int
-
-
-def dist_info() -> DistInfo:
-    """This process's place under torchrun: the process group if one is initialised, else the
-    `RANK` / `WORLD_SIZE` / `LOCAL_RANK` variables torchrun sets (0, 1, 0 without them)."""
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank)
-    return DistInfo(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), local_rank)
 
 
 @dataclass
@@ -95,20 +84,35 @@ class CacheSummary:
 
 
 def cache_latents(tokenizer: str | Path, data_dir: Path, out_dir: Path, cfg: CacheLatentsConfig,
-                  progress: bool = True, rank: int = 0, world_size: int = 1,
-                  device: str | torch.device | None = None, validation: Path | None = None) -> CacheSummary:
+                  progress: bool = True, validation: Path | None = None,
+                  runtime: RuntimeConfig | None = None) -> CacheSummary:
     """Encode the first `cfg.max_images` train records of an ingest folder (and their flips) into
-    latent shards under `out_dir`; rank 0 then writes `stats.json` once every shard exists.
+    latent shards under `out_dir`; rank 0 then writes `stats.json`.
 
-    `tokenizer` is a tokenizer folder, its safetensors file or a `models:/` URI. `device` defaults
-    to `cuda:LOCAL_RANK` where CUDA is available, else the CPU. `validation`: the shards'
-    validation.json, which must say success (None: no check).
+    `tokenizer` is a tokenizer folder, its safetensors file or a `models:/` URI. `runtime`: the placement
+    (`runtime.device`; several ranks when launched so). `validation`: the shards' validation.json, which
+    must say success (None: no check).
     """
-    if not 0 <= rank < world_size:
-        raise AligntokError(f"rank {rank} is outside world size {world_size}")
     if validation is not None:
         require_validated(validation)
-    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    with placed(runtime or RuntimeConfig()) as place:
+        return _cache(tokenizer, Path(data_dir), Path(out_dir), cfg, progress, place)
+
+
+def rank_shards(num_shards: int, rank: int, world_size: int) -> range:
+    """The latent shards rank `rank` of `world_size` encodes: a contiguous run, ranks in shard order."""
+    if not 0 <= rank < world_size:
+        raise AligntokError(f"rank {rank} is outside world size {world_size}")
+    return range(rank * num_shards // world_size, (rank + 1) * num_shards // world_size)
+
+
+Partial = tuple[int, torch.Tensor, torch.Tensor]
+"""(count, mean (C,), M2 (C,)) of one view of one shard, float64: what `merge_partials` combines."""
+
+
+def _cache(tokenizer: str | Path, data_dir: Path, out_dir: Path, cfg: CacheLatentsConfig, progress: bool,
+           place: Placement) -> CacheSummary:
+    rank, world_size = place.rank, place.world_size
     info, total = _train_records(data_dir, cfg.max_images)
     num_shards = math.ceil(total / cfg.shard_size)
     try:
@@ -116,38 +120,39 @@ def cache_latents(tokenizer: str | Path, data_dir: Path, out_dir: Path, cfg: Cac
     except FileNotFoundError as exc:
         raise AligntokError(str(exc)) from None
     tokenizer_sha = sha256_file(folder / WEIGHTS)
-    if device is None:
-        device = f"cuda:{dist_info().local_rank}" if torch.cuda.is_available() else "cpu"
-    model = Tokenizer.load(folder, device=device, batch_size=cfg.batch_size)
+    model = Tokenizer.load(folder, device=place.device, batch_size=cfg.batch_size)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = CacheSummary(out_dir=out_dir, images=total, shards=num_shards)
-    if rank == 0:
+    if place.is_main:
         (out_dir / STATS).unlink(missing_ok=True)  # rewritten below, once the shards are final
-        summary.removed = _remove_stale(out_dir, num_shards, remove_tmp=world_size == 1)
+        summary.removed = _remove_stale(out_dir, num_shards)
+    place.barrier()  # nobody writes a shard while rank 0 tidies the folder
 
-    mine = [i for i in range(num_shards) if i % world_size == rank]
+    mine = rank_shards(num_shards, rank, world_size)
     sizes = {i: min(cfg.shard_size, total - i * cfg.shard_size) for i in mine}
     # metadata-only check first (for the bar's total); the record keys are checked as they stream by
     pending = {i for i in mine if not _shard_complete(out_dir / shard_name(i), i, sizes[i], tokenizer_sha)}
     bar = tqdm(total=2 * sum(sizes[i] for i in pending), unit="img", disable=not progress,
                desc=f"cache latents (rank {rank}/{world_size})" if world_size > 1 else "cache latents")
     start = time.perf_counter()
-    chunks = _chunks(data_dir, info, total, cfg.shard_size) if mine else iter(())
-    for index, (keys, encoded, labels) in enumerate(chunks):
-        if index % world_size != rank:
-            continue
-        if _shard_complete(out_dir / shard_name(index), index, len(keys), tokenizer_sha, keys):
+    partials: list[tuple[int, list[Partial]]] = []
+    first_record = mine.start * cfg.shard_size
+    chunks = _chunks(data_dir, info, first_record, min(total, mine.stop * cfg.shard_size), cfg.shard_size) \
+        if len(mine) else iter(())
+    for index, (keys, encoded, labels) in zip(mine, chunks):
+        path = out_dir / shard_name(index)
+        if _shard_complete(path, index, len(keys), tokenizer_sha, keys):
             summary.skipped.append(index)
+            with safe_open(str(path), framework="pt") as handle:
+                views = [handle.get_tensor(view) for view in ("latent", "latent_flip")]
         else:
             if index not in pending:  # right count but other records: re-encode after all
                 bar.total += 2 * len(keys)
-            _encode_shard(model, out_dir / shard_name(index), index, keys, encoded, labels,
-                          cfg.batch_size, tokenizer_sha, bar)
+            views = _encode_shard(model, path, index, keys, encoded, labels, cfg.batch_size, tokenizer_sha, bar)
             summary.encoded.append(index)
             summary.encoded_images += len(keys)
-        if index + world_size >= num_shards:
-            break  # this rank's last shard: the remaining tars need not be read
+        partials.append((index, [view_partial(z) for z in views]))
     bar.close()
     summary.seconds = time.perf_counter() - start
     summary.images_per_s = 2 * summary.encoded_images / summary.seconds if summary.encoded_images else 0.0
@@ -155,13 +160,20 @@ def cache_latents(tokenizer: str | Path, data_dir: Path, out_dir: Path, cfg: Cac
              "in %.1f s (%.1f images/s, both views) -> %s", rank, world_size, len(summary.encoded),
              summary.encoded_images, len(summary.skipped), len(mine), summary.seconds,
              summary.images_per_s, out_dir)
-
-    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-    if rank == 0:
-        summary.stats_written = _write_stats_if_complete(out_dir, num_shards, info, str(tokenizer),
-                                                         tokenizer_sha, tuple(model.latent_shape))
+    everyone = _gather_partials(partials, place)
+    if place.is_main:
+        _write_stats(out_dir, num_shards, everyone, info, str(tokenizer), tokenizer_sha, tuple(model.latent_shape))
+        summary.stats_written = True
     return summary
+
+
+def _gather_partials(partials: list[tuple[int, list[Partial]]], place: Placement) -> list[tuple[int, list[Partial]]]:
+    """Every rank's per-shard partial statistics on rank 0, in shard order (after a barrier: all shards written)."""
+    if not place.distributed:
+        return partials
+    gathered: list[Any] = [None] * place.world_size
+    torch.distributed.all_gather_object(gathered, partials)
+    return sorted((entry for part in gathered for entry in part), key=lambda entry: entry[0])
 
 
 def _train_records(data_dir: Path, max_images: int | None) -> tuple[dict[str, Any], int]:
@@ -178,24 +190,36 @@ def _train_records(data_dir: Path, max_images: int | None) -> tuple[dict[str, An
     return info, available if max_images is None else min(max_images, available)
 
 
-def _records(data_dir: Path, info: dict[str, Any], total: int) -> Iterator[tuple[str, bytes, int]]:
-    """The first `total` train records, in shard order."""
-    seen = 0
-    for shard in info["shards"]["train"]:
-        for record in iter_shard(data_dir / shard):
-            if seen == total:
-                return
-            seen += 1
-            yield record
-    if seen < total:
-        raise AligntokError(f"{data_dir}: train shards hold {seen} records, dataset.json says {total}")
+def _records(data_dir: Path, info: dict[str, Any], first: int, stop: int) -> Iterator[tuple[str, bytes, int]]:
+    """Train records [first, stop) in shard order, opening only the ingest shards that hold them (the
+    records per shard are counted from the tar headers, without reading the images)."""
+    import tarfile
+
+    names = info["shards"]["train"]
+    offset = 0
+    for name in names:
+        if offset >= stop:
+            return
+        try:
+            count = count_records(data_dir / name)
+            if offset + count > first:
+                for position, record in enumerate(iter_shard(data_dir / name)):
+                    if first <= offset + position < stop:
+                        yield record
+        except (tarfile.TarError, OSError, ValueError) as exc:
+            raise AligntokError(f"{data_dir / name}: damaged shard ({type(exc).__name__}: {one_line(exc)}); "
+                                "rerun `aligntok ingest`") from None
+        offset += count
+    if offset < stop:
+        raise AligntokError(f"{data_dir}: train shards hold {offset} records, dataset.json says "
+                            f"{info['counts']['train']}")
 
 
-def _chunks(data_dir: Path, info: dict[str, Any], total: int,
+def _chunks(data_dir: Path, info: dict[str, Any], first: int, stop: int,
             size: int) -> Iterator[tuple[list[str], list[bytes], list[int]]]:
-    """Records grouped by latent shard: (keys, image bytes, labels), `size` records each."""
+    """Records [first, stop) grouped by latent shard: (keys, image bytes, labels), `size` records each."""
     chunk: tuple[list[str], list[bytes], list[int]] = ([], [], [])
-    for key, data, label in _records(data_dir, info, total):
+    for key, data, label in _records(data_dir, info, first, stop):
         chunk[0].append(key)
         chunk[1].append(data)
         chunk[2].append(label)
@@ -222,8 +246,9 @@ def _shard_complete(path: Path, index: int, count: int, tokenizer_sha: str,
 
 
 def _encode_shard(model: Tokenizer, path: Path, index: int, keys: list[str], encoded: list[bytes],
-                  labels: list[int], batch_size: int, tokenizer_sha: str, bar: tqdm) -> None:
-    """Encode one shard's images and their flips, in batches from the shard's start, and write it."""
+                  labels: list[int], batch_size: int, tokenizer_sha: str, bar: tqdm) -> list[torch.Tensor]:
+    """Encode one shard's images and their flips, in batches from the shard's start, and write it; returns the
+    two views (n, C, h, w) as written."""
     images = ImageSet(encoded=encoded, labels=torch.tensor(labels, dtype=torch.int64), keys=keys)
     plain, flipped = [], []
     with torch.no_grad():
@@ -237,6 +262,7 @@ def _encode_shard(model: Tokenizer, path: Path, index: int, keys: list[str], enc
     metadata = {"format": FORMAT, "index": str(index), "count": str(len(keys)), "keys": json.dumps(keys),
                 "tokenizer_sha256": tokenizer_sha}
     atomic_save_safetensors(tensors, path, metadata)
+    return [tensors["latent"], tensors["latent_flip"]]
 
 
 def _existing_shards(out_dir: Path) -> dict[int, Path]:
@@ -248,17 +274,16 @@ def _existing_shards(out_dir: Path) -> dict[int, Path]:
     return found
 
 
-def _remove_stale(out_dir: Path, num_shards: int, remove_tmp: bool) -> list[str]:
-    """Remove shards beyond the new count (and, single-process, temporaries of killed runs)."""
+def _remove_stale(out_dir: Path, num_shards: int) -> list[str]:
+    """Remove shards beyond the new count and temporaries of killed runs (rank 0, before anyone writes)."""
     removed = []
     for index, path in sorted(_existing_shards(out_dir).items()):
         if index >= num_shards:
             path.unlink()
             removed.append(path.name)
-    if remove_tmp:
-        for path in out_dir.glob(".latents-*.safetensors.tmp-*"):
-            path.unlink(missing_ok=True)
-            removed.append(path.name)
+    for path in out_dir.glob(".latents-*.safetensors.tmp-*"):
+        path.unlink(missing_ok=True)
+        removed.append(path.name)
     if removed:
         log.info("cache_latents: removed %d stale files from %s", len(removed), out_dir)
     return removed
@@ -267,44 +292,57 @@ def _remove_stale(out_dir: Path, num_shards: int, remove_tmp: bool) -> list[str]
 # ---------------------------------------------------------------------------- statistics
 
 
+def view_partial(z: torch.Tensor) -> Partial:
+    """(count, mean, M2) per channel of latents z (n, C, h, w), in float64."""
+    values = z.double().transpose(0, 1).reshape(z.shape[1], -1)  # (C, n·h·w)
+    mean = values.mean(dim=1)
+    return values.shape[1], mean, ((values - mean[:, None]) ** 2).sum(dim=1)
+
+
+def merge_partials(partials: list[Partial]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Chan et al.'s pairwise merge, left to right -> mean (C,), unbiased std (C,), number of values."""
+    count, mean, m2 = 0, None, None
+    for n_b, mean_b, m2_b in partials:
+        if mean is None:
+            count, mean, m2 = n_b, mean_b, m2_b
+            continue
+        delta = mean_b - mean
+        total = count + n_b
+        mean = mean + delta * (n_b / total)
+        m2 = m2 + m2_b + delta ** 2 * (count * n_b / total)
+        count = total
+    if mean is None or count < 2:
+        raise AligntokError("too few cached values to compute channel statistics")
+    return mean, (m2 / (count - 1)).sqrt(), count
+
+
 def channel_stats(out_dir: Path, names: list[str]) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Per-channel mean and std (unbiased, like `torch.std`) over the `latent` and `latent_flip`
     tensors of the given shards, merged shard by shard in float64 (Chan et al.), so memory holds one
     shard at a time. -> mean (C,), std (C,), number of latents (two per record)."""
-    count, mean, m2, latents = 0, None, None, 0
+    partials, latents = [], 0
     for name in names:
         with safe_open(str(out_dir / name), framework="pt") as handle:
             for view in ("latent", "latent_flip"):
-                z = handle.get_tensor(view).double()  # (n, C, h, w)
+                z = handle.get_tensor(view)  # (n, C, h, w)
                 latents += z.shape[0]
-                values = z.transpose(0, 1).reshape(z.shape[1], -1)  # (C, n·h·w)
-                n_b = values.shape[1]
-                mean_b = values.mean(dim=1)
-                m2_b = ((values - mean_b[:, None]) ** 2).sum(dim=1)
-                if mean is None:
-                    count, mean, m2 = n_b, mean_b, m2_b
-                    continue
-                delta = mean_b - mean
-                total = count + n_b
-                mean = mean + delta * (n_b / total)
-                m2 = m2 + m2_b + delta ** 2 * (count * n_b / total)
-                count = total
-    if mean is None or count < 2:
-        raise AligntokError(f"{out_dir}: too few cached values to compute channel statistics")
-    return mean, (m2 / (count - 1)).sqrt(), latents
+                partials.append(view_partial(z))
+    try:
+        mean, std, _ = merge_partials(partials)
+    except AligntokError as exc:
+        raise AligntokError(f"{out_dir}: {exc}") from None
+    return mean, std, latents
 
 
-def _write_stats_if_complete(out_dir: Path, num_shards: int, info: dict[str, Any], source: str,
-                             tokenizer_sha: str, latent_shape: tuple[int, int, int]) -> bool:
+def _write_stats(out_dir: Path, num_shards: int, partials: list[tuple[int, list[Partial]]], info: dict[str, Any],
+                 source: str, tokenizer_sha: str, latent_shape: tuple[int, int, int]) -> None:
     names = [shard_name(i) for i in range(num_shards)]
-    missing = [n for n in names if not (out_dir / n).is_file()]
-    if missing:
-        log.warning("cache_latents: %d of %d shards are not written yet (e.g. %s; other ranks still "
-                    "running?): %s not written; rerun rank 0 once they exist", len(missing), num_shards,
-                    missing[0], STATS)
-        return False
+    if [index for index, _ in partials] != list(range(num_shards)):
+        raise AligntokError(f"cache_latents: statistics of shards {[i for i, _ in partials]} gathered, "
+                            f"expected 0..{num_shards - 1}")
     start = time.perf_counter()
-    mean, std, count = channel_stats(out_dir, names)
+    mean, std, _ = merge_partials([p for _, views in partials for p in views])
+    count = sum(p[0] for _, views in partials for p in views) // (latent_shape[1] * latent_shape[2])  # latents
     classes = list(info.get("classes", []))
     stats = {"format": FORMAT, "mean": mean.tolist(), "std": std.tolist(), "count": count,
              "images": count // 2, "latent_shape": list(latent_shape), "tokenizer": source,
@@ -313,7 +351,6 @@ def _write_stats_if_complete(out_dir: Path, num_shards: int, info: dict[str, Any
     atomic_write_text(out_dir / STATS, json.dumps(stats, indent=2) + "\n")
     log.info("cache_latents: %s over %d latents (%d shards) in %.1f s: mean |mu| %.3f, std in [%.3f, %.3f]",
              STATS, count, num_shards, time.perf_counter() - start, mean.abs().mean(), std.min(), std.max())
-    return True
 
 
 # ---------------------------------------------------------------------------- normalisation

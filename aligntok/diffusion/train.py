@@ -1,11 +1,12 @@
 """The `train_dit` stage: a LightningDiT trained with flow matching on the cached latents.
 
-The same loop as the tokenizer (`aligntok/train/loop.py`): EMA, clipping, warm-up,
-checkpoint + resume, NaN guard. One process, or several under `torchrun` with DDP (gloo on
-CPU, NCCL on GPU). Every random draw of a step (samples, flips, t, noise, label dropout) is
-made for the *global* batch from a generator seeded by (seed, step) and then sliced by rank,
-so N processes follow the same loss trajectory as one process with the same global batch.
-Rank 0 alone logs, checkpoints, writes outputs and registers.
+The same loop and stage scaffold as the tokenizer (`aligntok/train/loop.py`, `aligntok/train/stage.py`):
+EMA, clipping, warm-up, checkpoint + resume, NaN guard. One process, or several ranks with DDP
+(`aligntok.distributed`: NCCL and bf16 autocast on GPUs, gloo on CPUs). Every random draw of a step
+(samples, flips, t, noise, label dropout) is made on the CPU for the *global* batch from a generator seeded
+by (seed, step) and then sliced by rank, so N processes follow the same loss trajectory as one process with
+the same global batch, and a run resumes at any world size. Rank 0 alone logs, checkpoints, writes outputs
+and registers.
 """
 
 from __future__ import annotations
@@ -22,17 +23,18 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from aligntok import runtime
-from aligntok.config import DIT_REGISTERED_MODEL, Params
+from aligntok.config import DIT_REGISTERED_MODEL, ConfigError, Params
 from aligntok.data.loader import step_generator
 from aligntok.diffusion.dit import build_dit
 from aligntok.diffusion.flow import FlowDraws, draw_flow, flow_matching_loss, sample
-from aligntok.diffusion.latents import LatentSet, dist_info, load_latents, read_stats
+from aligntok.diffusion.latents import LatentSet, load_latents, read_stats
+from aligntok.distributed import Placement, placed
 from aligntok.fileio import atomic_write_text, sha256_file
 from aligntok.tokenizer.api import Tokenizer
-from aligntok.train.checkpoint import TrainState, atomic_save_safetensors, clean_checkpoint_folder
+from aligntok.train.checkpoint import TrainState, atomic_save_safetensors
 from aligntok.runtime import CompiledOrEager
 from aligntok.train.loop import LoopSettings, StepLosses, run_loop
+from aligntok.train.stage import TrainingStage, fingerprint, training_stage
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +80,13 @@ def step_batch(latents: LatentSet, step: int, batch_size: int, seed: int, class_
 
 
 class FlowMatchingObjective:
-    """`flow_matching_loss` on this rank's slice, with the step's draws and label dropout (logged as the
-    global mean). `model` may be the module or its `runtime.CompiledOrEager` wrapper; `autocast` is the
-    forward's precision context (`runtime.autocast`; none: float32)."""
+    """`flow_matching_loss` on this rank's slice, with the step's draws and label dropout (the loop logs its
+    mean over the ranks as `loss_global`). `model` may be the module, its DDP or its `runtime.CompiledOrEager`
+    wrapper; `autocast` is the forward's precision context (`Placement.autocast`; none: float32)."""
 
-    def __init__(self, model: Callable[..., torch.Tensor], world_size: int,
+    def __init__(self, model: Callable[..., torch.Tensor],
                  autocast: Callable[[], Any] = contextlib.nullcontext) -> None:
-        self.model, self.world_size, self.autocast = model, world_size, autocast
+        self.model, self.autocast = model, autocast
 
     def __call__(self, batch: StepBatch, step: int) -> StepLosses:
         def velocity(z_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -92,24 +94,29 @@ class FlowMatchingObjective:
                 return self.model(z_t, t, y, force_drop=batch.drop).float()  # (b, C, h, w)
 
         loss = flow_matching_loss(velocity, batch.z0, batch.y, draws=FlowDraws(t=batch.t, eps=batch.eps)).loss
-        logged = loss.detach().clone()
-        if self.world_size > 1:
-            torch.distributed.all_reduce(logged)
-            logged /= self.world_size
-        return StepLosses(main=loss, logs={"loss_global": logged.item()})
+        return StepLosses(main=loss, logs={"loss_global": loss.item()})
+
+
+GRID_CLASSES, GRID_PER_CLASS, GRID_CHUNK = 10, 4, 64
+"""The snapshot grid logged during training: at most 10 classes (evenly spaced over the classes) x 4 samples,
+sampled in chunks of 64, so that rank 0 is back in the next step's all-reduce in seconds at any class count;
+`evaluate` measures the model on thousands of samples."""
 
 
 def sample_grid(model: torch.nn.Module, latents: LatentSet, tokenizer: Tokenizer, params: Params,
-                per_class: int = 4, seed: int = 0) -> np.ndarray:
-    """A (rows = per_class, columns = classes) grid of decoded class-conditional samples: (H, W, 3) uint8."""
+                per_class: int = GRID_PER_CLASS, seed: int = 0) -> np.ndarray:
+    """A (rows = per_class, columns = classes) grid of decoded class-conditional samples: (H, W, 3) uint8, over
+    at most `GRID_CLASSES` classes spread evenly, generated in chunks of `GRID_CHUNK` (chunk i seeded seed + i)."""
     from torchvision.utils import make_grid
 
     classes = len(latents.classes) or int(latents.label.max()) + 1
-    labels = torch.arange(classes).repeat(per_class)  # (per_class * K,)
-    images = generate(model, latents.normalizer, tokenizer, labels, params.sample.steps,
-                      params.sample.cfg_scale, params.sample.cfg_interval, seed, params.sample.method,
-                      params.sample.timestep_shift)
-    grid = make_grid(images, nrow=classes, padding=2, pad_value=1.0)
+    shown = torch.linspace(0, classes - 1, min(classes, GRID_CLASSES)).round().long().unique()  # (K,)
+    labels = shown.repeat(per_class)  # (per_class * K,)
+    images = torch.cat([generate(model, latents.normalizer, tokenizer, chunk, params.sample.steps,
+                                 params.sample.cfg_scale, params.sample.cfg_interval, seed + index,
+                                 params.sample.method, params.sample.timestep_shift)
+                        for index, chunk in enumerate(labels.split(GRID_CHUNK))])
+    grid = make_grid(images, nrow=len(shown), padding=2, pad_value=1.0)
     return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
@@ -127,109 +134,87 @@ def generate(model: torch.nn.Module, normalizer: Any, tokenizer: Tokenizer, labe
     return normalizer.decode(tokenizer, z)
 
 
-def _init_distributed(world_size: int) -> None:
-    if world_size > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend=backend)
-
-
 def run_train_dit(params: Params, paths: DiTPaths, register: bool = True, progress: bool = True,
                   on_log: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
     """Train (resuming from a matching checkpoint), save the EMA model and, on rank 0, register it.
 
     `on_log(step, logs)` is called on rank 0 every `train_dit.log_every` steps (besides MLflow)."""
-    cfg = params.train_dit
-    rank, world_size, _ = dist_info()
-    _init_distributed(world_size)
-    if cfg.batch_size % world_size:
-        raise ValueError(f"train_dit.batch_size={cfg.batch_size} does not split over {world_size} processes")
+    with placed(params.runtime) as place:
+        if params.train_dit.batch_size % place.world_size:
+            raise ConfigError(f"train_dit.batch_size: {params.train_dit.batch_size} does not split over "
+                              f"{place.world_size} processes (runtime.nproc_per_node x nodes)")
+        return _train(params, paths, register, progress, on_log, place)
+
+
+def _train(params: Params, paths: DiTPaths, register: bool, progress: bool,
+           on_log: Callable[[int, dict[str, float]], None] | None, place: Placement) -> dict[str, Any]:
+    cfg, fast = params.train_dit, params.runtime
     latents = load_latents(paths.latents)
     C, h, _ = latents.latent_shape
     num_classes = len(latents.classes) or int(latents.label.max()) + 1
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = build_dit(params.dit, C, h, num_classes)
+    model = build_dit(params.dit, C, h, num_classes).to(place.device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    trained = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
                                   weight_decay=cfg.weight_decay)
     state = TrainState(step=0, modules={"model": model, "ema": ema}, optimizers={"main": optimizer})
-    key = _fingerprint(params, paths)
-    checkpoint = paths.checkpoints / "train_dit" / f"{key}.safetensors"
-    is_main = rank == 0
-    if is_main:
-        clean_checkpoint_folder(checkpoint)
-    if register and is_main:
-        from aligntok.tracking import StageRun
+    tracked = {k: params.to_dict()[k] for k in ("dit", "train_dit", "sample")} if register else None
+    with training_stage("train_dit", fingerprint_inputs(params, paths), paths.checkpoints, place, tracked) as stage:
+        tokenizer = Tokenizer.load(paths.tokenizer, device=place.device) if place.is_main else None
+        snapshots = stage.checkpoint.with_name(f"{stage.checkpoint.stem}.snapshots")  # survives DVC clearing the out
 
-        run = StageRun.for_checkpoint("train_dit", {k: params.to_dict()[k] for k in ("dit", "train_dit", "sample")},
-                                      checkpoint)
-    else:
-        run = None
-    tokenizer = Tokenizer.load(paths.tokenizer) if is_main else None
+        def log_step(step: int, logs: dict[str, float]) -> None:
+            if on_log is not None:
+                on_log(step, logs)
+            if stage.run is None:
+                return
+            stage.run.metrics(logs, step)
+            if step % cfg.sample_every == 0 or step == cfg.steps:
+                stage.run.image(sample_grid(ema, latents, tokenizer, params), f"samples_step{step:06d}.png")
 
-    def log_step(step: int, logs: dict[str, float]) -> None:
-        if on_log is not None:
-            on_log(step, logs)
-        if run is None:
-            return
-        run.metrics(logs, step)
-        if step % cfg.sample_every == 0 or step == cfg.steps:
-            run.image(sample_grid(ema, latents, tokenizer, params), f"samples_step{step:06d}.png")
+        def keep_snapshot(step: int) -> None:
+            if step in cfg.snapshot_steps:
+                atomic_save_safetensors(ema.state_dict(), snapshots / f"step_{step:06d}.safetensors",
+                                        {"format": FORMAT})
 
-    snapshots = checkpoint.with_name(f"{checkpoint.stem}.snapshots")  # survives DVC clearing the out
-
-    def keep_snapshot(step: int) -> None:
-        if step in cfg.snapshot_steps:
-            atomic_save_safetensors(ema.state_dict(), snapshots / f"step_{step:06d}.safetensors", {"format": FORMAT})
-
-    settings = LoopSettings.from_schedule(cfg, "train_dit",
-                                          extra_checkpoints=tuple(s for s in cfg.snapshot_steps if s < cfg.steps))
-    try:
-        fast = params.runtime
-        device = next(model.parameters()).device
-        forward = CompiledOrEager(trained, "train_dit", enabled=fast.compile)
+        settings = LoopSettings.from_schedule(cfg, "train_dit",
+                                              extra_checkpoints=tuple(s for s in cfg.snapshot_steps if s < cfg.steps))
+        forward = CompiledOrEager(place.wrap(model), "train_dit", enabled=fast.compile)
         result = run_loop(
-            settings=settings, state=state,
-            objective=FlowMatchingObjective(forward, world_size, lambda: runtime.autocast(fast, device)),
+            settings=settings, state=state, objective=FlowMatchingObjective(forward, place.autocast),
             batches=lambda step: step_batch(latents, step, cfg.batch_size, cfg.seed, params.dit.class_dropout,
-                                            cfg.t_mean, cfg.t_std, rank, world_size),
-            checkpoint=checkpoint, sidecar=lambda: {"mlflow_run_id": run.run_id if run else None, "fingerprint": key},
-            on_log=log_step, on_checkpoint=keep_snapshot, is_main_process=is_main, progress=progress,
-            prefetch=fast.prefetch,
+                                            cfg.t_mean, cfg.t_std, place.rank, place.world_size),
+            checkpoint=stage.checkpoint, sidecar=stage.sidecar, on_log=log_step, on_checkpoint=keep_snapshot,
+            place=place, progress=progress, prefetch=fast.prefetch,
         )
         metrics = {"final_loss": result.last_logs.get("loss_global", float("nan")), "steps": float(cfg.steps),
-                   "train_seconds": result.seconds, "world_size": float(world_size),
+                   "train_seconds": result.seconds, "world_size": float(place.world_size),
                    "compiled": float(forward.is_compiled)}
-        if is_main:
-            _save(paths, params, ema, latents, metrics, run, snapshots)
+        if place.is_main:
+            _save(paths, params, ema, latents, metrics, stage, snapshots)
         return metrics
-    except BaseException:
-        if run is not None:
-            run.finish("FAILED")
-        raise
-    finally:
-        if world_size > 1 and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+
+
+def fingerprint_inputs(params: Params, paths: DiTPaths, code: str | None = None) -> dict[str, Any]:
+    """What a checkpoint was trained from: the params, the latent cache and the code (`code`:
+    `aligntok.lineage.code_digest("train_dit")`, computed when None); not the world size, since the batches
+    do not depend on it."""
+    from aligntok.lineage import code_digest
+
+    return {"params": {k: params.to_dict()[k] for k in ("dit", "train_dit")},
+            "stats": sha256_file(paths.latents / "stats.json"),
+            "code": code if code is not None else code_digest("train_dit")}
 
 
 def _fingerprint(params: Params, paths: DiTPaths, code: str | None = None) -> str:
-    """Identifies what a checkpoint was trained from: the params, the latent cache, the process count and
-    the code (`code`: `aligntok.lineage.code_digest("train_dit")`, computed when None)."""
-    import hashlib
-
-    from aligntok.lineage import code_digest
-
-    inputs = {"params": {k: params.to_dict()[k] for k in ("dit", "train_dit")},
-              "stats": sha256_file(paths.latents / "stats.json"), "world_size": dist_info().world_size,
-              "code": code if code is not None else code_digest("train_dit")}
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+    return fingerprint(fingerprint_inputs(params, paths, code))
 
 
 def _save(paths: DiTPaths, params: Params, ema: torch.nn.Module, latents: LatentSet,
-          metrics: dict[str, float], run: Any, snapshots: Path | None = None) -> None:
+          metrics: dict[str, float], stage: TrainingStage, snapshots: Path | None = None) -> None:
     """Write the self-contained model folder: EMA weights, description, latent stats, tokenizer, and the EMA
     weights kept at `train_dit.snapshot_steps` (`snapshots/step_NNNNNN.safetensors`)."""
-    out = paths.out
+    out, run = paths.out, stage.run
     for step in sorted(s for s in params.train_dit.snapshot_steps if s < params.train_dit.steps):
         kept = snapshots / f"step_{step:06d}.safetensors" if snapshots is not None else None
         if kept is None or not kept.is_file():  # killed between that checkpoint and its snapshot
@@ -264,4 +249,3 @@ def _save(paths: DiTPaths, params: Params, ema: torch.nn.Module, latents: Latent
                               artifacts=artifacts, tags={"stats_sha256": description["stats_sha256"]},
                               alias=None)  # load the newest with models:/aligntok-dit@latest
     receipt.write(out / "receipt.json")
-    run.finish()

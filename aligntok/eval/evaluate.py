@@ -7,6 +7,13 @@ The reference features come from the `fid_reference` stage (`aligntok.eval.refer
 - the diffusion model: gFID with and without guidance, precision and recall (k = 3), FD_dinov2, and gFID
   against the number of sampling steps and the guidance scale (DVC plots).
 There is no Inception Score: the FID network here has no classification head.
+
+Across ranks (`aligntok.distributed.map_batches`): batch i of every pass (reconstructions, probe features,
+generated samples) runs on rank i mod W, and rank 0 gathers the features and per-image scores in batch order
+and computes every figure from them, so each equals the one-process figure. No float image arrays are kept:
+reconstructions and samples become features as they are made; only the few shown in the grids are kept,
+as uint8. On CUDA the tokenizers and the DiT run under `runtime.autocast` (bf16); the FID Inception and the
+FD encoder always run in float32.
 """
 
 from __future__ import annotations
@@ -16,17 +23,18 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from aligntok.config import EvaluateConfig, Params
 from aligntok.data.loader import ImageSet, load_split, require_validated
+from aligntok.distributed import Placement, map_batches, placed
 from aligntok.eval.fid import FeatureStats, fid_from_features, frechet_distance
 from aligntok.eval.fd_encoder import EncoderFeatures
-from aligntok.eval.inception import InceptionFeatures, extract_features as extract
-from aligntok.eval.reference import batches, load_reference
+from aligntok.eval.inception import InceptionFeatures
+from aligntok.eval.reference import batch_at, batch_count, batches, load_reference
 from aligntok.eval.prdc import precision_recall
 from aligntok.eval.probe import linear_probe
 from aligntok.fileio import atomic_write_text
@@ -47,11 +55,30 @@ def fd(feats: np.ndarray, ref: FeatureStats) -> float:
     return float(frechet_distance(stats.mu, stats.sigma, ref.mu, ref.sigma))
 
 
-def pooled_latents(tokenizer: Any, images: ImageSet, count: int, batch_size: int, progress: bool,
-                   desc: str) -> np.ndarray:
-    """Spatially mean-pooled latents (N, C) of the first `count` images."""
-    return extract(lambda x: tokenizer.encode(x).mean(dim=(2, 3)), batches(images, count, batch_size), count,
-                   desc, progress)
+GRID = 8
+"""Reconstructions shown per tokenizer (`recon_<stage>.png`: originals above reconstructions)."""
+
+
+def as_uint8(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] -> uint8 levels, round(255 x), the way the grids are saved."""
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def _rows(count: int, size: int) -> Callable[[int], int]:
+    return lambda index: min(size, count - index * size)
+
+
+def pooled_latents(tokenizer: Any, images: ImageSet, count: int, batch_size: int, place: Placement,
+                   progress: bool, desc: str) -> np.ndarray | None:
+    """Spatially mean-pooled latents (N, C) of the first `count` images (rank 0; other ranks None)."""
+    def pooled(index: int) -> dict[str, torch.Tensor]:
+        with place.autocast():
+            z = tokenizer.encode(place.to_device(batch_at(images, index, count, batch_size)))  # (B, C, h, w)
+        return {"z": z.mean(dim=(2, 3)).double()}  # (B, C)
+
+    found = map_batches(pooled, ("z",), batch_count(count, batch_size), place, desc, progress,
+                        rows=_rows(count, batch_size))
+    return found["z"].numpy() if found is not None else None
 
 
 @dataclass
@@ -62,59 +89,68 @@ class ProbeSets:
 
 def evaluate_tokenizer(name: str, folder: Path, val: ImageSet, probe: ProbeSets, ref: dict[str, Any],
                        inception: InceptionFeatures, encoder: EncoderFeatures, cfg: EvaluateConfig,
-                       out_dir: Path, probe_cache: dict[bytes, dict[str, float]], progress: bool) -> dict[str, float]:
-    """rFID, PSNR, SSIM, FD_dinov2 and the latent linear probe of one tokenizer."""
+                       out_dir: Path, probe_cache: dict[bytes, dict[str, float] | None], progress: bool,
+                       place: Placement | None = None) -> dict[str, float] | None:
+    """rFID, PSNR, SSIM, FD_dinov2 and the latent linear probe of one tokenizer (rank 0; other ranks None)."""
     from aligntok.metrics import psnr, ssim
     from aligntok.tokenizer.api import Tokenizer
 
-    tokenizer = Tokenizer.load(folder, batch_size=cfg.batch_size)
-    recon: list[torch.Tensor] = []
-    scores: dict[str, list[torch.Tensor]] = {"psnr": [], "ssim": []}
+    place = place or Placement()
+    tokenizer = Tokenizer.load(folder, device=place.device, batch_size=cfg.batch_size)
+    count, size = cfg.recon_images, cfg.batch_size
 
-    def reconstructions() -> Iterator[torch.Tensor]:
-        for images in batches(val, cfg.recon_images, cfg.batch_size):
-            x_hat = tokenizer.decode(tokenizer.encode(images)).clamp(0, 1)  # (B, 3, R, R)
-            scores["psnr"].append(psnr(images, x_hat))
-            scores["ssim"].append(ssim(images, x_hat))
-            recon.append(x_hat)
-            yield x_hat
+    def reconstruct(index: int) -> dict[str, torch.Tensor]:
+        images = place.to_device(batch_at(val, index, count, size))  # (B, 3, R, R)
+        with place.autocast():
+            x_hat = tokenizer.decode(tokenizer.encode(images)).clamp(0, 1)  # (B, 3, R, R) float32
+        shown = max(0, min(len(x_hat), GRID - index * size))
+        return {"psnr": psnr(images.cpu(), x_hat), "ssim": ssim(images.cpu(), x_hat),
+                "inception": inception(x_hat), "encoder": encoder(x_hat), "shown": as_uint8(x_hat[:shown])}
 
-    inception_feats = extract(inception, reconstructions(), cfg.recon_images, f"{name}: rFID", progress)
-    recon_all = torch.cat(recon)
-    encoder_feats = extract(encoder, iter(recon_all.split(cfg.batch_size)), len(recon_all), f"{name}: FD_dinov2",
-                            False)
-    per_image = {k: torch.cat(v).double() for k, v in scores.items()}  # (N,) each
-    metrics = {"rfid": fd(inception_feats, ref["val"]), "psnr": float(per_image["psnr"].mean()),
-               "ssim": float(per_image["ssim"].mean()), "fd_dinov2": fd(encoder_feats, ref["val_encoder"]),
-               **{f"{k}_sem": float(v.std() / len(v) ** 0.5) for k, v in per_image.items()}}
-    originals = next(batches(val, 8, 8))  # top row: originals; bottom row: their reconstructions
-    _save_grid(torch.cat([originals, recon_all[:8]]), out_dir / f"recon_{name}.png", len(originals))
-
+    found = map_batches(reconstruct, ("psnr", "ssim", "inception", "encoder", "shown"), batch_count(count, size),
+                        place, f"{name}: rFID", progress, rows=_rows(count, size))
     # The probe depends only on encoder + adapter: stage 3 (decoder only) has stage 2's latent, so reuse it.
-    first = tokenizer.encode(probe.train.batch(torch.arange(min(16, len(probe.train))))[0])
+    first = tokenizer.encode(place.to_device(probe.train.batch(torch.arange(min(16, len(probe.train))))[0]))
     key = first.numpy().tobytes()
     if key not in probe_cache:
-        train_x = pooled_latents(tokenizer, probe.train, len(probe.train), cfg.batch_size, progress, f"{name}: probe")
-        val_x = pooled_latents(tokenizer, probe.val, len(probe.val), cfg.batch_size, progress, f"{name}: probe val")
-        probe_cache[key] = {"lp_top1": linear_probe(train_x, probe.train.labels.numpy(), val_x,
-                                                    probe.val.labels.numpy()).top1}
-    metrics |= probe_cache[key]
+        train_x = pooled_latents(tokenizer, probe.train, len(probe.train), size, place, progress, f"{name}: probe")
+        val_x = pooled_latents(tokenizer, probe.val, len(probe.val), size, place, progress, f"{name}: probe val")
+        probe_cache[key] = None if train_x is None else {
+            "lp_top1": linear_probe(train_x, probe.train.labels.numpy(), val_x, probe.val.labels.numpy()).top1}
+    if found is None:
+        return None
+    per_image = {k: found[k].double() for k in ("psnr", "ssim")}  # (N,) each
+    metrics = {"rfid": fd(found["inception"].numpy(), ref["val"]), "psnr": float(per_image["psnr"].mean()),
+               "ssim": float(per_image["ssim"].mean()), "fd_dinov2": fd(found["encoder"].numpy(), ref["val_encoder"]),
+               **{f"{k}_sem": float(v.std() / len(v) ** 0.5) for k, v in per_image.items()}}
+    originals = next(batches(val, GRID, GRID))  # top row: originals; bottom row: their reconstructions
+    _save_grid(torch.cat([originals, found["shown"].float() / 255]), out_dir / f"recon_{name}.png", len(originals))
+    metrics |= probe_cache[key] or {}
     log.info("%s: rFID %.2f, PSNR %.2f dB, SSIM %.4f, FD_dinov2 %.3f, latent LP %.1f%%", name, metrics["rfid"],
              metrics["psnr"], metrics["ssim"], metrics["fd_dinov2"], 100 * metrics["lp_top1"])
     return metrics
 
 
-def reference_probes(probe: ProbeSets, encoder: EncoderFeatures, cfg: EvaluateConfig,
-                     progress: bool) -> dict[str, float]:
-    """The probe on raw pixels and on the frozen encoder's pooled tokens, for scale."""
+def reference_probes(probe: ProbeSets, encoder: EncoderFeatures, cfg: EvaluateConfig, progress: bool,
+                     place: Placement | None = None) -> dict[str, float] | None:
+    """The probe on raw pixels and on the frozen encoder's pooled tokens, for scale (rank 0; others None)."""
+    place = place or Placement()
     out = {}
-    for name, fn in (("pixels", lambda x: x.flatten(1)), ("encoder", encoder)):
-        train_x = extract(fn, batches(probe.train, len(probe.train), cfg.batch_size), len(probe.train),
-                          f"probe on {name}", progress)
-        val_x = extract(fn, batches(probe.val, len(probe.val), cfg.batch_size), len(probe.val), "", False)
-        out[f"lp_top1_{name}"] = linear_probe(train_x, probe.train.labels.numpy(), val_x,
-                                              probe.val.labels.numpy()).top1
-    return out
+    for name, fn in (("pixels", lambda x: x.flatten(1).double()), ("encoder", encoder)):
+        feats = {}
+        for split, images in (("train", probe.train), ("val", probe.val)):
+            n, size = len(images), cfg.batch_size
+
+            def features(index: int) -> dict[str, torch.Tensor]:
+                return {"x": fn(place.to_device(batch_at(images, index, n, size))).cpu()}
+
+            found = map_batches(features, ("x",), batch_count(n, size), place,
+                                f"probe on {name}" if split == "train" else "", progress, rows=_rows(n, size))
+            feats[split] = found["x"].numpy() if found is not None else None
+        if place.is_main:
+            out[f"lp_top1_{name}"] = linear_probe(feats["train"], probe.train.labels.numpy(), feats["val"],
+                                                  probe.val.labels.numpy()).top1
+    return out if place.is_main else None
 
 
 # ------------------------------------------------------------------------------------------- diffusion
@@ -123,66 +159,87 @@ class SampleFeatures:
 
     Samples are generated in batches seeded by (seed + batch index) with labels cycling over the classes,
     so the first n samples of a larger run are exactly the samples of a run of n: settings evaluated at
-    fewer samples reuse the features of a larger run instead of sampling again.
+    fewer samples reuse the features of a larger run instead of sampling again. Batch i is generated on
+    rank i mod W; rank 0 holds the features (other ranks None) and the first `SHOWN` samples as uint8.
     """
 
+    SHOWN = 32
+
     def __init__(self, model: Any, inception: InceptionFeatures, encoder: EncoderFeatures, cfg: EvaluateConfig,
-                 progress: bool) -> None:
+                 progress: bool, place: Placement | None = None) -> None:
         self.model, self.inception, self.encoder, self.cfg, self.progress = model, inception, encoder, cfg, progress
-        self.done: dict[tuple[int, float], tuple[np.ndarray, np.ndarray, torch.Tensor]] = {}
+        self.place = place or Placement()
+        self.done: dict[tuple[int, float], tuple[int, dict[str, torch.Tensor] | None]] = {}
         self.seconds = 0.0
 
-    def get(self, steps: int, scale: float, count: int) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
-        key = (steps, float(scale))
-        have = self.done.get(key)
-        if have is None or len(have[0]) < count:
+    def get(self, steps: int, scale: float, count: int) -> tuple[np.ndarray, np.ndarray, torch.Tensor] | None:
+        """(Inception features (count, 2048), encoder features (count, D), shown samples (<= 32, 3, R, R)
+        uint8) on rank 0; None on the others."""
+        key, place, size = (steps, float(scale)), self.place, self.cfg.batch_size
+        made, found = self.done.get(key, (0, None))
+        if made < count:
             start = time.perf_counter()
             classes = len(self.model.classes)
-            images: list[torch.Tensor] = []
 
-            def generated() -> Iterator[torch.Tensor]:
-                for index, first in enumerate(range(0, count, self.cfg.batch_size)):
-                    labels = torch.arange(first, min(first + self.cfg.batch_size, count)) % classes
+            def generated(index: int) -> dict[str, torch.Tensor]:
+                labels = torch.arange(index * size, min((index + 1) * size, count)) % classes
+                with place.autocast():
                     x = self.model.generate(labels, steps=steps, cfg_scale=scale, seed=self.cfg.seed + index)
-                    images.append(x)
-                    yield x
+                shown = max(0, min(len(x), self.SHOWN - index * size))
+                return {"inception": self.inception(x), "encoder": self.encoder(x), "shown": as_uint8(x[:shown])}
 
-            feats = extract(self.inception, generated(), count, f"gFID steps={steps} cfg={scale:g}", self.progress)
-            all_images = torch.cat(images)
-            enc = extract(self.encoder, iter(all_images.split(self.cfg.batch_size)), count, "", False)
-            self.done[key] = have = (feats, enc, all_images[:32])
+            found = map_batches(generated, ("inception", "encoder", "shown"), batch_count(count, size), place,
+                                f"gFID steps={steps} cfg={scale:g}", self.progress, rows=_rows(count, size))
+            self.done[key] = (count, found)
             self.seconds += time.perf_counter() - start
-        return have[0][:count], have[1][:count], have[2]
+        if found is None:
+            return None
+        return found["inception"][:count].numpy(), found["encoder"][:count].numpy(), found["shown"]
 
 
 def evaluate_diffusion(dit_dir: Path, ref: dict[str, Any], inception: InceptionFeatures, encoder: EncoderFeatures,
-                       params: Params, out_dir: Path, plots_dir: Path, progress: bool) -> dict[str, float]:
-    """gFID with and without guidance, precision/recall, FD_dinov2, and the two sweeps (DVC plots)."""
+                       params: Params, out_dir: Path, plots_dir: Path, progress: bool,
+                       place: Placement | None = None) -> dict[str, Any] | None:
+    """gFID with and without guidance, precision/recall, FD_dinov2, and the two sweeps (DVC plots); rank 0
+    (every rank generates its share of the samples; the others return None)."""
     from aligntok.diffusion.api import DiffusionModel
 
+    place = place or Placement()
     cfg, steps, scale = params.evaluate, params.sample.steps, params.sample.cfg_scale
-    samples = SampleFeatures(DiffusionModel.load(dit_dir), inception, encoder, cfg, progress)
-    metrics: dict[str, float] = {}
+    samples = SampleFeatures(DiffusionModel.load(dit_dir, device=place.device), inception, encoder, cfg, progress,
+                             place)
+    main = place.is_main
+
+    def gfid(steps_: int, scale_: float, count: int) -> float | None:
+        got = samples.get(steps_, scale_, count)
+        return fd(got[0], ref["train"]) if got is not None else None
+
+    metrics: dict[str, Any] = {}
     for suffix, s in (("cfg", scale), ("nocfg", 1.0)):
-        feats, enc, shown = samples.get(steps, s, cfg.gen_samples)
+        got = samples.get(steps, s, cfg.gen_samples)
+        if got is None:
+            continue
+        feats, enc, shown = got
         pr = precision_recall(ref["train"].features, feats, k=3)
         metrics |= {f"gfid_{suffix}": fd(feats, ref["train"]), f"precision_{suffix}": pr.precision,
                     f"recall_{suffix}": pr.recall, f"fd_dinov2_{suffix}": fd(enc, ref["train_encoder"])}
-        _save_grid(shown, out_dir / f"samples_{suffix}.png", len(samples.model.classes))
-    rows_steps = [{"steps": n, "gfid": fd(samples.get(n, scale, cfg.sweep_samples)[0], ref["train"])}
-                  for n in sorted(set(cfg.steps_sweep))]
-    rows_cfg = [{"cfg_scale": g, "gfid": fd(samples.get(steps, g, cfg.sweep_samples)[0], ref["train"])}
-                for g in sorted(set(cfg.cfg_sweep))]
-    _write_csv(plots_dir / "gfid_vs_steps.csv", rows_steps)
-    _write_csv(plots_dir / "gfid_vs_cfg.csv", rows_cfg)
-    metrics["train_steps"] = float(samples.model.description["metrics"]["steps"])
+        _save_grid(shown.float() / 255, out_dir / f"samples_{suffix}.png", len(samples.model.classes))
+    rows_steps = [{"steps": n, "gfid": gfid(n, scale, cfg.sweep_samples)} for n in sorted(set(cfg.steps_sweep))]
+    rows_cfg = [{"cfg_scale": g, "gfid": gfid(steps, g, cfg.sweep_samples)} for g in sorted(set(cfg.cfg_sweep))]
     by_step = {}
     for snapshot in sorted((dit_dir / SNAPSHOTS).glob("step_*.safetensors")):
         step = int(snapshot.stem.removeprefix("step_"))
-        earlier = SampleFeatures(DiffusionModel.load(dit_dir, weights=snapshot), inception, encoder, cfg, progress)
-        by_step[str(step)] = {f"gfid_{suffix}": fd(earlier.get(steps, s, cfg.gen_samples)[0], ref["train"])
-                              for suffix, s in (("cfg", scale), ("nocfg", 1.0))}
+        earlier = SampleFeatures(DiffusionModel.load(dit_dir, weights=snapshot, device=place.device), inception,
+                                 encoder, cfg, progress, place)
+        values = {f"gfid_{suffix}": earlier.get(steps, s, cfg.gen_samples) for suffix, s in (("cfg", scale),
+                                                                                           ("nocfg", 1.0))}
+        by_step[str(step)] = {k: fd(v[0], ref["train"]) for k, v in values.items() if v is not None}
         samples.seconds += earlier.seconds
+    if not main:
+        return None
+    _write_csv(plots_dir / "gfid_vs_steps.csv", rows_steps)
+    _write_csv(plots_dir / "gfid_vs_cfg.csv", rows_cfg)
+    metrics["train_steps"] = float(samples.model.description["metrics"]["steps"])
     if by_step:
         metrics["by_step"] = by_step
         rows = [{"train_steps": int(k), **v} for k, v in by_step.items()]
@@ -212,31 +269,43 @@ class EvalPaths:
     """The shards' validation report: evaluation refuses shards that failed `validate`."""
 
 
-def run_evaluate(params: Params, paths: EvalPaths, register: bool = True, progress: bool = True) -> dict[str, Any]:
-    """Measure every tokenizer stage and the diffusion model; write metrics, plots, grids; tag the registry."""
-    cfg = params.evaluate
-    start = time.perf_counter()
+def run_evaluate(params: Params, paths: EvalPaths, register: bool = True,
+                 progress: bool = True) -> dict[str, Any] | None:
+    """Measure every tokenizer stage and the diffusion model; write metrics, plots, grids; tag the registry.
+    Under several ranks every rank computes its share and rank 0 writes and returns the metrics (others None)."""
     if paths.validation is not None:
         require_validated(paths.validation)
+    with placed(params.runtime) as place:
+        return _evaluate(params, paths, register, progress, place)
+
+
+def _evaluate(params: Params, paths: EvalPaths, register: bool, progress: bool,
+              place: Placement) -> dict[str, Any] | None:
+    cfg = params.evaluate
+    start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     ref = load_reference(paths.reference, cfg)
     folders = {name: paths.tokenizers / name for name in cfg.tokenizers}
     if missing := [str(f) for f in folders.values() if not (f / "tokenizer.json").is_file()]:
         raise FileNotFoundError(f"no tokenizer in {missing} (run the tokenizer stages first)")
     fast = params.runtime
-    inception = InceptionFeatures(channels_last=fast.channels_last, backend=fast.fid_backend)
-    encoder = EncoderFeatures(paths.encoder)
-    threads = fast.decode_threads
-    val = load_split(paths.data, "val", limit=max(cfg.recon_images, cfg.probe_val_images), progress=progress,
+    inception = InceptionFeatures(device=place.device, channels_last=fast.channels_last, backend=fast.fid_backend)
+    encoder = EncoderFeatures(paths.encoder, device=place.device)
+    threads, show = fast.decode_threads, progress and place.is_main
+    val = load_split(paths.data, "val", limit=max(cfg.recon_images, cfg.probe_val_images), progress=show,
                      decode_threads=threads)
-    probe = ProbeSets(train=load_split(paths.data, "train", limit=cfg.probe_train_images, progress=progress),
+    probe = ProbeSets(train=load_split(paths.data, "train", limit=cfg.probe_train_images, progress=show),
                       val=_head(val, cfg.probe_val_images))
-    paths.out.mkdir(parents=True, exist_ok=True)
-    cache: dict[bytes, dict[str, float]] = {}
+    if place.is_main:
+        paths.out.mkdir(parents=True, exist_ok=True)
+    cache: dict[bytes, dict[str, float] | None] = {}
     tokenizers = {name: evaluate_tokenizer(name, folder, val, probe, ref, inception, encoder, cfg, paths.out,
-                                           cache, progress) for name, folder in folders.items()}
-    reference = reference_probes(probe, encoder, cfg, progress)
-    diffusion = evaluate_diffusion(paths.dit, ref, inception, encoder, params, paths.out, paths.plots, progress)
+                                           cache, progress, place) for name, folder in folders.items()}
+    reference = reference_probes(probe, encoder, cfg, progress, place)
+    diffusion = evaluate_diffusion(paths.dit, ref, inception, encoder, params, paths.out, paths.plots, progress,
+                                   place)
+    if not place.is_main:
+        return None
     loss_curves = write_loss_curves(paths, folders, paths.plots)
     metrics = {"tokenizer": tokenizers, "reference": reference, "diffusion": diffusion,
                "evaluate_seconds": time.perf_counter() - start}

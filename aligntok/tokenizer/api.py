@@ -147,13 +147,13 @@ class Tokenizer:
         """images (B, 3, H, W) in [0, 1] -> latents (B, C, h, w)."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"encode expects images (B, 3, H, W), got {tuple(images.shape)}")
-        chunks = [self.model.encode(part.to(self.device).float()) for part in images.split(self.batch_size)]
-        return torch.cat(chunks).cpu()
+        chunks = [self.model.encode(part.to(self.device).float()).float() for part in images.split(self.batch_size)]
+        return torch.cat(chunks).cpu()  # float32 also under bf16 autocast
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """latents (B, C, h, w) -> images (B, 3, R, R) in [0, 1]."""
         if latents.ndim != 4 or tuple(latents.shape[1:]) != self.latent_shape:
             raise ValueError(f"decode expects latents (B, {self.latent_shape}), got {tuple(latents.shape)}")
-        chunks = [self.model.decode(part.to(self.device).float()) for part in latents.split(self.batch_size)]
-        return torch.cat(chunks).cpu()
+        chunks = [self.model.decode(part.to(self.device).float()).float() for part in latents.split(self.batch_size)]
+        return torch.cat(chunks).cpu()  # float32 also under bf16 autocast

@@ -19,9 +19,10 @@ Nothing here or in the loop knows which stage it runs: everything is read from t
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from torch import nn
 
 from aligntok import runtime
 from aligntok.config import ConfigError, Params, TrainStageConfig, stage_alias
+from aligntok.distributed import Placement, placed
 from aligntok.encoder.vit import EncoderDescription
 from aligntok.data.loader import ImageSet, batch_indices, load_split, require_validated
 from aligntok.losses import (
@@ -51,14 +53,9 @@ from aligntok.tokenizer.api import Tokenizer, save_tokenizer_folder
 from aligntok.tokenizer.model import build_discriminator, build_tokenizer
 from aligntok.tokenizer.outputs import to_signed
 from aligntok.fileio import atomic_write_text, sha256_file
-from aligntok.train.checkpoint import (
-    TrainState,
-    atomic_save_safetensors,
-    clean_checkpoint_folder,
-    optimizer_from_flat,
-    optimizer_to_flat,
-)
+from aligntok.train.checkpoint import TrainState, atomic_save_safetensors, optimizer_from_flat, optimizer_to_flat
 from aligntok.train.loop import LoopSettings, StepLosses, run_loop
+from aligntok.train.stage import TrainingStage, training_stage
 
 log = logging.getLogger(__name__)
 
@@ -105,19 +102,61 @@ def param_groups(model: nn.Module, cfg: TrainStageConfig) -> list[dict[str, Any]
     return groups
 
 
+@contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """`module`'s parameters out of the graph for a while: gradients still flow through it to its input.
+
+    The generator's GAN term goes through the discriminator, whose own gradients from that term are never
+    used (its optimiser zeroes them); keeping them out of the graph also keeps its DDP from seeing a backward
+    it did not run a forward for."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(module.parameters(), flags):
+            p.requires_grad_(flag)
+
+
 class TokenizerObjective:
     """L_rec = l1 + perceptual + w_g * GAN, plus semantic preservation (stage 2), KL (VAE) and VA-VAE's
-    VF alignment (`vf`, when `losses.vf > 0`)."""
+    VF alignment (`vf`, when `losses.vf > 0`).
+
+    Under several ranks (`place`) the trained modules run in DDP (the model, the discriminator and the VF
+    head, each its own), each rank on its slice of the global batch; the adaptive weights use the gradients
+    averaged over the ranks, and the VAE's posterior noise is drawn for the global batch from the CPU
+    generator and sliced, so N ranks compute what one process computes on the whole batch. `channels_last`:
+    the memory format the model runs in (the VAE's noise is drawn in it, as `torch.randn_like` of its
+    posterior would)."""
 
     def __init__(self, model: nn.Module, cfg: TrainStageConfig, perceptual: PerceptualLoss | None,
                  discriminator: nn.Module | None, semantic_target: nn.Module | None,
-                 vf: VFAlignment | None = None) -> None:
+                 vf: VFAlignment | None = None, place: Placement | None = None, channels_last: bool = False) -> None:
         self.model, self.w, self.perceptual = model, cfg.losses, perceptual
         self.discriminator, self.semantic_target, self.vf = discriminator, semantic_target, vf
+        self.place, self.channels_last = place or Placement(), channels_last
+        self.net = self.place.wrap(model)  # the forward (and backward) of the trained model
+        self.critic = self.place.wrap(discriminator) if discriminator is not None else None
+        if vf is not None:
+            vf.head_forward = self.place.wrap(vf.head)
+
+    def posterior_noise(self, rows: int) -> torch.Tensor:
+        """eps (rows, C, h, w) on the device: this rank's rows of a standard normal draw for the global batch,
+        from the default CPU generator (restored from checkpoints, the same on every rank)."""
+        total = rows * self.place.world_size
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        eps = torch.randn_like(torch.empty((total, *self.model.latent_shape), memory_format=layout))
+        return eps[self.place.rank_slice(total)].to(self.place.device)  # (rows, C, h, w)
 
     def __call__(self, batch: tuple[torch.Tensor, torch.Tensor], step: int) -> StepLosses:
         images, _ = batch  # (B, 3, R, R) in [0, 1]
-        out = self.model(images)
+        with self.place.autocast():
+            return self._losses(images, step)
+
+    def _losses(self, images: torch.Tensor, step: int) -> StepLosses:
+        reduce = self.place.mean  # gradients of the global batch for the adaptive weights
+        out = self.net(images, noise=self.posterior_noise(len(images))) if self.model.kind == "vae" \
+            else self.net(images)
         x, x_hat = to_signed(images), out.reconstruction  # (B, 3, R, R) in [-1, 1]
         l1 = l1_loss(x, x_hat)
         rec = self.w.l1 * l1
@@ -140,16 +179,17 @@ class TokenizerObjective:
         if self.vf is not None and self.w.vf > 0:
             cos, distmat = self.vf(out.latent, images)  # the latent the decoder sees (VAE: the sample, as VA-VAE)
             vf = cos + distmat
-            weight = (adaptive_gan_weight(rec, vf, latent_output_layer(self.model), self.w.vf, VF_ADAPTIVE_MAX)
-                      if self.w.vf_adaptive else self.w.vf)
+            weight = (adaptive_gan_weight(rec, vf, latent_output_layer(self.model), self.w.vf, VF_ADAPTIVE_MAX,
+                                          reduce=reduce) if self.w.vf_adaptive else self.w.vf)
             total = total + weight * vf
             logs |= {"vf_cos": cos.item(), "vf_distmat": distmat.item(), "vf_weight": float(weight)}
         aux: dict[str, torch.Tensor] = {}
-        if self.discriminator is not None and gan_weight_at(step, self.w.gan_start) > 0:
-            g = hinge_g_loss(self.discriminator(x_hat))
-            weight = adaptive_gan_weight(rec, g, self.model.last_layer, self.w.gan)
+        if self.discriminator is not None and self.critic is not None and gan_weight_at(step, self.w.gan_start) > 0:
+            with frozen(self.discriminator):
+                g = hinge_g_loss(self.discriminator(x_hat))
+            weight = adaptive_gan_weight(rec, g, self.model.last_layer, self.w.gan, reduce=reduce)
             total = total + weight * g
-            aux["discriminator"] = hinge_d_loss(self.discriminator(x), self.discriminator(x_hat.detach()))
+            aux["discriminator"] = hinge_d_loss(self.critic(x), self.critic(x_hat.detach()))
             logs |= {"gan_g": g.item(), "gan_weight": float(weight)}
         return StepLosses(main=total, aux=aux, logs=logs)
 
@@ -182,6 +222,8 @@ class VFAlignment:
     def __init__(self, target: nn.Module, latent_channels: int, cos_margin: float, distmat_margin: float) -> None:
         self.target = target.requires_grad_(False).eval()
         self.head = nn.Conv2d(latent_channels, target.width, kernel_size=1, bias=False)
+        self.head_forward: nn.Module = self.head
+        """What runs the head: the head itself, or its DDP under several ranks (`TokenizerObjective`)."""
         self.cos_margin, self.distmat_margin = cos_margin, distmat_margin
 
     def __call__(self, latent: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,7 +232,7 @@ class VFAlignment:
             f = self.target(images)  # (B, D, h', w')
             if f.shape[-2:] != latent.shape[-2:]:
                 f = nn.functional.adaptive_avg_pool2d(f, latent.shape[-2:])  # (B, D, h, w)
-        z_proj = self.head(latent)  # (B, D, h, w)
+        z_proj = self.head_forward(latent)  # (B, D, h, w)
         return (vf_cosine_margin_loss(z_proj, f, self.cos_margin),
                 vf_distance_matrix_loss(z_proj, f, self.distmat_margin))
 
@@ -215,16 +257,23 @@ def vf_alignment(stage: str, cfg: TrainStageConfig, paths: StagePaths, model: nn
 
 
 @torch.no_grad()
-def evaluate_reconstruction(model: nn.Module, val: ImageSet, batch_size: int = 64) -> dict[str, float]:
-    """Mean PSNR (dB) and SSIM of encode -> decode over the validation images."""
+def evaluate_reconstruction(model: nn.Module, val: ImageSet, batch_size: int = 64,
+                            place: Placement | None = None) -> dict[str, float] | None:
+    """Mean PSNR (dB) and SSIM of encode -> decode over the validation images. Under several ranks batch i
+    runs on rank i mod W and rank 0 averages every image's scores (other ranks get None)."""
+    place = place or Placement()
     model.eval()
-    scores = {"psnr": [], "ssim": []}
-    for start in range(0, len(val), batch_size):
-        images, _ = val.batch(torch.arange(start, min(start + batch_size, len(val))))
+    starts = list(range(0, len(val), batch_size))
+    mine = []
+    for index in place.my_batches(len(starts)):
+        images, _ = val.batch(torch.arange(starts[index], min(starts[index] + batch_size, len(val))))
+        images = place.to_device(images)  # (B, 3, R, R)
         recon = model.decode(model.encode(images))
-        scores["psnr"].append(psnr(images, recon))
-        scores["ssim"].append(ssim(images, recon))
-    return {f"val_{k}": float(torch.cat(v).mean()) for k, v in scores.items()}
+        mine.append(torch.stack([psnr(images, recon), ssim(images, recon)], dim=1).cpu())  # (B, 2)
+    scores = place.gather_batches(mine, len(starts))  # (N, 2) on rank 0
+    if scores is None:
+        return None
+    return {"val_psnr": float(scores[:, 0].mean()), "val_ssim": float(scores[:, 1].mean())}
 
 
 def reconstruction_grid(model: nn.Module, images: torch.Tensor) -> np.ndarray:
@@ -233,19 +282,18 @@ def reconstruction_grid(model: nn.Module, images: torch.Tensor) -> np.ndarray:
 
     model.eval()
     with torch.no_grad():
-        recon = model.decode(model.encode(images))
+        device = next(model.parameters()).device
+        recon = model.decode(model.encode(images.to(device))).cpu()
     grid = make_grid(torch.cat([images, recon]), nrow=len(images), padding=2, pad_value=1.0)
     return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
-def fingerprint(stage: str, params: Params, paths: StagePaths, perceptual: str | None,
-                code: str | None = None) -> str:
-    """Identifies what a checkpoint was trained from: resume only into the same configuration.
-
-    Covers the params the stage reads, its input files, the perceptual network in use (`perceptual`: the
-    loss's `.name`, None without one; `tokenizer.perceptual: auto` resolves by what is installed) and the
-    code: `code` is `aligntok.lineage.code_digest(stage)` (computed when None).
-    """
+def fingerprint_inputs(stage: str, params: Params, paths: StagePaths, perceptual: str | None,
+                       code: str | None = None) -> dict[str, Any]:
+    """What a checkpoint was trained from: the params the stage reads (not `runtime:`, not the world size),
+    its input files, the perceptual network in use (`perceptual`: the loss's `.name`, None without one;
+    `tokenizer.perceptual: auto` resolves by what is installed) and the code: `code` is
+    `aligntok.lineage.code_digest(stage)` (computed when None)."""
     from aligntok.lineage import code_digest
 
     relevant = {k: v for k, v in params.to_dict().items() if k in (stage, "tokenizer", "latent", "encoder")}
@@ -257,7 +305,15 @@ def fingerprint(stage: str, params: Params, paths: StagePaths, perceptual: str |
         inputs["previous"] = sha256_file(paths.previous / "tokenizer.safetensors")
         if (paths.previous / DISCRIMINATOR).is_file():  # carried over by `carry_discriminator`
             inputs["previous_discriminator"] = sha256_file(paths.previous / DISCRIMINATOR)
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+    return inputs
+
+
+def fingerprint(stage: str, params: Params, paths: StagePaths, perceptual: str | None,
+                code: str | None = None) -> str:
+    """The checkpoint name of `fingerprint_inputs`: resume only into the same configuration."""
+    from aligntok.train.stage import fingerprint as digest
+
+    return digest(fingerprint_inputs(stage, params, paths, perceptual, code))
 
 
 def build_stage_model(stage: str, params: Params, paths: StagePaths) -> tuple[nn.Module, EncoderDescription]:
@@ -315,23 +371,43 @@ class StageResult:
 
 def run_tokenizer_stage(stage: str, params: Params, paths: StagePaths, register: bool = True,
                         progress: bool = True) -> StageResult:
-    """Train one stage (resuming from its checkpoint if one matches), evaluate, save, register."""
+    """Train one stage (resuming from its checkpoint if one matches), evaluate, save, register.
+
+    Runs on `runtime.device`, as one of several ranks when launched so (`aligntok.distributed`): each rank
+    trains on its slice of every global batch, and rank 0 alone checkpoints, logs, writes the outputs and
+    registers; the other ranks return metrics {} and no receipt."""
     cfg = params.stage(stage)
     if paths.validation is not None:
         require_validated(paths.validation)
+    with placed(params.runtime) as place:
+        if cfg.batch_size % place.world_size:
+            raise ConfigError(f"{stage}.batch_size: {cfg.batch_size} does not split over {place.world_size} "
+                              "processes (runtime.nproc_per_node x nodes)")
+        return _train_tokenizer(stage, params, paths, register, progress, place)
+
+
+def _train_tokenizer(stage: str, params: Params, paths: StagePaths, register: bool, progress: bool,
+                     place: Placement) -> StageResult:
+    cfg, fast = params.stage(stage), params.runtime
     torch.manual_seed(cfg.seed)
-    fast = params.runtime
     model, encoder_desc = build_stage_model(stage, params, paths)
     set_trainable(model, cfg.train)
     perceptual = perceptual_loss(params.tokenizer.perceptual, paths) if cfg.losses.perceptual > 0 else None
     discriminator = build_discriminator(params.tokenizer.discriminator, params.data.resolution) \
         if cfg.losses.gan > 0 else None
     runtime.channels_last(fast.channels_last, model, perceptual, discriminator)  # before the copies below
+    for module in (model, perceptual, discriminator):
+        if module is not None:
+            module.to(place.device)
     semantic = SemanticTarget(model) if cfg.losses.semantic > 0 else None
     vf = vf_alignment(stage, cfg, paths, model) if cfg.losses.vf > 0 else None
+    if vf is not None:
+        vf.target.to(place.device)
+        vf.head.to(place.device)
 
-    train = load_split(paths.data, "train", progress=progress, decode_threads=fast.decode_threads)
-    val = load_split(paths.data, "val", limit=cfg.val_images, progress=progress, decode_threads=fast.decode_threads)
+    show = progress and place.is_main
+    train = load_split(paths.data, "train", progress=show, decode_threads=fast.decode_threads)
+    val = load_split(paths.data, "val", limit=cfg.val_images, progress=show, decode_threads=fast.decode_threads)
     modules: dict[str, nn.Module] = {"model": model}
     optimizers = {"main": torch.optim.AdamW(param_groups(model, cfg), betas=tuple(cfg.betas),
                                             weight_decay=cfg.weight_decay)}
@@ -347,33 +423,29 @@ def run_tokenizer_stage(stage: str, params: Params, paths: StagePaths, register:
         if cfg.carry_discriminator:
             carry_discriminator(stage, paths, discriminator, optimizers["discriminator"], cfg.disc_lr)
     state = TrainState(step=0, modules=modules, optimizers=optimizers)
-    key = fingerprint(stage, params, paths, perceptual.name if perceptual is not None else None)
-    checkpoint = paths.checkpoints / stage / f"{key}.safetensors"
-    clean_checkpoint_folder(checkpoint)
-    run = _tracking_run(stage, params, checkpoint) if register else None
-    grid_images = val.batch(torch.arange(min(8, len(val))))[0]
-    logger = _Logger(run, model, grid_images, cfg.image_every)
-    settings = LoopSettings.from_schedule(cfg, stage)
-    try:
+    inputs = fingerprint_inputs(stage, params, paths, perceptual.name if perceptual is not None else None)
+    objective = TokenizerObjective(model, cfg, perceptual, discriminator, semantic, vf, place, fast.channels_last)
+    mine = place.rank_slice(cfg.batch_size)
+    with training_stage(stage, inputs, paths.checkpoints, place, _tracked_params(stage, params) if register else None) \
+            as scaffold:
+        grid_images = val.batch(torch.arange(min(8, len(val))))[0]
         result = run_loop(
-            settings=settings, state=state,
-            objective=TokenizerObjective(model, cfg, perceptual, discriminator, semantic, vf),
-            batches=lambda step: _nhwc_batch(train.batch(batch_indices(len(train), cfg.batch_size, cfg.seed, step)),
-                                             fast.channels_last),
-            checkpoint=checkpoint, sidecar=lambda: {"mlflow_run_id": run.run_id if run else None,
-                                                    "fingerprint": key},
-            on_log=logger, progress=progress, prefetch=fast.prefetch,
+            settings=LoopSettings.from_schedule(cfg, stage), state=state, objective=objective,
+            batches=lambda step: _nhwc_batch(
+                train.batch(batch_indices(len(train), cfg.batch_size, cfg.seed, step)[mine]), fast.channels_last),
+            checkpoint=scaffold.checkpoint, sidecar=scaffold.sidecar,
+            on_log=_Logger(scaffold.run, model, grid_images, cfg.image_every), place=place, progress=progress,
+            prefetch=fast.prefetch,
         )
         final = modules.get("ema", model)
+        scores = evaluate_reconstruction(final, val, place=place)
+        if not place.is_main:
+            return StageResult(metrics={}, out=paths.out, receipt=None)
         if discriminator is not None:
             save_discriminator(paths.out, discriminator, optimizers["discriminator"])
-        metrics = {**evaluate_reconstruction(final, val), "steps": float(cfg.steps),
-                   "train_seconds": result.seconds, **{f"final_{k}": v for k, v in result.last_logs.items()}}
-        return _finish(stage, params, paths, final, encoder_desc, metrics, run, perceptual)
-    except BaseException:
-        if run is not None:
-            run.finish("FAILED")
-        raise
+        metrics = {**scores, "steps": float(cfg.steps), "train_seconds": result.seconds,
+                   **{f"final_{k}": v for k, v in result.last_logs.items()}}
+        return _finish(stage, params, paths, final, encoder_desc, metrics, scaffold, perceptual)
 
 
 def _nhwc_batch(batch: tuple[torch.Tensor, torch.Tensor], enabled: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -432,16 +504,18 @@ class _Logger:
             self.model.train()
 
 
-def _tracking_run(stage: str, params: Params, checkpoint: Path) -> Any:
-    from aligntok.tracking import StageRun
-
+def _tracked_params(stage: str, params: Params) -> dict[str, Any]:
+    """What the stage's MLflow run logs as params."""
     logged = {key: params.to_dict()[key] for key in (stage, "tokenizer", "latent", "encoder")}
-    return StageRun.for_checkpoint(stage, logged | {"data.resolution": params.data.resolution}, checkpoint)
+    return logged | {"data.resolution": params.data.resolution}
 
 
 def _finish(stage: str, params: Params, paths: StagePaths, model: nn.Module, encoder_desc: EncoderDescription,
-            metrics: dict[str, float], run: Any, perceptual: PerceptualLoss | None) -> StageResult:
+            metrics: dict[str, float], scaffold: TrainingStage, perceptual: PerceptualLoss | None) -> StageResult:
+    """Rank 0: the tokenizer folder, the metrics file and, when tracked, the registered version and receipt."""
     from aligntok.tracking import git_commit
+
+    run = scaffold.run
 
     row = params.stage(stage)
     manifest_sha = sha256_file(paths.data / "manifest.parquet")
@@ -474,5 +548,4 @@ def _finish(stage: str, params: Params, paths: StagePaths, model: nn.Module, enc
         )
         rec.write(paths.out / "receipt.json")
         receipt = json.loads((paths.out / "receipt.json").read_text())
-        run.finish()
     return StageResult(metrics=metrics, out=paths.out, receipt=receipt)

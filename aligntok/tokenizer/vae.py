@@ -114,10 +114,13 @@ class VAETokenizer(nn.Module):
         """z: (B, C, h, w) -> images (B, 3, R, R) in [0, 1], clamped."""
         return to_unit(self.decoder(z))  # (B, 3, R, R)
 
-    def forward(self, images: torch.Tensor, sample: bool = True) -> TokenizerOutput:
+    def forward(self, images: torch.Tensor, sample: bool = True, noise: torch.Tensor | None = None) -> TokenizerOutput:
         """images: (B, 3, R, R) in [0, 1] -> z = mean + sigma * eps (or the mean when `sample` is False),
-        reconstruction (B, 3, R, R) in [-1, 1] unclamped, and mean/logvar for `kl_loss`."""
+        reconstruction (B, 3, R, R) in [-1, 1] unclamped, and mean/logvar for `kl_loss`. `noise`: eps
+        (B, C, h, w), drawn by the caller (training draws it for the global batch); default `randn_like`."""
         mean, logvar = self.posterior(images)  # (B, C, h, w) each
-        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean) if sample else mean  # (B, C, h, w)
+        if sample and noise is None:
+            noise = torch.randn_like(mean)  # (B, C, h, w)
+        z = mean + torch.exp(0.5 * logvar) * noise if sample else mean  # (B, C, h, w)
         x_hat = self.decoder(z)  # (B, 3, R, R)
         return TokenizerOutput(latent=z, reconstruction=x_hat, posterior_mean=mean, posterior_logvar=logvar)

@@ -199,24 +199,37 @@ def move_aside(path: Path) -> Path:
     return target
 
 
+STALE = "stale"
+"""Sub-folder of a stage's checkpoint folder where checkpoints of other fingerprints are set aside."""
+
+
 def clean_checkpoint_folder(checkpoint: Path) -> list[str]:
-    """Remove what a stage's checkpoint folder holds besides `checkpoint`: checkpoints and sidecars of
-    other fingerprints (stale: their inputs, params or code changed), moved-aside files of other
-    fingerprints, and temporary files of interrupted writes. Returns the names removed."""
+    """Tidy a stage's checkpoint folder for `checkpoint`: checkpoints and sidecars of other fingerprints (their
+    inputs, params or code changed) and their moved-aside files go to `stale/` (kept, not deleted: they may be
+    a long run's progress), and temporary files of interrupted writes are removed. Says so in one line.
+    Returns the names it moved or removed."""
     folder, key = checkpoint.parent, checkpoint.stem
     if not folder.is_dir():
         return []
     keep = {checkpoint.name, checkpoint.with_suffix(".json").name}
-    removed = []
+    moved, removed = [], []
     for path in sorted(folder.iterdir()):
-        ours = path.name in keep or (path.name.startswith(f"{key}.") and path.name.endswith(CORRUPT_SUFFIX))
-        ours_kind = path.suffix in (".safetensors", ".json", CORRUPT_SUFFIX) or bool(_TEMP.match(path.name))
-        if path.is_file() and ours_kind and not ours:
+        if not path.is_file() or path.name in keep:
+            continue
+        if _TEMP.match(path.name):
             path.unlink()
             removed.append(path.name)
+        elif path.suffix in (".safetensors", ".json", CORRUPT_SUFFIX) and not path.name.startswith(f"{key}."):
+            (folder / STALE).mkdir(exist_ok=True)
+            os.replace(path, folder / STALE / path.name)
+            moved.append(path.name)
+    if moved:
+        log.warning("%s: set %d checkpoint files of other fingerprints (their params, inputs or code differ) "
+                    "aside in %s: %s; delete them once they are not needed", folder, len(moved), folder / STALE,
+                    ", ".join(moved))
     if removed:
-        log.info("%s: removed %d stale checkpoint files: %s", folder, len(removed), ", ".join(removed))
-    return removed
+        log.info("%s: removed %d temporary files of interrupted writes: %s", folder, len(removed), ", ".join(removed))
+    return moved + removed
 
 
 def module_weights(path: Path, role: str) -> dict[str, torch.Tensor]:

@@ -4,11 +4,17 @@ What differs between stages is data: which parameters train (the optimisers hand
 what the objective computes, and the schedule in `LoopSettings`. The loop owns the
 mechanics: learning-rate warm-up, gradient clipping, EMA, the NaN guard, progress,
 checkpointing every N steps and resuming from the last checkpoint.
+
+Under several ranks (`aligntok.distributed.Placement`), the objective's modules are in DDP, so the
+gradients every rank clips and steps with are the global batch's; the loop adds what DDP does not:
+rank 0 alone reads the checkpoint's step, checkpoints and logs; the logged losses and the NaN guard
+see the mean over the ranks, so every rank stops at the same step.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from aligntok.config import ScheduleConfig
+from aligntok.distributed import Placement
 from aligntok.errors import AligntokError
 from aligntok.runtime import Prefetcher
 from aligntok.train.checkpoint import CorruptCheckpointError, TrainState, load_checkpoint, move_aside, save_checkpoint
@@ -89,12 +96,15 @@ class TrainResult:
     checkpoint: Path
 
 
-def _check_finite(losses: StepLosses, settings: LoopSettings, step: int, checkpoint: Path) -> None:
-    for name, value in {"main": losses.main, **losses.aux}.items():
-        if not torch.isfinite(value).all():
+def _check_finite(logs: dict[str, float], names: list[str], settings: LoopSettings, step: int,
+                  checkpoint: Path) -> None:
+    """Stop when one of the (rank-averaged) losses `names` in `logs` is NaN/inf."""
+    for name in names:
+        if not math.isfinite(logs[name]):
             kept = f"the last good checkpoint is kept at {checkpoint}" if checkpoint.exists() else "no checkpoint was written yet"
+            label = "main" if name == "loss" else name.removeprefix("loss_")
             raise NonFiniteLossError(
-                f"stage {settings.name}: loss {name!r} is {value.item()} at step {step}; stopped ({kept})"
+                f"stage {settings.name}: loss {label!r} is {logs[name]} at step {step}; stopped ({kept})"
             )
 
 
@@ -108,7 +118,7 @@ def run_loop(
     sidecar: Callable[[], dict[str, Any]] = dict,
     on_log: Callable[[int, dict[str, float]], None] | None = None,
     on_checkpoint: Callable[[int], None] | None = None,
-    is_main_process: bool = True,
+    place: Placement | None = None,
     progress: bool = True,
     prefetch: int = 0,
 ) -> TrainResult:
@@ -116,23 +126,26 @@ def run_loop(
 
     `state.modules` must hold "model" (and "ema" when `settings.ema_decay` is set);
     `state.optimizers` must hold "main" and one optimiser per auxiliary loss.
-    `batches(step)` returns the batch for a step: a pure function of the step, which is
-    what makes a resumed run identical to an uninterrupted one, and what lets `prefetch` > 0 build the
-    next batches on a background thread (`aligntok.runtime.Prefetcher`) without changing any of them.
+    `batches(step)` returns this rank's part of the batch for a step, on the CPU (the loop moves it to
+    `place.device`): a pure function of the step, which is what makes a resumed run identical to an
+    uninterrupted one, and what lets `prefetch` > 0 build the next batches on a background thread
+    (`aligntok.runtime.Prefetcher`) without changing any of them. `place`: this process's placement
+    (default: one process on the CPU); `on_log` and `on_checkpoint` run on rank 0 only.
     """
+    place = place or Placement()
     model, optimizers = state.modules["model"], state.optimizers
     handed_in = {role: [g["lr"] for g in opt.param_groups] for role, opt in optimizers.items()}
     for role, opt in optimizers.items():  # stored with the groups in every checkpoint
         for group, lr in zip(opt.param_groups, handed_in[role]):
             group["base_lr"] = lr
-    start = _resume(checkpoint, state, settings.name, is_main_process)
+    start = _resume(checkpoint, state, settings.name, place)
     # after a resume a group's "lr" is the warmed-up rate of the step before: the base rate is stored apart
     base_lrs = {role: [g.get("base_lr", lr) for g, lr in zip(opt.param_groups, handed_in[role])]
                 for role, opt in optimizers.items()}
     logs: dict[str, float] = {}
     began = time.perf_counter()
     bar = tqdm(range(start, settings.steps), initial=start, total=settings.steps, desc=settings.name,
-               unit="step", disable=not (is_main_process and progress), dynamic_ncols=True)
+               unit="step", disable=not (place.is_main and progress), dynamic_ncols=True)
     upcoming = Prefetcher(batches, prefetch)
     try:
         for step in bar:
@@ -141,22 +154,23 @@ def run_loop(
                 for group, lr in zip(opt.param_groups, base_lrs[role]):
                     group["lr"] = lr * factor
             model.train()
-            losses = objective(upcoming(step, settings.steps), step)
-            _check_finite(losses, settings, step, checkpoint)
+            losses = objective(place.to_device(upcoming(step, settings.steps)), step)
+            local = {"loss": losses.main.item(), **{f"loss_{k}": v.item() for k, v in losses.aux.items()},
+                     **losses.logs}
+            logs = place.mean_floats(local)  # the global batch's figures, the same on every rank
+            _check_finite(logs, ["loss", *(f"loss_{k}" for k in losses.aux)], settings, step, checkpoint)
             _minimise(optimizers["main"], losses.main, settings.grad_clip)
             for role, loss in losses.aux.items():
                 _minimise(optimizers[role], loss, settings.grad_clip)
             if settings.ema_decay is not None:
                 update_ema(state.modules["ema"], model, settings.ema_decay)
             state.step = step + 1
-            logs = {"loss": losses.main.item(), **{f"loss_{k}": v.item() for k, v in losses.aux.items()},
-                    **losses.logs}
             if state.step % settings.log_every == 0 or state.step == settings.steps:
                 bar.set_postfix({k: f"{v:.4g}" for k, v in list(logs.items())[:4]})
-                if on_log and is_main_process:
+                if on_log and place.is_main:
                     on_log(state.step, logs)
-            if is_main_process and (state.step % settings.checkpoint_every == 0 or state.step == settings.steps
-                                    or state.step in settings.extra_checkpoints):
+            if place.is_main and (state.step % settings.checkpoint_every == 0 or state.step == settings.steps
+                                  or state.step in settings.extra_checkpoints):
                 save_checkpoint(checkpoint, state, {"stage": settings.name, "logs": logs, **sidecar()})
                 if on_checkpoint:
                     on_checkpoint(state.step)
@@ -165,23 +179,33 @@ def run_loop(
     bar.close()
     seconds = time.perf_counter() - began
     done = settings.steps - start
-    log.info("%s: %d steps in %.1f s (%.2f steps/s)", settings.name, done, seconds, done / max(seconds, 1e-9))
+    if place.is_main:
+        log.info("%s: %d steps in %.1f s (%.2f steps/s)", settings.name, done, seconds, done / max(seconds, 1e-9))
     return TrainResult(steps=settings.steps, resumed_from=start, seconds=seconds, last_logs=logs, checkpoint=checkpoint)
 
 
-def _resume(checkpoint: Path, state: TrainState, name: str, is_main_process: bool) -> int:
-    """The step to start from: the checkpoint's, or 0 without one. A corrupt checkpoint is moved aside
-    (by the main process) with a warning, and training starts over instead of stopping."""
+def _resume(checkpoint: Path, state: TrainState, name: str, place: Placement) -> int:
+    """The step to start from: the checkpoint's, or 0 without one. Rank 0 reads and checks the checkpoint
+    (a corrupt one is moved aside with a warning, and training starts over instead of stopping), every rank
+    learns its step, and the other ranks then load the same file once."""
+    start = _load_or_set_aside(checkpoint, state, name) if place.is_main else 0
+    start = place.broadcast_int(start)
+    if start > 0 and not place.is_main:
+        load_checkpoint(checkpoint, state)
+    place.barrier()  # rank 0 writes the next checkpoint only after every rank has read this one
+    if start > 0 and place.is_main:
+        log.info("%s: resuming from step %d (%s)", name, start, checkpoint)
+    return start
+
+
+def _load_or_set_aside(checkpoint: Path, state: TrainState, name: str) -> int:
     if not checkpoint.exists():
         return 0
     try:
-        start = load_checkpoint(checkpoint, state)
+        return load_checkpoint(checkpoint, state)
     except CorruptCheckpointError as exc:
-        where = f"moved aside to {move_aside(checkpoint).name}" if is_main_process else "left to the main process"
-        log.warning("%s: %s; %s, starting over from step 0", name, exc, where)
+        log.warning("%s: %s; moved aside to %s, starting over from step 0", name, exc, move_aside(checkpoint).name)
         return 0
-    log.info("%s: resuming from step %d (%s)", name, start, checkpoint)
-    return start
 
 
 def _minimise(optimizer: torch.optim.Optimizer, loss: torch.Tensor, grad_clip: float | None) -> None:
