@@ -167,3 +167,42 @@ def test_a_reference_built_for_other_counts_is_refused(evaluated: dict, params: 
     other = params.evaluate.model_copy(update={"reference_images": 17})
     with pytest.raises(ValueError, match="rerun the fid_reference stage"):
         load_reference(evaluated["paths"].reference, other)
+
+
+def _evaluate_as_a_rank(raw: dict, root_dir: str, out: str) -> dict | None:
+    """fid_reference then evaluate (no registry) of the module's trained models, as one rank."""
+    from pathlib import Path
+
+    root, out_dir = Path(root_dir), Path(out)
+    params = parse_params(raw)
+    summary = build_reference(root / "data", root / "encoder", out_dir / "reference", params.evaluate, progress=False,
+                              runtime=params.runtime)
+    paths = EvalPaths(data=root / "data", encoder=root / "encoder", reference=out_dir / "reference",
+                      tokenizers=root / "tokenizer", dit=root / "dit", out=out_dir / "eval",
+                      metrics=out_dir / "metrics.json", plots=out_dir / "plots")
+    return {"reference": summary, "metrics": run_evaluate(params, paths, register=False, progress=False)}
+
+
+def test_two_ranks_measure_every_figure_of_one_process(evaluated: dict, tmp_path) -> None:
+    """Batches of 2: the references, reconstructions, probe features and samples spread over both ranks (batch
+    i on rank i mod 2); rank 0 gathers them in batch order, so every figure and file equals one process's."""
+    from ranks import spawn_ranks
+
+    raw = {**TINY, "evaluate": {**TINY["evaluate"], "batch_size": 2}}
+    two = spawn_ranks(_evaluate_as_a_rank, 2, raw, str(evaluated["root"]), str(tmp_path / "two"))
+    one = spawn_ranks(_evaluate_as_a_rank, 1, raw, str(evaluated["root"]), str(tmp_path / "one"))[0]
+    assert two[1] == {"reference": {}, "metrics": None}  # rank 1 computes its share and writes nothing
+    timing = ("evaluate_seconds", "sampling_seconds")
+
+    def figures(metrics: dict) -> dict:
+        return {k: ({kk: vv for kk, vv in v.items() if kk not in timing} if isinstance(v, dict) else v)
+                for k, v in metrics.items() if k not in timing}
+
+    assert figures(two[0]["metrics"]) == figures(one["metrics"])
+    assert two[0]["reference"] == one["reference"]
+    for name in sorted(p.name for p in (tmp_path / "one" / "reference").iterdir()):
+        assert (tmp_path / "two" / "reference" / name).read_bytes() == (tmp_path / "one" / "reference" / name).read_bytes()
+    for name in sorted(p.name for p in (tmp_path / "one" / "eval").glob("*.png")):  # the grids, pixel for pixel
+        assert (tmp_path / "two" / "eval" / name).read_bytes() == (tmp_path / "one" / "eval" / name).read_bytes(), name
+    for name in ("gfid_vs_steps.csv", "gfid_vs_cfg.csv", "gfid_vs_train_steps.csv"):
+        assert (tmp_path / "two" / "plots" / name).read_text() == (tmp_path / "one" / "plots" / name).read_text()

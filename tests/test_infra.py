@@ -442,7 +442,7 @@ def manifest(kind: str) -> dict[str, Any]:
 
 def test_every_kubernetes_file_parses_and_lives_in_the_aligntok_namespace() -> None:
     docs = k8s_documents()
-    assert {"prefect-work-pool.json", "train-dit-pytorchjob.yaml", "pvc.yaml", "secrets.example.yaml"} <= set(docs)
+    assert {"prefect-work-pool.json", "stage-pytorchjob.yaml", "pvc.yaml", "secrets.example.yaml"} <= set(docs)
     assert not (K8S / "README.md").exists()
     namespace = manifest("Namespace")["metadata"]["name"]
     for name, documents in docs.items():
@@ -496,9 +496,16 @@ def test_the_work_pool_template_is_valid_for_prefect_and_asks_for_gpus() -> None
     assert sources == {manifest("ConfigMap")["metadata"]["name"], manifest("Secret")["metadata"]["name"]}
 
 
-def test_the_pytorchjob_runs_train_dit_under_torchrun_with_gpus_on_every_replica() -> None:
-    from aligntok.cli import build_parser
+def _pytorchjob() -> Any:
+    import importlib.util
 
+    spec = importlib.util.spec_from_file_location("pytorchjob", K8S / "pytorchjob.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_pytorchjob_template_runs_train_dit_under_torchrun_with_gpus_on_every_replica() -> None:
     job = manifest("PyTorchJob")
     assert job["apiVersion"] == "kubeflow.org/v1"
     replicas = job["spec"]["pytorchReplicaSpecs"]
@@ -520,17 +527,55 @@ def test_the_pytorchjob_runs_train_dit_under_torchrun_with_gpus_on_every_replica
         assert claims == {manifest("PersistentVolumeClaim")["metadata"]["name"]}
     assert "MLFLOW_TRACKING_URI" in manifest("ConfigMap")["data"]
     assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(manifest("Secret")["stringData"])
-    # the same command as dvc.yaml's train_dit stage, so `dvc commit train_dit` can record its outputs
-    container = replicas["Master"]["template"]["spec"]["containers"][0]
-    args = build_parser().parse_args(container["args"][2:])
-    stage_cmd = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train_dit"]["cmd"]
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    # the committed file is what the renderer writes for train_dit on 4 x 8 GPUs: the two cannot drift apart
+    assert _pytorchjob().render("train_dit", nodes=4, gpus_per_node=8, params_file=REPO / "configs" /
+                                "imagenet256.yaml") == job
+
+
+@pytest.mark.parametrize("stage", ["align_latent", "align_perceptual", "refine_decoder", "vae_baseline",
+                                   "cache_latents", "train_dit", "fid_reference", "evaluate"])
+def test_any_gpu_stage_renders_as_a_pytorchjob_running_its_dvc_command(stage: str) -> None:
+    """The paper preset on 2 nodes x 8 GPUs: the job's args parse to exactly the arguments of the stage's
+    dvc.yaml command (${...} resolved), so `dvc commit <stage>` can record what the job wrote."""
+    from aligntok.cli import build_parser
+
+    preset = REPO / "configs" / "imagenet256.yaml"
+    job = _pytorchjob().render(stage, nodes=2, gpus_per_node=8, params_file=preset)
+    replicas = job["spec"]["pytorchReplicaSpecs"]
+    assert job["metadata"]["name"] == f"aligntok-{stage.replace('_', '-')}" and job["spec"]["nprocPerNode"] == "8"
+    assert replicas["Master"]["replicas"] == 1 and replicas["Worker"]["replicas"] == 1
+    params = yaml.safe_load(preset.read_text())
+    stage_cmd = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]["cmd"]
     stage_cmd = stage_cmd.replace("${cache_latents.tokenizer}", params["cache_latents"]["tokenizer"])
-    stage = build_parser().parse_args(shlex.split(stage_cmd)[3:])
-    assert args.command == stage.command == "train_dit"
-    for field in ("latents", "tokenizer", "out", "metrics", "checkpoints"):
-        assert getattr(args, field) == getattr(stage, field), field
-    # the paper-scale preset's global batch splits evenly over every process of the job
-    world = (replicas["Master"]["replicas"] + replicas["Worker"]["replicas"]) * per_node
-    preset = yaml.safe_load((REPO / "configs" / "imagenet256.yaml").read_text())
-    assert preset["train_dit"]["batch_size"] % world == 0, f"batch {preset['train_dit']['batch_size']} over {world}"
+    expected = vars(build_parser().parse_args([*shlex.split(stage_cmd, comments=True)[3:], "--no-progress"]))
+    for role, spec in replicas.items():
+        (container,) = spec["template"]["spec"]["containers"]
+        assert container["command"] == ["torchrun"] and container["args"][:2] == ["-m", "aligntok"], role
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == 8, role
+        got = vars(build_parser().parse_args(container["args"][2:]))
+        assert {k: v for k, v in got.items() if k != "handler"} == {k: v for k, v in expected.items()
+                                                                    if k != "handler"}, role
+
+
+def test_the_pytorchjob_renderer_refuses_what_cannot_run(capsys: pytest.CaptureFixture[str]) -> None:
+    module = _pytorchjob()
+    assert module.main(["ingest"]) == 1
+    assert "'ingest' does not run on GPUs" in capsys.readouterr().err
+    preset = str(REPO / "configs" / "imagenet256.yaml")
+    assert module.main(["train_dit", "--nodes", "3", "--gpus-per-node", "8", "--params", preset]) == 1
+    assert "train_dit.batch_size 1024 does not split over 3 x 8 = 24 processes" in capsys.readouterr().err
+    assert module.main(["align_latent", "--nodes", "1", "--gpus-per-node", "4", "--params", preset]) == 0
+    one_node = yaml.safe_load(capsys.readouterr().out)
+    assert set(one_node["spec"]["pytorchReplicaSpecs"]) == {"Master"}  # a single node: no Worker replica
+
+
+def test_kubernetes_pods_use_every_gpu_they_ask_for() -> None:
+    """The Prefect work pool's pods and the PyTorchJob read aligntok-config: a stage there runs on every GPU of
+    its pod (ALIGNTOK_NPROC_PER_NODE=auto), whatever params.yaml's runtime.nproc_per_node says."""
+    from aligntok.distributed import NPROC_ENV
+
+    assert manifest("ConfigMap")["data"][NPROC_ENV] == "auto"
+    pool = json.loads((K8S / "prefect-work-pool.json").read_text())
+    (container,) = pool["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"]
+    assert {"configMapRef": {"name": manifest("ConfigMap")["metadata"]["name"]}} in container["envFrom"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpus }}"

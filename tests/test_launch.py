@@ -147,3 +147,33 @@ def test_nproc_per_node_reads_auto_and_the_launcher_override(monkeypatch: pytest
     monkeypatch.setenv(NPROC_ENV, "many")
     with pytest.raises(DeviceError, match="ALIGNTOK_NPROC_PER_NODE: 'many' is neither 'auto' nor a number"):
         resolve_nproc(RuntimeConfig())
+
+
+@pytest.mark.slow  # the whole tiny DAG, every GPU stage as two ranks: ~2.5 min; `make test-slow`
+def test_dvc_repro_of_the_tiny_preset_at_two_processes_runs_the_whole_dag(tmp_path: Path) -> None:
+    import mlflow
+
+    from test_integration import workspace
+
+    repo = workspace(tmp_path / "repo")
+    environment = {**env(tmp_path), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    setup = subprocess.run([sys.executable, "-m", "aligntok", "--params", "configs/tiny.yaml", "--set",
+                            "runtime.nproc_per_node=2", "config", "--out", "params.yaml"], cwd=repo, env=environment,
+                           capture_output=True, text=True, timeout=120)
+    assert setup.returncode == 0, setup.stderr
+    repro = subprocess.run(["dvc", "repro"], cwd=repo, env=environment, capture_output=True, text=True,
+                           timeout=1800)
+    assert repro.returncode == 0, (repro.stdout + repro.stderr)[-4000:]
+    output = repro.stdout + repro.stderr
+    launched = {line.split(": launching")[0].split()[-1] for line in output.splitlines() if ": launching 2" in line}
+    assert launched == {"align_latent", "align_perceptual", "refine_decoder", "vae_baseline", "cache_latents",
+                        "train_dit", "fid_reference", "evaluate"}
+    metrics = json.loads((repo / "reports" / "metrics.json").read_text())
+    assert set(metrics["tokenizer"]) == {"align_latent", "align_perceptual", "refine_decoder", "vae_baseline"}
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    versions = {name: len(client.search_model_versions(f"name='{name}'"))
+                for name in ("aligntok-tokenizer", "aligntok-vae-baseline", "aligntok-dit")}
+    assert versions == {"aligntok-tokenizer": 3, "aligntok-vae-baseline": 1, "aligntok-dit": 1}  # one per stage
+    status = subprocess.run(["dvc", "status"], cwd=repo, env=environment, capture_output=True, text=True)
+    assert "up to date" in status.stdout, status.stdout

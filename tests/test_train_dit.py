@@ -1,11 +1,10 @@
-"""train_dit end to end on a tiny latent cache: the global-batch slicing, DDP with 2 CPU
-processes against 1, registration + pyfunc, and `aligntok sample`."""
+"""train_dit end to end on a tiny latent cache: the global-batch slicing, registration + pyfunc, and
+`aligntok sample` (two processes against one: tests/test_distributed.py)."""
 
 from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -135,45 +134,6 @@ def test_fingerprint_covers_the_code(params: Params, tmp_path: Path) -> None:
     paths = DiTPaths(latents=tmp_path, tokenizer=tmp_path, out=tmp_path)
     assert _fingerprint(params, paths, code="a") != _fingerprint(params, paths, code="b")
     assert _fingerprint(params, paths) == _fingerprint(params, paths, code=code_digest("train_dit"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank: int, world_size: int, port: int, raw: dict, paths: dict[str, str]) -> None:
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    torch.set_num_threads(1)
-    history: list[float] = []
-    run_train_dit(parse_params(raw), DiTPaths(latents=Path(paths["latents"]), tokenizer=Path(paths["tokenizer"]),
-                  out=Path(paths["out"]), checkpoints=Path(paths["checkpoints"])), register=False, progress=False,
-                  on_log=lambda step, logs: history.append(logs["loss_global"]))
-    if rank == 0:
-        Path(paths["history"]).write_text(json.dumps(history))
-
-
-@pytest.mark.slow  # two torchrun-style processes (DDP); `make test-slow`
-def test_two_processes_follow_the_single_process_loss_trajectory(setup: dict[str, Path], params: Params,
-                                                                 tmp_path: Path) -> None:
-    import torch.multiprocessing as mp
-
-    single: list[float] = []
-    run_train_dit(params, DiTPaths(latents=setup["latents"], tokenizer=setup["tokenizer"], out=tmp_path / "one",
-                  checkpoints=tmp_path / "ck1"), register=False, progress=False,
-                  on_log=lambda step, logs: single.append(logs["loss_global"]))
-    paths = {"latents": str(setup["latents"]), "tokenizer": str(setup["tokenizer"]), "out": str(tmp_path / "two"),
-             "checkpoints": str(tmp_path / "ck2"), "history": str(tmp_path / "history.json")}
-    mp.spawn(_ddp_worker, args=(2, _free_port(), TINY, paths), nprocs=2, join=True)
-    double = json.loads((tmp_path / "history.json").read_text())
-    assert len(single) == len(double) == TINY["train_dit"]["steps"]
-    np.testing.assert_allclose(double, single, rtol=1e-4, atol=1e-6)
-    assert single[0] != single[-1]  # it trained
-    one, two = load_file(str(tmp_path / "one" / "dit.safetensors")), load_file(str(tmp_path / "two" / "dit.safetensors"))
-    for key in one:
-        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5)
 
 
 def test_registered_model_samples_and_sample_command(setup: dict[str, Path], params: Params, tmp_path: Path,

@@ -40,7 +40,7 @@ from aligntok.config import CacheLatentsConfig, RuntimeConfig
 from aligntok.data.loader import (ImageSet, batch_indices, iter_shard, read_dataset_info, require_validated,
                                   step_generator)
 from aligntok.data.shards import count_records
-from aligntok.distributed import DistInfo, Placement, dist_info, placed  # noqa: F401 (dist_info: re-exported)
+from aligntok.distributed import Placement, placed
 from aligntok.errors import AligntokError, one_line
 from aligntok.fileio import atomic_write_text, sha256_file
 from aligntok.tokenizer.api import WEIGHTS, Tokenizer, resolve_folder
