@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One command for a GPU machine: the paper-scale presets in bf16 (see benchmarks/gpu_check.py), figures to
-# stdout and benchmarks/out/gpu_check.json. Budget: under 8 minutes on an H200.
+# One command for a GPU machine: the paper-scale presets in bf16 (see benchmarks/gpu_check.py), then every
+# stage's own code a few steps on the device at those shapes (benchmarks/gpu_stages.py); figures to stdout,
+# benchmarks/out/gpu_check.json and benchmarks/out/gpu_stages.json. Budget: under 10 minutes on an H200.
 #   bash benchmarks/gpu_check.sh            # GPU
 #   bash benchmarks/gpu_check.sh --tiny     # CPU smoke run at tiny size
 set -euo pipefail
@@ -9,4 +10,5 @@ export DO_NOT_TRACK=true MLFLOW_DISABLE_TELEMETRY=true PREFECT_SERVER_ANALYTICS_
 python=${PYTHON:-python}
 [ -x .venv/bin/python ] && python=.venv/bin/python
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-timeout 480 "$python" benchmarks/gpu_check.py --json benchmarks/out/gpu_check.json "$@"
+timeout 420 "$python" benchmarks/gpu_check.py --json benchmarks/out/gpu_check.json "$@"
+timeout 240 "$python" benchmarks/gpu_stages.py --json benchmarks/out/gpu_stages.json "$@"

@@ -41,3 +41,11 @@ def test_gpu_check_runs_on_cpu_at_tiny_size(tmp_path: Path) -> None:
     assert figures["dit_train_samples_per_s"] > 0 and 0 < figures["dit_mfu"] < 1
     assert abs(figures["dit_train_ratio"] - figures["dit_train_samples_per_s"] / figures["dit_train_peer_samples_per_s"]) < 1e-9
     assert "MFU" in result.stdout and "sampling" in result.stdout
+    # then every stage's own code, a few steps at the preset's shapes (here the tiny preset's, on the CPU)
+    stages = json.loads((REPO / "benchmarks" / "out" / "gpu_stages.json").read_text())
+    assert stages["preset"] == "tiny.yaml"
+    for stage in ("align_latent", "align_perceptual", "refine_decoder", "vae_baseline", "cache_latents",
+                  "train_dit", "fid_reference", "evaluate"):
+        assert stages[f"{stage}_seconds"] > 0, stage
+        assert f"stage {stage}" in result.stdout, stage
+    assert stages["train_dit_seconds_per_step"] > 0 and stages["evaluate_gfid_cfg"] > 0
