@@ -136,7 +136,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     preset = REPO / "configs" / ("tiny.yaml" if args.tiny else "imagenet256.yaml")
-    batch, images = (4, 32) if args.tiny else (32, 256)
+    batch, images = (4, 48) if args.tiny else (32, 256)
     figures = run(preset, args.steps, batch, images)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
