@@ -172,10 +172,15 @@ class Placement:
         return DistributedDataParallel(module, device_ids=ids)
 
     # ---------------------------------------------------------------------------------------- the batch
+    def check_split(self, batch_size: int, key: str = "the global batch") -> None:
+        """Refuse a global batch that does not split evenly over the ranks, naming its params `key`."""
+        if batch_size % self.world_size:
+            raise AligntokError(f"{key}: {batch_size} does not split over {self.world_size} processes "
+                                "(runtime.nproc_per_node x nodes)")
+
     def rank_slice(self, batch_size: int) -> slice:
         """This rank's rows of a global batch of `batch_size` (which must split evenly)."""
-        if batch_size % self.world_size:
-            raise AligntokError(f"a global batch of {batch_size} does not split over {self.world_size} processes")
+        self.check_split(batch_size)
         part = batch_size // self.world_size
         return slice(self.rank * part, (self.rank + 1) * part)
 
@@ -227,10 +232,9 @@ class Placement:
         # shapes first (rows per batch, trailing shape, dtype), so that every rank can pad to the largest
         rows = [int(t.shape[0]) for t in mine]
         meta: list[Any] = [None] * self.world_size
-        torch.distributed.all_gather_object(meta, (rows, tuple(local.shape[1:]) if local is not None else None,
-                                                   str(local.dtype) if local is not None else None))
-        trailing = next(m[1] for m in meta if m[1] is not None)
-        dtype = getattr(torch, next(m[2] for m in meta if m[2] is not None).removeprefix("torch."))
+        torch.distributed.all_gather_object(meta, (rows, None if local is None else (tuple(local.shape[1:]),
+                                                                                   local.dtype)))
+        trailing, dtype = next(m[1] for m in meta if m[1] is not None)
         longest = max(sum(m[0]) for m in meta)
         padded = torch.zeros((longest, *trailing), dtype=dtype, device=device)
         if local is not None:
@@ -240,7 +244,7 @@ class Placement:
         if not self.is_main:
             return None
         by_batch: dict[int, torch.Tensor] = {}
-        for rank, (part, (counts, _, _)) in enumerate(zip(parts, meta)):
+        for rank, (part, (counts, _)) in enumerate(zip(parts, meta)):
             start = 0
             for index, n in zip(range(rank, count, self.world_size), counts):
                 by_batch[index] = part[start:start + n].cpu()

@@ -147,8 +147,9 @@ def autocast_dtype(cfg: RuntimeConfig, device: torch.device) -> torch.dtype | No
 
 def autocast(cfg: RuntimeConfig, device: torch.device) -> contextlib.AbstractContextManager[Any]:
     """The autocast context of `autocast_dtype`, or a no-op."""
-    dtype = autocast_dtype(cfg, device)
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    from aligntok.distributed import Placement
+
+    return Placement(device=device, autocast_dtype=autocast_dtype(cfg, device)).autocast()
 
 
 class Prefetcher:

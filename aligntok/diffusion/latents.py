@@ -341,8 +341,8 @@ def _write_stats(out_dir: Path, num_shards: int, partials: list[tuple[int, list[
         raise AligntokError(f"cache_latents: statistics of shards {[i for i, _ in partials]} gathered, "
                             f"expected 0..{num_shards - 1}")
     start = time.perf_counter()
-    mean, std, _ = merge_partials([p for _, views in partials for p in views])
-    count = sum(p[0] for _, views in partials for p in views) // (latent_shape[1] * latent_shape[2])  # latents
+    mean, std, values = merge_partials([p for _, views in partials for p in views])
+    count = values // (latent_shape[1] * latent_shape[2])  # latents: two per record
     classes = list(info.get("classes", []))
     stats = {"format": FORMAT, "mean": mean.tolist(), "std": std.tolist(), "count": count,
              "images": count // 2, "latent_shape": list(latent_shape), "tokenizer": source,

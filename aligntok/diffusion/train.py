@@ -23,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from aligntok.config import DIT_REGISTERED_MODEL, ConfigError, Params
+from aligntok.config import DIT_REGISTERED_MODEL, Params
 from aligntok.data.loader import step_generator
 from aligntok.diffusion.dit import build_dit
 from aligntok.diffusion.flow import FlowDraws, draw_flow, flow_matching_loss, sample
@@ -140,9 +140,7 @@ def run_train_dit(params: Params, paths: DiTPaths, register: bool = True, progre
 
     `on_log(step, logs)` is called on rank 0 every `train_dit.log_every` steps (besides MLflow)."""
     with placed(params.runtime) as place:
-        if params.train_dit.batch_size % place.world_size:
-            raise ConfigError(f"train_dit.batch_size: {params.train_dit.batch_size} does not split over "
-                              f"{place.world_size} processes (runtime.nproc_per_node x nodes)")
+        place.check_split(params.train_dit.batch_size, "train_dit.batch_size")
         return _train(params, paths, register, progress, on_log, place)
 
 

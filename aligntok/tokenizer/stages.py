@@ -56,6 +56,7 @@ from aligntok.fileio import atomic_write_text, sha256_file
 from aligntok.train.checkpoint import TrainState, atomic_save_safetensors, optimizer_from_flat, optimizer_to_flat
 from aligntok.train.loop import LoopSettings, StepLosses, run_loop
 from aligntok.train.stage import TrainingStage, training_stage
+from aligntok.train.stage import fingerprint as digest
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +185,7 @@ class TokenizerObjective:
             total = total + weight * vf
             logs |= {"vf_cos": cos.item(), "vf_distmat": distmat.item(), "vf_weight": float(weight)}
         aux: dict[str, torch.Tensor] = {}
-        if self.discriminator is not None and self.critic is not None and gan_weight_at(step, self.w.gan_start) > 0:
+        if self.discriminator is not None and gan_weight_at(step, self.w.gan_start) > 0:
             with frozen(self.discriminator):
                 g = hinge_g_loss(self.discriminator(x_hat))
             weight = adaptive_gan_weight(rec, g, self.model.last_layer, self.w.gan, reduce=reduce)
@@ -311,8 +312,6 @@ def fingerprint_inputs(stage: str, params: Params, paths: StagePaths, perceptual
 def fingerprint(stage: str, params: Params, paths: StagePaths, perceptual: str | None,
                 code: str | None = None) -> str:
     """The checkpoint name of `fingerprint_inputs`: resume only into the same configuration."""
-    from aligntok.train.stage import fingerprint as digest
-
     return digest(fingerprint_inputs(stage, params, paths, perceptual, code))
 
 
@@ -380,9 +379,7 @@ def run_tokenizer_stage(stage: str, params: Params, paths: StagePaths, register:
     if paths.validation is not None:
         require_validated(paths.validation)
     with placed(params.runtime) as place:
-        if cfg.batch_size % place.world_size:
-            raise ConfigError(f"{stage}.batch_size: {cfg.batch_size} does not split over {place.world_size} "
-                              "processes (runtime.nproc_per_node x nodes)")
+        place.check_split(cfg.batch_size, f"{stage}.batch_size")
         return _train_tokenizer(stage, params, paths, register, progress, place)
 
 
