@@ -157,9 +157,9 @@ class Placement:
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """bf16 autocast on this device when `autocast_dtype` is set, else a no-op."""
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        from aligntok.runtime import autocast_for
+
+        return autocast_for(self.autocast_dtype, self.device)
 
     def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
         """`module` in DistributedDataParallel when there are several ranks (gradients averaged in the

@@ -147,9 +147,12 @@ def autocast_dtype(cfg: RuntimeConfig, device: torch.device) -> torch.dtype | No
 
 def autocast(cfg: RuntimeConfig, device: torch.device) -> contextlib.AbstractContextManager[Any]:
     """The autocast context of `autocast_dtype`, or a no-op."""
-    from aligntok.distributed import Placement
+    return autocast_for(autocast_dtype(cfg, device), device)
 
-    return Placement(device=device, autocast_dtype=autocast_dtype(cfg, device)).autocast()
+
+def autocast_for(dtype: torch.dtype | None, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """Autocast to `dtype` on `device`'s type, or a no-op for None (`aligntok.distributed.Placement.autocast`)."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 class Prefetcher:
