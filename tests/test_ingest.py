@@ -149,8 +149,22 @@ def test_corpus_counts_invariant_and_dataset_json(corpus, corpus_out) -> None:
     assert description["params"]["source"] == description["source"] == summary.source
     assert description["shards"] == {split: [p.name for p in paths] for split, paths in summary.shards.items()}
     shards = description["shards"]["train"] + description["shards"]["val"]
-    expected_files = ["dataset.json", "manifest.parquet", "rejected.csv", *shards]
+    indexes = [name.replace(".tar", ".idx") for name in shards]
+    expected_files = ["dataset.json", "manifest.parquet", "rejected.csv", *shards, *indexes]
     assert sorted(p.name for p in out.iterdir()) == sorted(expected_files)
+    # the record index: each shard's count, and every row pointing at the image bytes stored in the tar
+    records = description["index"]["records"]
+    assert {split: sum(n) for split, n in records.items()} == {"train": counts["train"], "val": counts["val"]}
+    for split, names in description["shards"].items():
+        for name, count in zip(names, records[split], strict=True):
+            index = np.load(out / name.replace(".tar", ".idx"))
+            assert len(index) == count
+            with tarfile.open(out / name) as tar:
+                for row in index:
+                    key = row["key"].decode()
+                    stored = tar.extractfile(f"{key}.png").read()
+                    assert (out / name).read_bytes()[row["offset"]:row["offset"] + row["size"]] == stored
+                    assert int(tar.extractfile(f"{key}.cls").read()) == row["label"]
 
 
 @pytest.mark.parametrize(

@@ -8,12 +8,15 @@ Outputs in OUT_DIR (a contract: the validate stage reads them):
   sha256}) and `<key>.png` or `<key>.jpg` (RGB, resolution²); `key` is the first 16 hex
   digits of the sha256 of the source bytes. Tar headers are fixed (USTAR, mtime 0,
   uid/gid 0, user/group `aligntok`, mode 0444), so a re-run writes byte-identical files.
+- `train-000000.idx`, ...: each shard's record index (key, offset and size of the image bytes, label;
+  `aligntok.data.shards.index_shard`), read back from the written tar, for random access.
 - `manifest.parquet`: one row per accepted image, in shard order (train, then val).
 - `rejected.csv`: `path,reason`, one row per rejected input, sorted by path, every field
   quoted (a name may hold a comma, quote, `\\r` or `\\n`). A path that is not valid UTF-8
   is rejected (reason `unsupported name`) and written with each undecodable byte as
   `\\xNN` and each backslash doubled: `codecs.escape_decode` gives its bytes back.
-- `dataset.json`: source, classes, resolution, image format, counts, shard names, params.
+- `dataset.json`: source, classes, resolution, image format, counts, shard names, the records of each
+  shard (`index.records`), params.
 
 How it runs:
 1. One streaming pass reads every input of the source, in the source's order, and a pool
@@ -63,7 +66,7 @@ from tqdm import tqdm
 
 from aligntok.config import DataConfig
 from aligntok.data.images import ImagePolicy, ProcessedImage, process_image
-from aligntok.data.shards import ENCODED_EXTENSION
+from aligntok.data.shards import ENCODED_EXTENSION, INDEX_FORMAT, index_name, write_index
 from aligntok.data.sources import IngestError, Source, SourceItem, open_source
 
 __all__ = ["IngestError", "IngestSummary", "ingest", "plan_shards", "split_of", "tar_size"]
@@ -72,7 +75,8 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
 MANIFEST, REJECTED, DATASET = "manifest.parquet", "rejected.csv", "dataset.json"
-SHARD_NAME = re.compile(r"^(train|val)-\d{6}\.tar$")
+SHARD_NAME = re.compile(r"^(train|val)-\d{6}\.(tar|idx)$")
+"""A shard or its record index (`aligntok.data.shards.index_shard`)."""
 STAGING, SPOOL, LOCK = ".partial", "spool.bin", ".ingest.lock"
 _MAX_CHUNK = 32  # inputs per pool task: amortises IPC for 28×28 images
 UNSUPPORTED_NAME = "unsupported name: not valid UTF-8 (written with \\xNN for each undecodable byte, \\\\ for \\)"
@@ -190,8 +194,10 @@ def _ingest_into(
     _log_rejections(rejected)
     _write_rejected(rejected, staging / REJECTED)
     _write_manifest(records, classes, staging / MANIFEST)
-    _write_dataset_json(source, classes, counts, shard_names, cfg, staging / DATASET)
-    _publish(staging, out_dir, [name for names in shard_names.values() for name in names])
+    _write_dataset_json(source, classes, counts, shard_names, Counter(r.shard for r in records), cfg,
+                        staging / DATASET)
+    _publish(staging, out_dir, [out for names in shard_names.values() for name in names
+                                for out in (name, index_name(name))])
     seconds = time.perf_counter() - start
     return IngestSummary(
         source=source, out_dir=out_dir, classes=classes, inputs=counts["inputs"], train=counts["train"],
@@ -510,6 +516,8 @@ def _write_shard(task: _ShardTask) -> int:
                 info.size, info.mtime, info.mode = len(entries[ext]), 0, 0o444
                 info.uname = info.gname = "aligntok"
                 tar.addfile(info, io.BytesIO(entries[ext]))
+    if write_index(task.path) != len(task.samples):  # the index is read back from what was written
+        raise AssertionError(f"{task.path}: index does not match the {len(task.samples)} samples written")
     return len(task.samples)
 
 
@@ -573,7 +581,8 @@ def _utf8(text: str) -> str:
 
 
 def _write_dataset_json(
-    source: str, classes: list[str], counts: dict[str, int], shards: dict[str, list[str]], cfg: DataConfig, path: Path
+    source: str, classes: list[str], counts: dict[str, int], shards: dict[str, list[str]], records: Counter[str],
+    cfg: DataConfig, path: Path,
 ) -> None:
     description = {
         "source": source,
@@ -582,6 +591,8 @@ def _write_dataset_json(
         "image_format": cfg.image_format,
         "counts": counts,
         "shards": shards,
+        "index": {"format": INDEX_FORMAT, "records": {split: [records[name] for name in names]
+                                                       for split, names in shards.items()}},
         "params": {**cfg.model_dump(mode="json"), "source": source},  # the source actually ingested
     }
     path.write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")

@@ -5,6 +5,11 @@ A shard is a tar of records `<key>.png` (or `.jpg`), `<key>.cls` and `<key>.json
 key exactly as webdataset's loader groups them, so what validation checks is what a WebDataset consumer
 sees. Input shards (`data.source: webdataset:...`) are untrusted and read by the hardened reader in
 `aligntok.data.sources` instead.
+
+Beside each shard `NAME.tar`, ingest writes its record index `NAME.idx` (`index_shard`): a NumPy `.npy`
+structured array, one row per record in stored order, `key` (bytes), `offset` and `size` (int64: where the
+record's image bytes lie in the tar) and `label` (int64). The random-access reader
+(`aligntok.data.reader`) maps the tar and slices `[offset, offset + size)` instead of parsing it.
 """
 
 from __future__ import annotations
@@ -12,6 +17,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+
+INDEX_SUFFIX = ".idx"
+"""`train-000000.tar` -> `train-000000.idx`."""
+INDEX_FORMAT = "aligntok-index/1"
 
 ENCODED_EXTENSION = {"png": "png", "jpeg": "jpg"}
 """The entry name of a record's image for each `data.image_format` (what ingest writes)."""
@@ -60,3 +71,55 @@ def record_label(record: dict[str, Any]) -> int:
     if "cls" not in record:
         raise ValueError("no .cls member")
     return int(record["cls"].decode("ascii").strip())
+
+
+def index_name(shard_name: str) -> str:
+    """The index file of a shard: `train-000000.tar` -> `train-000000.idx`."""
+    return shard_name.removesuffix(".tar") + INDEX_SUFFIX
+
+
+def index_shard(path: Path) -> np.ndarray:
+    """The record index of one shard, from its tar headers and `.cls` entries (image data are not read):
+    a structured array (n,) of `key`, `offset`, `size`, `label`, records grouped as `iter_records` groups them.
+    ValueError naming the record when one has no image or no label."""
+    import tarfile
+
+    from webdataset.tariterators import base_plus_ext
+
+    rows: list[tuple[bytes, int, int, int]] = []
+    current: dict[str, Any] | None = None
+
+    def close(record: dict[str, Any] | None) -> None:
+        if record is None:
+            return
+        try:
+            image = record_image_key(record)
+            label = record_label(record)
+        except ValueError as exc:
+            raise ValueError(f"{Path(path).name}: record {record['__key__']!r}: {exc}") from None
+        offset, size = record[image]
+        rows.append((record["__key__"].encode("utf-8"), offset, size, label))
+
+    with tarfile.open(Path(path), "r:") as tar:
+        for member in tar:
+            prefix, ext = base_plus_ext(member.name)
+            if not member.isfile() or prefix is None:
+                continue
+            if current is None or prefix != current["__key__"]:
+                close(current)
+                current = {"__key__": prefix}
+            if ext == "cls":
+                current["cls"] = tar.extractfile(member).read()  # type: ignore[union-attr]
+            else:
+                current[ext] = (member.offset_data, member.size)
+        close(current)
+    width = max((len(key) for key, *_ in rows), default=1)
+    return np.array(rows, dtype=[("key", f"S{width}"), ("offset", "<i8"), ("size", "<i8"), ("label", "<i8")])
+
+
+def write_index(shard: Path) -> int:
+    """Index `shard` (`index_shard`) into its `.idx` file beside it; returns its record count."""
+    index = index_shard(shard)
+    with open(shard.with_name(index_name(shard.name)), "wb") as stream:
+        np.save(stream, index, allow_pickle=False)
+    return len(index)
