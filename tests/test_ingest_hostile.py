@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -218,19 +219,55 @@ def test_http_and_file_urls_are_read_without_a_shell(shards: Path, http_root: st
         ingest(f"webdataset:file://elsewhere{shards}/train-000000.tar", tmp_path / "x", CFG, progress=False)
 
 
-def test_s3_urls_go_to_the_aws_cli_as_one_argument(
+class _S3Store(http.server.BaseHTTPRequestHandler):
+    """A path-style S3 GetObject endpoint: `/<bucket>/<key>` from `objects`; logs the decoded paths."""
+
+    objects: dict[str, bytes]
+    paths: list[str]
+
+    def do_GET(self) -> None:
+        path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
+        self.paths.append(path)
+        body = self.objects.get(path)
+        self.send_response(200 if body is not None else 404)
+        self.send_header("Content-Length", str(len(body or b"")))
+        self.end_headers()
+        self.wfile.write(body or b"")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_s3_urls_are_read_through_boto3_with_the_key_taken_literally(
     shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A stand-in `aws` (the real one needs credentials and a network) that records its argv."""
-    bin_dir, marker = tmp_path / "bin", tmp_path / "owned.txt"
-    bin_dir.mkdir()
-    (bin_dir / "aws").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {tmp_path}/argv\ncat {shards}/train-000000.tar\n')
-    (bin_dir / "aws").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    url = f"s3://bucket/train;touch {marker}.tar"
-    summary = ingest(f"webdataset:{url}", tmp_path / "out", CFG, progress=False)
-    assert (summary.inputs, summary.rejected) == (3, 0)
-    assert (tmp_path / "argv").read_text().splitlines() == ["s3", "cp", "--only-show-errors", url, "-"]
+    """boto3 against an S3 stand-in on 127.0.0.1 (`ALIGNTOK_DATA_S3_ENDPOINT_URL`), with no `aws` anywhere on
+    PATH: the key reaches the store as it is written, and nothing in it is run."""
+    marker = tmp_path / "owned.txt"
+    key = f"train;touch {marker} $(touch {marker}).tar"
+    store = type("Store", (_S3Store,), {"objects": {f"/bucket/{key}": (shards / "train-000000.tar").read_bytes()},
+                                         "paths": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), store)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    empty_bin = tmp_path / "bin"
+    empty_bin.mkdir()
+    monkeypatch.setenv("PATH", str(empty_bin))  # the project image has no AWS CLI either
+    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    monkeypatch.setenv("ALIGNTOK_DATA_S3_ENDPOINT_URL", f"http://127.0.0.1:{server.server_address[1]}")
+    try:
+        summary = ingest(f"webdataset:s3://bucket/{key}", tmp_path / "out", CFG, progress=False)
+        assert (summary.inputs, summary.rejected) == (3, 0)
+        assert store.paths == [f"/bucket/{key}"]
+        with pytest.raises(IngestError, match=r"^s3://bucket/absent\.tar: S3 error 404 \(HTTP 404\)"):
+            ingest("webdataset:s3://bucket/absent.tar", tmp_path / "out2", CFG, progress=False)
+    finally:
+        server.shutdown()
+        server.server_close()
     assert not marker.exists()
 
 

@@ -16,13 +16,14 @@ A source spec (the syntax of `DataConfig.source`) names one of three sources:
   that cannot be listed is an input rejected with the reason.
 - `webdataset:URL`: existing shards: a local folder of `.tar` files, a path, a brace
   pattern, `file://`, `http(s)://` or `s3://` URLs, and nothing else. Shards are read
-  here (tarfile over a local file, urllib, or `aws s3 cp URL -` run as an argument
-  list), never through webdataset's `gopen`, whose `pipe:` URLs and `GOPEN_REWRITE`
-  rules run shell commands. The image is the first entry named in `SAMPLE_IMAGE_ENTRIES`
-  (`aligntok.data.images`), the label comes from `cls` (or `label`), and the class name from
+  here, streamed (tarfile over a local file, or `aligntok.data.remote.open_stream`:
+  urllib for HTTP(S), boto3's `get_object` for S3 at `$ALIGNTOK_DATA_S3_ENDPOINT_URL`,
+  the key taken literally), never through webdataset's `gopen`, whose `pipe:` URLs and
+  `GOPEN_REWRITE` rules run shell commands, nor through a CLI. The image is the first
+  entry named in `SAMPLE_IMAGE_ENTRIES` (`aligntok.data.images`), the label comes from `cls` (or `label`), and the class name from
   the sample's `json` `class_name` when present, else `str(label)`. A sample with an entry larger than
-  `max_input_bytes` or a label above `max_label` is rejected unread; a shard that is not a
-  readable tar stops the ingest with an error naming it.
+  `max_input_bytes` or a label above `max_label` is rejected unread; a shard that cannot be
+  fetched or is not a readable tar stops the ingest with a one-line error naming its URL.
 
 Sources yield `SourceItem`s lazily, so nothing but the current file is held in memory.
 """
@@ -34,9 +35,7 @@ import json
 import os
 import re
 import stat
-import subprocess
 import tarfile
-import tempfile
 import urllib.parse
 import urllib.request
 import zlib
@@ -51,6 +50,7 @@ import numpy as np
 from aligntok.errors import AligntokError
 from aligntok.config import DataConfig
 from aligntok.data.images import IMAGE_EXTENSIONS, SAMPLE_IMAGE_ENTRIES
+from aligntok.data.remote import RemoteError, open_stream
 
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -343,6 +343,8 @@ class WebDatasetSource:
                 with _open_shard(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
                     for sample in _tar_samples(tar, self.max_input_bytes):
                         yield self._item(url, sample)
+            except RemoteError as exc:  # already one line naming the URL
+                raise IngestError(str(exc)) from None
             except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
                 raise IngestError(f"{url}: cannot read this tar shard ({_describe(exc)})") from None
 
@@ -488,41 +490,11 @@ def _local_path(url: str) -> Path | None:
 
 @contextmanager
 def _open_shard(url: str) -> Iterator[IO[bytes]]:
-    """A binary stream of one shard: a local file, an HTTP(S) response or `aws s3 cp URL -`."""
+    """A binary stream of one shard: a local file, or a remote object streamed by `aligntok.data.remote`."""
     local = _local_path(url)
     if local is not None:
         with open(local, "rb") as stream:
             yield stream
-    elif url.lower().startswith("s3:"):
-        with _aws_s3_stream(url) as stream:
-            yield stream
     else:
-        with urllib.request.urlopen(url, timeout=60) as response:  # noqa: S310 - scheme checked: http(s) only
-            yield response
-
-
-@contextmanager
-def _aws_s3_stream(url: str) -> Iterator[IO[bytes]]:
-    """`aws s3 cp URL -` (an argument list: no shell) as a stream; `IngestError` when it fails."""
-    with tempfile.TemporaryFile() as errors:
-        try:
-            process = subprocess.Popen(
-                ["aws", "s3", "cp", "--only-show-errors", url, "-"],
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors,
-            )  # fmt: skip
-        except OSError as exc:
-            raise IngestError(f"{url}: reading s3:// shards needs the AWS CLI (`aws`): {_reason(exc)}") from None
-        assert process.stdout is not None
-        try:
-            yield process.stdout
-            process.stdout.read()  # the tar's end padding, so that `aws` exits normally
-        except BaseException:
-            process.kill()
-            raise
-        finally:
-            process.stdout.close()
-            status = process.wait()
-        if status != 0:
-            errors.seek(0)
-            detail = errors.read().decode("utf-8", "replace").strip().splitlines()
-            raise IngestError(f"{url}: `aws s3 cp` failed (exit {status}): {detail[0] if detail else 'no message'}")
+        with open_stream(url) as stream:
+            yield stream
