@@ -268,22 +268,31 @@ class SampleConfig(Section):
         return value
 
 
+PRDC_NEIGHBOURS = 3
+"""k of the precision/recall manifolds (each sample's ball reaches its k-th nearest neighbour, itself not
+counted): both sets need at least k + 1 samples."""
+
+
 class EvaluateConfig(Section):
     """Evaluation protocol (`fid_reference` and `evaluate` stages). The FID network (Inception-v3, 299 px)
-    runs at about 5 images/s on 2 CPU cores: these counts bound the stage's time (see README)."""
+    runs at about 5 images/s on 2 CPU cores: these counts bound the stage's time (see README). The image
+    counts are checked against the split sizes in the ingest folder's `dataset.json` when either stage
+    starts (`aligntok.eval.reference.check_counts`), before any model loads."""
 
-    reference_images: int = Field(1000, ge=2)
-    """Training images whose Inception statistics are the gFID reference (cached by `fid_reference`)."""
+    reference_images: int = 1000
+    """Training images whose Inception statistics are the gFID reference (cached by `fid_reference`), and the
+    real set of precision/recall (at least k + 1 = 4)."""
     recon_images: int = Field(150, ge=2)
     """Validation images reconstructed by each tokenizer for rFID, PSNR, SSIM and FD_dinov2."""
-    gen_samples: int = Field(200, ge=2)
-    """Generated samples for gFID with and without guidance, precision and recall."""
+    gen_samples: int = 200
+    """Generated samples for gFID with and without guidance, precision and recall (at least k + 1 = 4)."""
     sweep_samples: int = Field(100, ge=2)
     """Samples per point of the gFID-vs-steps and gFID-vs-guidance curves."""
     steps_sweep: list[int] = Field(default_factory=lambda: [10, 25, 50])
     cfg_sweep: list[float] = Field(default_factory=lambda: [1.0, 2.0, 4.0, 6.0])
     probe_train_images: int = Field(1500, ge=10)
-    """Training images the linear probe is fit on (logistic regression on the pooled latent)."""
+    """Training images the linear probe is fit on (logistic regression on the pooled latent; the pixel
+    baseline sees the images area-averaged to at most 32 x 32, i.e. 3,072 features)."""
     probe_val_images: int = Field(500, ge=10)
     """Validation images the probe's top-1 is measured on."""
     batch_size: int = Field(50, ge=1)
@@ -291,6 +300,14 @@ class EvaluateConfig(Section):
     tokenizers: list[str] = Field(
         default_factory=lambda: ["align_latent", "align_perceptual", "refine_decoder", "vae_baseline"])
     """Tokenizer stages to evaluate (the study evaluates only the one its diffusion model uses)."""
+
+    @field_validator("reference_images", "gen_samples")
+    @classmethod
+    def _prdc_sets(cls, value: int) -> int:
+        if value <= PRDC_NEIGHBOURS:
+            raise ValueError(f"must be at least {PRDC_NEIGHBOURS + 1}: precision/recall measure each sample's "
+                             f"distance to its k-th nearest neighbour in the same set (k = {PRDC_NEIGHBOURS})")
+        return value
 
     @field_validator("steps_sweep")
     @classmethod
@@ -312,10 +329,15 @@ class DataConfig(Section):
 
     source: str = "fashion-mnist"
     """`fashion-mnist`, `imagefolder:<path>` or `webdataset:<url or brace pattern>`."""
+    val_source: str | None = None
+    """The validation split as a source of its own, in `source`'s syntax (ImageNet's official 50,000-image val
+    folder: `imagefolder:/datasets/imagenet/val`): `source` is then all train, this all val, and `val_fraction`
+    is not used. Its classes must be `source`'s. null: val is the `val_fraction` split of `source`."""
     fashion_mnist_dir: str = "/usr/share/datasets/fashion-mnist"
     resolution: int = Field(32, ge=8, le=4096)
     """Output side: images are resized (shorter side) and centre-cropped to this square."""
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    """Share of `source` that goes to val (by a seeded hash of the content); unused when `val_source` is set."""
     seed: int = Field(0, ge=0)
     min_side: int = Field(16, ge=1)
     """Inputs whose shorter side is below this are rejected."""
@@ -336,12 +358,13 @@ class DataConfig(Section):
     max_label: int = Field(99_999, ge=0)
     """Largest class label a `webdataset:` sample may carry; larger ones are rejected."""
     max_images: int | None = Field(None, ge=1)
-    """Keep only the first N inputs of the source (the tiny preset's subset); null = all."""
+    """Keep only the first N inputs of the source, and of `val_source` when set (the tiny preset's subset);
+    null = all."""
 
-    @field_validator("source")
+    @field_validator("source", "val_source")
     @classmethod
-    def _known_source(cls, value: str) -> str:
-        if value != "fashion-mnist" and not re.match(r"^(imagefolder|webdataset):.+$", value):
+    def _known_source(cls, value: str | None) -> str | None:
+        if value is not None and value != "fashion-mnist" and not re.match(r"^(imagefolder|webdataset):.+$", value):
             raise ValueError("must be 'fashion-mnist', 'imagefolder:<path>' or 'webdataset:<url>'")
         return value
 
@@ -358,7 +381,8 @@ class ValidateConfig(Section):
 
     max_rejected_fraction: float = Field(0.05, ge=0.0, le=1.0)
     max_class_imbalance: float = Field(1.5, ge=1.0)
-    """Every class's share must lie within this factor of the uniform share 1/K."""
+    """Every class's share of the manifest (train and val together) must lie within this factor of the uniform
+    share 1/K: count/mean <= b and mean/count <= b (not max/min, which may reach b**2)."""
     sample_per_shard: int = Field(16, ge=1)
     """Records decoded from every shard to check shape, dtype and value range."""
 
@@ -391,6 +415,9 @@ class RuntimeConfig(Section):
     """Threads decoding a batch's images (Pillow releases the GIL); 0 or 1 = in the calling thread."""
     prefetch: int = Field(0, ge=0, le=8)
     """Training batches built ahead by a background thread (0: inline, the batch costs <1% of a CPU step)."""
+    loader_workers: int = Field(0, ge=0, le=128)
+    """`DataLoader` worker processes building the tokenizer stages' batches from the mapped shards (0: in this
+    process, decoding on `decode_threads`). Workers change when a batch is built, never which batch it is."""
 
 
 class PromoteRule(Section):

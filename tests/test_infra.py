@@ -440,6 +440,12 @@ def manifest(kind: str) -> dict[str, Any]:
     return found[0]
 
 
+def claim_names() -> set[str]:
+    """The PersistentVolumeClaims of infra/k8s (the checkout's and the datasets')."""
+    return {d["metadata"]["name"] for docs in k8s_documents().values() for d in docs
+            if d.get("kind") == "PersistentVolumeClaim"}
+
+
 def test_every_kubernetes_file_parses_and_lives_in_the_aligntok_namespace() -> None:
     docs = k8s_documents()
     assert {"prefect-work-pool.json", "stage-pytorchjob.yaml", "pvc.yaml", "secrets.example.yaml"} <= set(docs)
@@ -491,7 +497,7 @@ def test_the_work_pool_template_is_valid_for_prefect_and_asks_for_gpus() -> None
     assert "cpu" not in limits  # no cpu_limit given: the key is dropped, not sent empty
     # the shared pieces it references exist in infra/k8s
     claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
-    assert claims == {manifest("PersistentVolumeClaim")["metadata"]["name"]}
+    assert claims == claim_names()
     sources = {next(iter(s.values()))["name"] for s in container["envFrom"]}
     assert sources == {manifest("ConfigMap")["metadata"]["name"], manifest("Secret")["metadata"]["name"]}
 
@@ -524,7 +530,7 @@ def test_the_pytorchjob_template_runs_train_dit_under_torchrun_with_gpus_on_ever
         env_sources = {next(iter(s.values()))["name"] for s in container["envFrom"]}
         assert env_sources == {manifest("ConfigMap")["metadata"]["name"], manifest("Secret")["metadata"]["name"]}
         claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
-        assert claims == {manifest("PersistentVolumeClaim")["metadata"]["name"]}
+        assert claims == claim_names()
     assert "MLFLOW_TRACKING_URI" in manifest("ConfigMap")["data"]
     assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(manifest("Secret")["stringData"])
     # the committed file is what the renderer writes for train_dit on 4 x 8 GPUs: the two cannot drift apart
@@ -579,3 +585,61 @@ def test_kubernetes_pods_use_every_gpu_they_ask_for() -> None:
     (container,) = pool["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"]
     assert {"configMapRef": {"name": manifest("ConfigMap")["metadata"]["name"]}} in container["envFrom"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpus }}"
+
+
+def _pod_templates() -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+    """(pod spec, its one container) of every pod a cluster run starts: the work pool's Job (rendered with its
+    defaults, as Prefect does), and each replica of the committed PyTorchJob and of one rendered for 2 nodes."""
+    from prefect.utilities.templating import apply_values
+
+    pool = json.loads((K8S / "prefect-work-pool.json").read_text())
+    defaults = {k: spec["default"] for k, spec in pool["variables"]["properties"].items() if "default" in spec}
+    job = apply_values(pool["job_configuration"], {**defaults, "env": {}})["job_manifest"]
+    pods = {"work pool": job["spec"]["template"]["spec"]}
+    rendered = _pytorchjob().render("align_latent", nodes=2, gpus_per_node=8,
+                                    params_file=REPO / "configs" / "imagenet256.yaml")
+    for name, spec in (("committed", manifest("PyTorchJob")), ("rendered", rendered)):
+        for role, replica in spec["spec"]["pytorchReplicaSpecs"].items():
+            pods[f"{name} {role}"] = replica["template"]["spec"]
+    return {name: (pod, pod["containers"][0]) for name, pod in pods.items()}
+
+
+def _mounts(pod: dict[str, Any], container: dict[str, Any]) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+    """mount path -> (volumeMount, volume)."""
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    return {m["mountPath"]: (m, volumes[m["name"]]) for m in container["volumeMounts"]}
+
+
+def test_every_pod_mounts_the_datasets_read_only_where_the_paper_preset_reads_them() -> None:
+    from aligntok.config import load_params
+
+    data = load_params(REPO / "configs" / "imagenet256.yaml").data
+    paths = [Path(spec.partition(":")[2]) for spec in (data.source, data.val_source)]
+    assert paths == [Path("/datasets/imagenet/train"), Path("/datasets/imagenet/val")]
+    assert "aligntok-datasets" in claim_names()
+    for name, (pod, container) in _pod_templates().items():
+        mounts = _mounts(pod, container)
+        for path in paths:
+            [(mount, volume)] = [mounts[m] for m in mounts if path.is_relative_to(m) and m != "/"]
+            assert volume["persistentVolumeClaim"]["claimName"] == "aligntok-datasets", name
+            assert mount.get("readOnly") is True and volume["persistentVolumeClaim"].get("readOnly") is True, name
+
+
+def test_every_pod_caches_remote_shards_on_its_own_scratch_volume() -> None:
+    from aligntok.data.remote import SHARD_CACHE_ENV
+
+    cache = manifest("ConfigMap")["data"][SHARD_CACHE_ENV]  # every pod reads it through envFrom
+    for name, (pod, container) in _pod_templates().items():
+        assert {"configMapRef": {"name": manifest("ConfigMap")["metadata"]["name"]}} in container["envFrom"], name
+        mount, volume = _mounts(pod, container)[cache]
+        assert "emptyDir" in volume and volume["emptyDir"].get("medium") != "Memory", name  # disk, not RAM
+        assert volume["emptyDir"]["sizeLimit"], name
+        assert not mount.get("readOnly"), name
+
+
+def test_remote_data_needs_no_cli_in_the_project_image() -> None:
+    """s3:// data is read with boto3 (a pinned dependency), not an `aws` command the image does not have."""
+    sources = "".join((REPO / "aligntok" / "data" / name).read_text() for name in ("sources.py", "remote.py"))
+    assert "subprocess" not in sources and '"aws"' not in sources
+    assert re.search(r'"boto3==[\d.]+"', (REPO / "pyproject.toml").read_text())
+    assert "awscli" not in (REPO / "infra" / "Dockerfile").read_text()

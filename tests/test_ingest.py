@@ -55,9 +55,9 @@ def output_files(out_dir: Path) -> dict[str, bytes]:
     return {path.name: path.read_bytes() for path in sorted(out_dir.iterdir())}
 
 
-def write_noise_folder(root: Path, count: int, classes: int = 3, size: int = 20) -> None:
-    """`count` distinct small RGB PNGs spread over `classes` class folders."""
-    rng = np.random.default_rng(123)
+def write_noise_folder(root: Path, count: int, classes: int = 3, size: int = 20, seed: int = 123) -> None:
+    """`count` distinct small RGB PNGs spread over `classes` class folders (other `seed`, other images)."""
+    rng = np.random.default_rng(seed)
     for index in range(count):
         folder = root / f"class_{index % classes}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -404,3 +404,91 @@ def test_high_bit_depth_grey_scales_to_8_bit() -> None:
     assert to_uint8(np.array([0, 100, 255], dtype=np.int32), "I").tolist() == [0, 100, 255]
     assert to_uint8(np.array([0, 65535], dtype=np.int32), "I").tolist() == [0, 255]
     assert to_uint8(np.array([-10.0, 10.0], dtype=np.float32), "F").tolist() == [0, 255]
+
+
+# --- a separate val source (data.val_source) --------------------------------------------------
+
+
+def val_source_cfg(val: Path, **kw) -> DataConfig:
+    return DataConfig(workers=0, val_source=f"imagefolder:{val}", **kw)
+
+
+def relative_images(root: Path) -> set[str]:
+    return {str(path.relative_to(root)) for path in root.rglob("*.png")}
+
+
+def test_val_source_is_the_val_split_and_source_the_train_split(tmp_path: Path) -> None:
+    train, val = tmp_path / "train", tmp_path / "val"
+    write_noise_folder(train, 12, classes=3)
+    write_noise_folder(val, 6, classes=3, seed=7)
+    summary = ingest(f"imagefolder:{train}", tmp_path / "out", val_source_cfg(val), progress=False)
+    assert (summary.inputs, summary.train, summary.val, summary.rejected) == (18, 12, 6, 0)
+    rows = manifest_rows(tmp_path / "out")
+    by_split = {split: {r["source_path"] for r in rows if r["split"] == split} for split in ("train", "val")}
+    assert by_split["val"] == {f"val:{path}" for path in relative_images(val)}  # exactly the val folder
+    assert by_split["train"] == {f"train:{path}" for path in relative_images(train)}  # all of the train folder
+    assert all(r["class_name"] == r["source_path"].split(":")[1].split("/")[0] for r in rows)
+    shards = read_shards(tmp_path / "out")
+    val_keys = {key for shard in (tmp_path / "out").glob("val-*.tar") for key in read_shards_of(shard)}
+    assert val_keys == {r["key"] for r in rows if r["split"] == "val"} and len(shards) == 18
+    meta = json.loads((tmp_path / "out" / "dataset.json").read_text())
+    assert meta["params"]["val_source"] == f"imagefolder:{val}" and meta["counts"]["val"] == 6
+    assert meta["classes"] == ["class_0", "class_1", "class_2"]
+    # val_fraction is not used: another value gives the same bytes
+    ingest(f"imagefolder:{train}", tmp_path / "again", val_source_cfg(val, val_fraction=0.9), progress=False)
+    same = {name: data for name, data in output_files(tmp_path / "again").items() if name != "dataset.json"}
+    assert same == {name: data for name, data in output_files(tmp_path / "out").items() if name != "dataset.json"}
+
+
+def read_shards_of(shard: Path) -> set[str]:
+    with tarfile.open(shard) as tar:
+        return {member.name.split(".", 1)[0] for member in tar}
+
+
+def test_an_image_in_both_sources_stays_in_val_and_leaves_train(tmp_path: Path) -> None:
+    train, val = tmp_path / "train", tmp_path / "val"
+    write_noise_folder(train, 4, classes=2)
+    write_noise_folder(val, 2, classes=2, seed=7)
+    shutil.copyfile(train / "class_1/0001.png", val / "class_1/leaked.png")  # a train image also in val
+    shutil.copyfile(val / "class_0/0000.png", val / "class_0/0000-copy.png")  # a duplicate within val
+    summary = ingest(f"imagefolder:{train}", tmp_path / "out", val_source_cfg(val), progress=False)
+    assert (summary.inputs, summary.train, summary.val, summary.rejected) == (8, 3, 3, 2)
+    assert read_rejected(tmp_path / "out")[1:] == [
+        ["train:class_1/0001.png", "duplicate of val:class_1/leaked.png"],
+        ["val:class_0/0000.png", "duplicate of val:class_0/0000-copy.png"],
+    ]
+    val_paths = {r["source_path"] for r in manifest_rows(tmp_path / "out") if r["split"] == "val"}
+    assert val_paths == {"val:class_0/0000-copy.png", "val:class_1/0001.png", "val:class_1/leaked.png"}
+
+
+def test_a_val_source_with_other_classes_is_refused_before_any_work(tmp_path: Path) -> None:
+    train = tmp_path / "train"
+    write_noise_folder(train, 6, classes=3)
+    for name, folders in (("renamed", ["class_0", "class_1", "class_x"]), ("short", ["class_0", "class_1"])):
+        val = tmp_path / name
+        for folder in folders:
+            write_noise_folder(val / folder, 1, classes=1, seed=len(folder))
+        with pytest.raises(IngestError) as caught:
+            ingest(f"imagefolder:{train}", tmp_path / "out", val_source_cfg(val), progress=False)
+        message = str(caught.value)
+        assert "\n" not in message
+        assert f"data.val_source imagefolder:{val} " in message and f"data.source imagefolder:{train}:" in message
+        theirs = "'class_x'" if name == "renamed" else "no class"
+        assert f"label 2 is {theirs} in the val source, 'class_2' in the train source" in message
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(IngestError, match="data.val_source .* is data.source itself"):
+        ingest(f"imagefolder:{train}", tmp_path / "out", val_source_cfg(train), progress=False)
+
+
+def test_a_webdataset_val_source_is_checked_after_its_pass(tmp_path: Path) -> None:
+    """`webdataset:` classes are only known once read: the check runs then, and nothing is published."""
+    from corpus import noise_png, write_tar
+
+    train = tmp_path / "train"
+    write_noise_folder(train, 4, classes=2)
+    meta = json.dumps({"class_name": "class_9"}).encode()
+    write_tar(tmp_path / "val/val-000000.tar", [("a.cls", b"0"), ("a.json", meta), ("a.png", noise_png(5))])
+    cfg = DataConfig(workers=0, val_source=f"webdataset:{tmp_path / 'val'}")
+    with pytest.raises(IngestError, match="label 0 is 'class_9' in the val source, 'class_0' in the train source"):
+        ingest(f"imagefolder:{train}", tmp_path / "out", cfg, progress=False)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []  # staging removed, nothing published

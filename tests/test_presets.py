@@ -52,3 +52,29 @@ def test_paper_preset_model_sizes() -> None:
 @pytest.mark.parametrize("preset", ["imagenet256.yaml", "tiny.yaml"])
 def test_every_preset_loads(preset: str) -> None:
     load_params(REPO / "configs" / preset)
+
+
+IMAGENET_TRAIN, IMAGENET_VAL = 1_281_167, 50_000
+"""ImageNet-1k's train images and its official val split (50 per class)."""
+
+
+def test_paper_preset_reads_imagenet_train_and_the_official_val_as_its_own_source() -> None:
+    p = load_params(PAPER)
+    assert p.data.source == "imagefolder:/datasets/imagenet/train"
+    assert p.data.val_source == "imagefolder:/datasets/imagenet/val"  # not a val_fraction split of train
+    assert p.runtime.loader_workers == 8
+
+
+def test_paper_preset_draws_no_more_images_than_its_splits_hold() -> None:
+    """With a val source, val is those 50,000 images: every count drawn from it must fit (the 1% split of train
+    the preset used to take held ~12,800, fewer than the 50,000 reconstructions it asked for)."""
+    p = load_params(PAPER)
+    assert p.data.val_source is not None
+    from_val = {"evaluate.recon_images": p.evaluate.recon_images,
+                "evaluate.probe_val_images": p.evaluate.probe_val_images,
+                **{f"{row}.val_images": p.stage(row).val_images for row in TOKENIZER_STAGE_SECTIONS}}
+    from_train = {"evaluate.reference_images": p.evaluate.reference_images,
+                  "evaluate.probe_train_images": p.evaluate.probe_train_images}
+    assert {key: n for key, n in from_val.items() if n > IMAGENET_VAL} == {}
+    assert {key: n for key, n in from_train.items() if n > IMAGENET_TRAIN} == {}
+    assert p.evaluate.recon_images == IMAGENET_VAL  # rFID on the whole official val, as the paper reports it

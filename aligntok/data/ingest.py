@@ -29,6 +29,16 @@ How it runs:
 3. Shards are planned from the exact sizes, then written from the spool by the same pool,
    one shard per task.
 
+With `data.val_source` set (ImageNet's official val folder), the split comes from the source
+instead: `source` is read whole into train, then `val_source` whole into val, and `val_fraction`
+is not used. The two must have the same classes (names, in label order): checked before the pass
+when both sources know them up front (image folders), after it otherwise (`webdataset:`), and an
+`IngestError` names both sources and the first class that differs. Source paths then carry their
+split, `train:<path>` and `val:<path>`, so that no two inputs share a name. Exact duplicates
+within one source keep the smallest path as above; an image in both sources keeps its val copy
+(the benchmark stays whole and no val image is trained on): the train copy is rejected as
+`duplicate of val:<path>`, and their number is logged.
+
 Everything is built in `OUT_DIR/.partial` and moved in at the end, the manifest and
 `dataset.json` last (the old ones are deleted first), so a manifest on disk never names an
 incomplete shard; stale shards of an earlier run are removed. OUT_DIR must be new, empty
@@ -79,6 +89,8 @@ SHARD_NAME = re.compile(r"^(train|val)-\d{6}\.(tar|idx)$")
 """A shard or its record index (`aligntok.data.shards.index_shard`)."""
 STAGING, SPOOL, LOCK = ".partial", "spool.bin", ".ingest.lock"
 _MAX_CHUNK = 32  # inputs per pool task: amortises IPC for 28×28 images
+_KEEP_FIRST = {"val": 0, "train": 1, None: 1}
+"""Rank of a duplicate's copy by the split its source feeds: a val source's copy is kept over a train one."""
 UNSUPPORTED_NAME = "unsupported name: not valid UTF-8 (written with \\xNN for each undecodable byte, \\\\ for \\)"
 
 _T = TypeVar("_T")
@@ -133,7 +145,8 @@ class _Collected:
 
     inputs: int = 0
     records: dict[str, _Record] = field(default_factory=dict)
-    copies: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
+    copies: dict[str, list[tuple[int, str, int, str]]] = field(default_factory=dict)
+    """sha256 -> every copy as (rank, source path, label, split); the smallest is kept (`_KEEP_FIRST`)."""
     rejected: list[tuple[str, str]] = field(default_factory=list)
 
 
@@ -151,28 +164,32 @@ def ingest(
 ) -> IngestSummary:
     """Ingest `source` (a `DataConfig.source` spec) into shards in `out_dir`; see the module doc.
 
-    `limit` keeps only the first `limit` inputs of the source (for tests and benchmarks).
-    Raises `IngestError` for a missing or empty source, an unknown scheme, an unusable
-    `out_dir`, one that another `ingest` holds, or an unknown name in `cfg.formats`.
+    With `cfg.val_source` set, `source` becomes the train split and `cfg.val_source` the val
+    split. `limit` keeps only the first `limit` inputs of each source (for tests and benchmarks).
+    Raises `IngestError` for a missing or empty source, an unknown scheme, a val source whose
+    classes differ from the train source's, an unusable `out_dir`, one that another `ingest`
+    holds, or an unknown name in `cfg.formats`.
     """
     start = time.perf_counter()
     out_dir = Path(out_dir)
     _check_formats(cfg.formats)
-    src = open_source(source, cfg)
-    _check_out_dir(out_dir, src)
+    inputs = _open_inputs(source, cfg)
+    for _, src in inputs:
+        _check_out_dir(out_dir, src)
     out_dir.mkdir(parents=True, exist_ok=True)
     with _locked(out_dir):
         _check_out_dir_contents(out_dir)
         staging = _fresh_staging(out_dir)
         try:
             with _Pool(cfg.workers) as pool:
-                summary = _ingest_into(src, source, out_dir, staging, cfg, pool, progress, limit, start)
+                summary = _ingest_into(inputs, source, out_dir, staging, cfg, pool, progress, limit, start)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
     log.info(
         "ingest %s: %d inputs -> %d train, %d val, %d rejected in %.1f s (%.0f images/s); %d+%d shards in %s",
-        source, summary.inputs, summary.train, summary.val, summary.rejected, summary.seconds,
+        source if cfg.val_source is None else f"{source} (train) + {cfg.val_source} (val)", summary.inputs,
+        summary.train, summary.val, summary.rejected, summary.seconds,
         summary.images_per_s, len(summary.shards["train"]), len(summary.shards["val"]), out_dir,
     )  # fmt: skip
     if summary.train + summary.val == 0:
@@ -181,13 +198,15 @@ def ingest(
 
 
 def _ingest_into(
-    src: Source, source: str, out_dir: Path, staging: Path, cfg: DataConfig,
+    inputs: list[tuple[str | None, Source]], source: str, out_dir: Path, staging: Path, cfg: DataConfig,
     pool: _Pool, progress: bool, limit: int | None, start: float,
 ) -> IngestSummary:  # fmt: skip
+    collected = _Collected()
     with open(staging / SPOOL, "w+b") as spool:
-        collected = _collect(src, ImagePolicy.from_config(cfg), pool, spool, progress, limit)
+        for split, src in inputs:
+            _collect(src, split, ImagePolicy.from_config(cfg), pool, spool, progress, limit, collected)
     records, rejected = _resolve_duplicates(collected)
-    classes = src.classes()
+    classes = _input_classes(inputs, source, cfg)
     records, shard_names = _write_all_shards(records, classes, staging, cfg, pool, progress)
     (staging / SPOOL).unlink()
     counts = _checked_counts(collected.inputs, records, rejected)
@@ -214,6 +233,42 @@ def _checked_counts(inputs: int, records: list[_Record], rejected: list[tuple[st
     if inputs != counts["train"] + counts["val"] + counts["rejected"]:
         raise AssertionError(f"ingest lost inputs: {counts}")
     return counts
+
+
+def _open_inputs(source: str, cfg: DataConfig) -> list[tuple[str | None, Source]]:
+    """The sources to read, each with the split it feeds (None: split by `val_fraction`).
+
+    With `cfg.val_source`, refuses a val source that is the train source itself, or whose classes
+    (when both are known before reading) differ from it.
+    """
+    if cfg.val_source is None:
+        return [(None, open_source(source, cfg))]
+    if cfg.val_source == source:
+        raise IngestError(f"data.val_source {source!r} is data.source itself; name the separate validation "
+                          "source, or set data.val_source to null to split data.source by data.val_fraction")
+    inputs: list[tuple[str | None, Source]] = [("train", open_source(source, cfg)),
+                                               ("val", open_source(cfg.val_source, cfg))]
+    if all(src.classes() for _, src in inputs):  # image folders know theirs now: fail before the long pass
+        _input_classes(inputs, source, cfg)
+    return inputs
+
+
+def _input_classes(inputs: list[tuple[str | None, Source]], source: str, cfg: DataConfig) -> list[str]:
+    """The train source's class names; `IngestError` naming both sources and the first class that differs
+    when a val source has other classes."""
+    classes = inputs[0][1].classes()
+    if len(inputs) == 1:
+        return classes
+    val = inputs[1][1].classes()
+    if val != classes:
+        first = next((i for i, (a, b) in enumerate(zip(classes, val)) if a != b), min(len(classes), len(val)))
+        ours = repr(classes[first]) if first < len(classes) else "no class"
+        theirs = repr(val[first]) if first < len(val) else "no class"
+        raise IngestError(
+            f"data.val_source {cfg.val_source} has other classes than data.source {source}: label {first} is "
+            f"{theirs} in the val source, {ours} in the train source ({len(val)} vs {len(classes)} classes)"
+        )
+    return classes
 
 
 def split_of(sha256: str, seed: int, val_fraction: float) -> str:
@@ -348,50 +403,56 @@ def _process_item(item: SourceItem, policy: ImagePolicy) -> _Outcome:
 
 
 def _collect(
-    src: Source, policy: ImagePolicy, pool: _Pool, spool: IO[bytes], progress: bool, limit: int | None
-) -> _Collected:
-    """Run every input through the policy; spool accepted images, group copies by sha256."""
+    src: Source, split: str | None, policy: ImagePolicy, pool: _Pool, spool: IO[bytes], progress: bool,
+    limit: int | None, collected: _Collected,
+) -> None:  # fmt: skip
+    """Run every input of `src` through the policy into `collected`: spool accepted images, group copies
+    by sha256. A `split` (a source of its own) goes with each input and prefixes its path, `val:<path>`."""
     items: Iterable[SourceItem] = src if limit is None else itertools.islice(src, limit)
     total = src.count()
     if total is not None and limit is not None:
         total = min(total, limit)
-    collected = _Collected()
     work = functools.partial(_process_item, policy=policy)
-    with tqdm(total=total, unit="img", desc="ingest", disable=not progress, smoothing=0.1) as bar:
+    desc = "ingest" if split is None else f"ingest {split}"
+    with tqdm(total=total, unit="img", desc=desc, disable=not progress, smoothing=0.1) as bar:
         for outcome in pool.imap(work, items, total):
             collected.inputs += 1
-            _add(collected, outcome, spool)
+            _add(collected, outcome, split, spool)
             bar.update()
-    return collected
 
 
-def _add(collected: _Collected, outcome: _Outcome, spool: IO[bytes]) -> None:
+def _add(collected: _Collected, outcome: _Outcome, split: str | None, spool: IO[bytes]) -> None:
     image = outcome.image
+    path = outcome.source_path if split is None else f"{split}:{outcome.source_path}"
     if image is None or image.encoded is None or outcome.label is None:
         reason = outcome.reason or (image.reason if image is not None else None) or "no label"
-        collected.rejected.append((outcome.source_path, reason))
+        collected.rejected.append((path, reason))
         return
-    copy = (outcome.source_path, outcome.label)
+    copy = (_KEEP_FIRST[split], path, outcome.label, split or "")
     if image.sha256 in collected.records:  # identical bytes give identical output: keep the path only
         collected.copies[image.sha256].append(copy)
         return
     offset = spool.tell()
     spool.write(image.encoded)
     meta = ProcessedImage(image.sha256, image.width, image.height, image.mode, None, None)
-    collected.records[image.sha256] = _Record(outcome.source_path, outcome.label, meta, offset, len(image.encoded))
+    collected.records[image.sha256] = _Record(path, outcome.label, meta, offset, len(image.encoded))
     collected.copies[image.sha256] = [copy]
 
 
 def _resolve_duplicates(collected: _Collected) -> tuple[list[_Record], list[tuple[str, str]]]:
-    """Keep the copy with the smallest source path of each sha256; reject the others."""
-    records, rejected = [], list(collected.rejected)
+    """Keep one copy of each sha256, reject the others: a val source's copy first, then the smallest path."""
+    records, rejected, val_copies = [], list(collected.rejected), 0
     for sha, record in collected.records.items():
         copies = sorted(collected.copies[sha])
-        (record.source_path, record.label), duplicates = copies[0], copies[1:]
-        rejected.extend((path, f"duplicate of {record.source_path}") for path, _ in duplicates)
+        (_, record.source_path, record.label, record.split), duplicates = copies[0], copies[1:]
+        rejected.extend((path, f"duplicate of {record.source_path}") for _, path, _, _ in duplicates)
+        val_copies += sum(split != record.split for *_, split in duplicates)
         records.append(record)
     if len({record.key for record in records}) != len(records):
         raise AssertionError("two different images share a 16-hex-digit key prefix")
+    if val_copies:
+        log.info("%d train images are exact copies of val images: dropped from train (rejected.csv: "
+                 "'duplicate of val:...')", val_copies)
     return records, sorted(rejected)
 
 
@@ -477,8 +538,8 @@ def _write_all_shards(
     tasks: list[_ShardTask] = []
     written: list[_Record] = []
     names: dict[str, list[str]] = {split: [] for split in SPLITS}
-    for record in records:
-        record.split = split_of(record.image.sha256, cfg.seed, cfg.val_fraction)
+    for record in records:  # a record of a source of its own (data.val_source) came with its split
+        record.split = record.split or split_of(record.image.sha256, cfg.seed, cfg.val_fraction)
     for split in SPLITS:
         chosen = sorted((r for r in records if r.split == split), key=lambda r: _write_order(r, cfg.seed))
         written.extend(chosen)
