@@ -51,7 +51,7 @@ def cut_params(preset: Path, folder: Path, steps: int, batch: int, images: int) 
     arch = base.encoder.source.split(":", 1)[1].split(".")[0]  # timm:vit_large_patch14_dinov2.lvd142m -> arch
     overrides: dict[str, Any] = {"encoder.source": f"random:{arch}", "data.source": f"imagefolder:{folder}",
                                  "runtime.compile": False,  # gpu_check.py times the compiled DiT step
-                                 "data.val_fraction": 0.25, "data.max_images": None,
+                                 "data.val_fraction": 0.25, "data.val_source": None, "data.max_images": None,
                                  "cache_latents.max_images": None, "cache_latents.batch_size": batch,
                                  "train_dit.steps": steps, "train_dit.batch_size": batch,
                                  "train_dit.warmup_steps": 0, "train_dit.checkpoint_every": steps,

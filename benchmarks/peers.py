@@ -250,7 +250,8 @@ def bench_data_loading(photos: Path, workers: int, batch: int, repeats: int, lim
     from torchvision import datasets, transforms
 
     from aligntok.data.ingest import ingest
-    from aligntok.data.loader import load_split, read_dataset_info
+    from aligntok.data.loader import load_split
+    from aligntok.data.reader import read_dataset_info
 
     tmp = Path(tempfile.mkdtemp(prefix="aligntok-bench-"))
     folder = tmp / "folder"
@@ -261,7 +262,7 @@ def bench_data_loading(photos: Path, workers: int, batch: int, repeats: int, lim
     # the paper preset's data section (256 px, JPEG q95: how photos are stored for training), read with as many
     # decode threads as the peer has loader processes
     cfg = load_params(REPO / "configs" / "imagenet256.yaml").data.model_copy(
-        update={"val_fraction": 0.01, "workers": workers, "min_side": 16})
+        update={"val_fraction": 0.01, "val_source": None, "workers": workers, "min_side": 16})
     ingest(f"imagefolder:{folder}", tmp / "shards", cfg, progress=False)
 
     def ours() -> int:  # both splits: every photo, as the peer reads them

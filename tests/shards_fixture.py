@@ -19,7 +19,7 @@ import pandas as pd
 from PIL import Image
 
 from aligntok.config import DataConfig
-from aligntok.data.shards import iter_records
+from aligntok.data.shards import INDEX_FORMAT, index_name, iter_records, write_index
 
 CLASSES = ("tshirt", "trouser", "pullover")
 RESOLUTION = 16
@@ -91,6 +91,8 @@ def write_dataset(
             "rejected": n_rejected,
         },
         "shards": shards,
+        "index": {"format": INDEX_FORMAT, "records": {
+            split: [len(read_shard(root / name)) for name in names] for split, names in shards.items()}},
         "params": params.model_dump(mode="json"),
     }
     (root / "dataset.json").write_text(json.dumps(meta, indent=2))
@@ -123,6 +125,7 @@ def _write_split(root: Path, split: str, records: list[dict[str, Any]], size: in
         for r in chunk:
             r["shard"] = name
         write_shard(root / name, [_sample(r) for r in chunk])
+        write_index(root / name)  # as ingest does
         names.append(name)
     return names
 
@@ -187,6 +190,10 @@ def edit_shard(root: Path, name: str, edit: Callable[[list[Sample]], list[Sample
     """Apply `edit` to the samples of shard `name` (in place, or return a new list); rewrite it."""
     samples = read_shard(root / name)
     write_shard(root / name, _returned_or(edit(samples), samples))
+    try:
+        write_index(root / name)  # the index follows the edit, as a re-ingest would write it
+    except ValueError:  # a record the edit broke (no image or label) cannot be indexed
+        (root / index_name(name)).unlink(missing_ok=True)
 
 
 def edit_record(root: Path, key: str, edit: Callable[[Sample], None]) -> None:

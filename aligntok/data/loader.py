@@ -1,8 +1,8 @@
 """Training batches from the ingest shards.
 
-The tokenizer stages read one split's encoded images into memory (a few hundred bytes to a
-few hundred KB each), decode only the images of each batch, and draw each step's batch from a
-generator seeded by (seed, step). A batch is therefore a pure function of the step: a resumed
+The tokenizer stages map a split's shards (`load_split`, `aligntok.data.reader.ShardReader`: process memory
+does not grow with the split), decode only the images of each batch, and draw each step's batch from a
+generator seeded by (seed, step); `StepBatches` builds them in `DataLoader` workers. A batch is therefore a pure function of the step: a resumed
 run sees exactly the batches an uninterrupted run would have seen, and ranks under DDP can take
 disjoint slices of the same global batch. Every stage that reads the shards first passes the
 validation gate, `require_validated`.
@@ -10,38 +10,27 @@ validation gate, `require_validated`.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
-from tqdm import tqdm
 
+from aligntok.data.reader import EncodedImages, ShardReader, read_dataset_info
 from aligntok.data.shards import iter_records, record_image_key, record_label
 from aligntok.errors import AligntokError
 
 log = logging.getLogger(__name__)
 
 
-def decode_image(data: bytes) -> torch.Tensor:
-    """Encoded image bytes -> (3, H, W) uint8 RGB."""
-    array = np.array(Image.open(io.BytesIO(data)).convert("RGB"))  # (H, W, 3)
-    return torch.from_numpy(array).permute(2, 0, 1)
-
-
 @dataclass
-class ImageSet:
-    """N encoded images (decoded per batch), labels (N,) int64 and record keys.
-
-    `decode_threads` >= 2 decodes a batch's images on that many threads (`runtime.decode_threads`): Pillow
-    releases the GIL while it decodes, so the threads run on separate cores. The batch is the same either way.
-    """
+class ImageSet(EncodedImages):
+    """N encoded images held in memory (one latent shard's worth in `cache_latents`; small sets in tests),
+    labels (N,) int64 and record keys. Training and evaluation read `ShardReader`s instead (`load_split`)."""
 
     encoded: list[bytes]
     labels: torch.Tensor
@@ -52,24 +41,15 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.keys)
 
-    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> images (B, 3, R, R) float in [0, 1], labels (B,)."""
-        chosen = [self.encoded[int(i)] for i in indices]
-        if self.decode_threads >= 2 and len(chosen) > 1:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="aligntok-decode")
-            decoded = list(self._pool.map(decode_image, chosen))
-        else:
-            decoded = [decode_image(data) for data in chosen]
-        images = torch.stack(decoded)  # (B, 3, R, R) uint8
-        return images.to(torch.get_default_dtype()).div_(255.0), self.labels[indices]  # float32 unless changed
+    def record_bytes(self, index: int) -> bytes:
+        return self.encoded[index]
 
+    def record_labels(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.labels[indices]
 
-def read_dataset_info(data_dir: Path) -> dict:
-    path = data_dir / "dataset.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found; run `aligntok ingest` (DVC stage `ingest`) first")
-    return json.loads(path.read_text())
+    def head(self, count: int) -> ImageSet:
+        """The first `count` images."""
+        return ImageSet(self.encoded[:count], self.labels[:count], self.keys[:count], self.decode_threads)
 
 
 def iter_shard(path: Path) -> Iterator[tuple[str, bytes, int]]:
@@ -81,34 +61,95 @@ def iter_shard(path: Path) -> Iterator[tuple[str, bytes, int]]:
             raise ValueError(f"{path}: record {record['__key__']!r}: {exc}") from None
 
 
-def load_split(data_dir: Path, split: str, limit: int | None = None, progress: bool = True,
-               decode_threads: int = 0) -> ImageSet:
-    """Read the `split` shards of an ingest folder (the first `limit` records, if given); batches are decoded
-    on `decode_threads` threads (0 or 1: in the calling thread)."""
-    info = read_dataset_info(data_dir)
-    shards = info["shards"].get(split) or []
-    if not shards:
-        raise ValueError(f"{data_dir}: no {split!r} shards in dataset.json")
-    total = info["counts"][split] if limit is None else min(limit, info["counts"][split])
-    encoded: list[bytes] = []
-    labels: list[int] = []
-    keys: list[str] = []
-    bar = tqdm(total=total, desc=f"read {split}", unit="img", disable=not progress, leave=False)
-    for shard in shards:
-        for key, data, label in iter_shard(data_dir / shard):
-            if len(keys) == total:
-                break
-            encoded.append(data)
-            labels.append(label)
-            keys.append(key)
-            bar.update()
-    bar.close()
-    if len(keys) != total:
-        raise ValueError(f"{data_dir}: {split} shards hold {len(keys)} records, dataset.json says {total}")
-    log.info("read %d %s images from %d shards (%.1f MB encoded)", total, split, len(shards),
-             sum(map(len, encoded)) / 1e6)
-    return ImageSet(encoded=encoded, labels=torch.tensor(labels, dtype=torch.int64), keys=keys,
-                    decode_threads=decode_threads)
+def load_split(data_dir: str | Path, split: str, limit: int | None = None, progress: bool = True,
+               decode_threads: int = 0) -> ShardReader:
+    """The `split` records of an ingest folder (or its URL), the first `limit` if given, mapped for random
+    access (`aligntok.data.reader.ShardReader`: nothing is read until a batch asks for it); batches are
+    decoded on `decode_threads` threads (0 or 1: in the calling thread). `progress` is kept for callers and
+    unused: opening a split costs no pass over it."""
+    reader = ShardReader(data_dir, split, limit=limit, decode_threads=decode_threads)
+    log.info("mapped %d %s records of %d shards in %s", len(reader), split, len(reader.names), data_dir)
+    return reader
+
+
+class StepSampler(torch.utils.data.Sampler[list[int]]):
+    """This rank's slice of each step's batch, `batch_indices(n, batch_size, seed, step)[rank_slice]`, for steps
+    `start`, `start + 1`, ... `stop - 1`: the `DataLoader`'s batch sampler. The indices depend on (seed, step)
+    only, so which worker builds a batch, and when, never changes what it holds."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, stop: int, part: slice = slice(None)) -> None:
+        self.n, self.batch_size, self.seed, self.start, self.stop, self.part = n, batch_size, seed, start, stop, part
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start, self.stop):
+            yield batch_indices(self.n, self.batch_size, self.seed, step)[self.part].tolist()
+
+
+class _Batches(torch.utils.data.Dataset):
+    """The DataLoader's dataset: a batch of indices -> (images (B, 3, R, R) `dtype` in [0, 1], labels (B,))."""
+
+    def __init__(self, images: EncodedImages, dtype: torch.dtype) -> None:
+        self.images, self.dtype = images, dtype
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = self.images.batch_uint8(torch.tensor(indices, dtype=torch.int64))
+        return images.to(self.dtype).div_(255.0), labels
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = self.__getitems__([index])
+        return images[0], labels[0]
+
+
+def _whole_batch(batch: Any) -> Any:
+    return batch  # `_Batches.__getitems__` already returns the collated batch
+
+
+class StepBatches:
+    """`batches(step)` for the training loop, built by a `torch.utils.data.DataLoader` over the mapped shards.
+
+    `step -> (images (b, 3, R, R) float in [0, 1], labels (b,))`, this rank's slice (`part`) of the step's
+    global batch: exactly `images.batch(batch_indices(len(images), batch_size, seed, step)[part])`. `workers`
+    processes decode batches ahead (`runtime.loader_workers`; 0: in the calling process), into pinned memory
+    when `pin_memory`. The loader starts at the first step asked for (a resumed run's step) and runs in step
+    order; a step out of that order restarts it there, so any call order gives the same batches.
+    """
+
+    def __init__(self, images: EncodedImages, batch_size: int, seed: int, steps: int, part: slice = slice(None),
+                 workers: int = 0, pin_memory: bool = False) -> None:
+        self.images, self.batch_size, self.seed, self.steps, self.part = images, batch_size, seed, steps, part
+        self.workers, self.pin_memory = workers, pin_memory
+        self.dtype = torch.get_default_dtype()  # what the workers convert to: the caller's, whatever theirs is
+        self._iterator: Iterator[Any] | None = None
+        self._next = -1
+
+    def _start(self, step: int) -> None:
+        self.close()
+        sampler = StepSampler(len(self.images), self.batch_size, self.seed, step, max(step + 1, self.steps), self.part)
+        loader = torch.utils.data.DataLoader(
+            _Batches(self.images, self.dtype), batch_sampler=sampler, num_workers=self.workers,
+            collate_fn=_whole_batch, pin_memory=self.pin_memory, persistent_workers=False,
+            prefetch_factor=4 if self.workers else None,
+            generator=torch.Generator().manual_seed(self.seed))  # its own: a loader draws its workers' base
+        # seed when it starts, which from the global generator would shift every later global draw (and resumes)
+        self._iterator, self._next = iter(loader), step
+
+    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._iterator is None or step != self._next:
+            self._start(step)
+        self._next += 1
+        return next(self._iterator)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        """Stop the workers (the loop calls this when it ends; a later call restarts them)."""
+        if self._iterator is not None and hasattr(self._iterator, "_shutdown_workers"):
+            self._iterator._shutdown_workers()
+        self._iterator = None
 
 
 STREAMS = ("batch", "flip", "flow")

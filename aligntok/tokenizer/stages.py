@@ -35,7 +35,7 @@ from aligntok import runtime
 from aligntok.config import ConfigError, Params, TrainStageConfig, stage_alias
 from aligntok.distributed import Placement, placed
 from aligntok.encoder.vit import EncoderDescription
-from aligntok.data.loader import ImageSet, batch_indices, load_split, require_validated
+from aligntok.data.loader import EncodedImages, StepBatches, load_split, require_validated
 from aligntok.losses import (
     PerceptualLoss,
     adaptive_gan_weight,
@@ -258,7 +258,7 @@ def vf_alignment(stage: str, cfg: TrainStageConfig, paths: StagePaths, model: nn
 
 
 @torch.no_grad()
-def evaluate_reconstruction(model: nn.Module, val: ImageSet, batch_size: int = 64,
+def evaluate_reconstruction(model: nn.Module, val: EncodedImages, batch_size: int = 64,
                             place: Placement | None = None) -> dict[str, float] | None:
     """Mean PSNR (dB) and SSIM of encode -> decode over the validation images. Under several ranks batch i
     runs on rank i mod W and rank 0 averages every image's scores (other ranks get None)."""
@@ -422,18 +422,19 @@ def _train_tokenizer(stage: str, params: Params, paths: StagePaths, register: bo
     state = TrainState(step=0, modules=modules, optimizers=optimizers)
     inputs = fingerprint_inputs(stage, params, paths, perceptual.name if perceptual is not None else None)
     objective = TokenizerObjective(model, cfg, perceptual, discriminator, semantic, vf, place, fast.channels_last)
-    mine = place.rank_slice(cfg.batch_size)
+    loader = StepBatches(train, cfg.batch_size, cfg.seed, cfg.steps, place.rank_slice(cfg.batch_size),
+                         workers=fast.loader_workers, pin_memory=torch.device(place.device).type == "cuda")
     with training_stage(stage, inputs, paths.checkpoints, place, _tracked_params(stage, params) if register else None) \
             as scaffold:
         grid_images = val.batch(torch.arange(min(8, len(val))))[0]
         result = run_loop(
             settings=LoopSettings.from_schedule(cfg, stage), state=state, objective=objective,
-            batches=lambda step: _nhwc_batch(
-                train.batch(batch_indices(len(train), cfg.batch_size, cfg.seed, step)[mine]), fast.channels_last),
+            batches=lambda step: _nhwc_batch(loader(step), fast.channels_last),
             checkpoint=scaffold.checkpoint, sidecar=scaffold.sidecar,
             on_log=_Logger(scaffold.run, model, grid_images, cfg.image_every), place=place, progress=progress,
             prefetch=fast.prefetch,
         )
+        loader.close()
         final = modules.get("ema", model)
         scores = evaluate_reconstruction(final, val, place=place)
         if not place.is_main:
