@@ -58,6 +58,7 @@ bench: setup  ## (after make run) peers -> reports/benchmarks.md/.json, pipeline
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/pipeline_overhead.py --prefect --json reports/overhead.json
 	$(BIN)/python benchmarks/ingest_throughput.py
 	$(BIN)/python benchmarks/eval_throughput.py
+	$(BIN)/python benchmarks/latent_reads.py
 
 # Prefect: a local server + worker, and the deployments of prefect.yaml registered against a server.
 PREFECT_PORT ?= 4200

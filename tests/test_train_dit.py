@@ -1,5 +1,5 @@
-"""train_dit end to end on a tiny latent cache: the global-batch slicing, registration + pyfunc, and
-`aligntok sample` (two processes against one: tests/test_distributed.py)."""
+"""train_dit end to end on a tiny latent cache: the global-batch slicing, batches gathered from the mapped
+cache, registration + pyfunc, and `aligntok sample` (two processes against one: tests/test_distributed.py)."""
 
 from __future__ import annotations
 
@@ -125,6 +125,28 @@ def test_a_run_sets_stale_checkpoints_aside(setup: dict[str, Path], params: Para
     key = _fingerprint(params, DiTPaths(latents=setup["latents"], tokenizer=setup["tokenizer"], out=tmp_path))
     assert sorted(p.name for p in folder.iterdir()) == [f"{key}.json", f"{key}.safetensors", "stale"]
     assert sorted(p.name for p in (folder / "stale").iterdir()) == sorted(stale[:2])
+
+
+def test_training_gathers_each_step_from_the_mapped_cache(setup: dict[str, Path], params: Params, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """No whole-cache tensor: each step gathers its batch's rows from the shard maps, and the labels are never
+    concatenated (the class count comes from stats.json's class names)."""
+    from aligntok.diffusion.latents import LatentSet
+
+    sizes: list[int] = []
+    gather = LatentSet.gather
+
+    def spy(self: LatentSet, indices: torch.Tensor, flips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sizes.append(len(indices))
+        return gather(self, indices, flips)
+
+    monkeypatch.setattr(LatentSet, "gather", spy)
+    monkeypatch.setattr(LatentSet, "labels", lambda self: pytest.fail("train_dit read every label"))
+    metrics = run_train_dit(params, DiTPaths(latents=setup["latents"], tokenizer=setup["tokenizer"],
+                                             out=tmp_path / "out", checkpoints=tmp_path / "ck"),
+                            register=False, progress=False)
+    assert metrics["steps"] == 6 and sizes == [8] * 6
+    assert json.loads((tmp_path / "out" / "dit.json").read_text())["num_classes"] == 3
 
 
 def test_fingerprint_covers_the_code(params: Params, tmp_path: Path) -> None:

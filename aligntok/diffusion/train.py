@@ -5,8 +5,9 @@ EMA, clipping, warm-up, checkpoint + resume, NaN guard. One process, or several 
 (`aligntok.distributed`: NCCL and bf16 autocast on GPUs, gloo on CPUs). Every random draw of a step
 (samples, flips, t, noise, label dropout) is made on the CPU for the *global* batch from a generator seeded
 by (seed, step) and then sliced by rank, so N processes follow the same loss trajectory as one process with
-the same global batch, and a run resumes at any world size. Rank 0 alone logs, checkpoints, writes outputs
-and registers.
+the same global batch, and a run resumes at any world size. The latent cache is mapped, not loaded
+(`load_latents`): each step's slice is gathered on the CPU from the shards and moved to the device by the loop,
+so a rank's memory does not grow with the cache. Rank 0 alone logs, checkpoints, writes outputs and registers.
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ def sample_grid(model: torch.nn.Module, latents: LatentSet, tokenizer: Tokenizer
     at most `GRID_CLASSES` classes spread evenly, generated in chunks of `GRID_CHUNK` (chunk i seeded seed + i)."""
     from torchvision.utils import make_grid
 
-    classes = len(latents.classes) or int(latents.label.max()) + 1
+    classes = latents.num_classes
     shown = torch.linspace(0, classes - 1, min(classes, GRID_CLASSES)).round().long().unique()  # (K,)
     labels = shown.repeat(per_class)  # (per_class * K,)
     images = torch.cat([generate(model, latents.normalizer, tokenizer, chunk, params.sample.steps,
@@ -147,9 +148,9 @@ def run_train_dit(params: Params, paths: DiTPaths, register: bool = True, progre
 def _train(params: Params, paths: DiTPaths, register: bool, progress: bool,
            on_log: Callable[[int, dict[str, float]], None] | None, place: Placement) -> dict[str, Any]:
     cfg, fast = params.train_dit, params.runtime
-    latents = load_latents(paths.latents)
+    latents = load_latents(paths.latents)  # mapped: each step gathers its rows on the CPU, the loop moves them
     C, h, _ = latents.latent_shape
-    num_classes = len(latents.classes) or int(latents.label.max()) + 1
+    num_classes = latents.num_classes
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_dit(params.dit, C, h, num_classes).to(place.device)
     ema = copy.deepcopy(model).requires_grad_(False)
