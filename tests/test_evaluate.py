@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -206,3 +207,128 @@ def test_two_ranks_measure_every_figure_of_one_process(evaluated: dict, tmp_path
         assert (tmp_path / "two" / "eval" / name).read_bytes() == (tmp_path / "one" / "eval" / name).read_bytes(), name
     for name in ("gfid_vs_steps.csv", "gfid_vs_cfg.csv", "gfid_vs_train_steps.csv"):
         assert (tmp_path / "two" / "plots" / name).read_text() == (tmp_path / "one" / "plots" / name).read_text()
+
+
+# ------------------------------------------------------------------------ counts, checked when a stage starts
+def _ingest_folder(root, train: int, val: int):
+    """An ingest folder that only says its split sizes (the count check reads nothing else)."""
+    root.mkdir(parents=True)
+    (root / "dataset.json").write_text(json.dumps({"counts": {"train": train, "val": val}}))
+    return root
+
+
+def test_evaluate_refuses_counts_the_splits_cannot_supply_before_reading_any_model(tmp_path) -> None:
+    """50,000 reconstructions from a 12,812-image val split: refused at the start, naming the key, with no
+    reference, tokenizer, encoder or DiT read (none of these paths exists) and nothing written."""
+    from aligntok.errors import AligntokError
+
+    data = _ingest_folder(tmp_path / "shards", train=100_000, val=12_812)
+    params = parse_params({"evaluate": {"recon_images": 50_000, "probe_train_images": 200_000}})
+    missing = tmp_path / "absent"
+    paths = EvalPaths(data=data, encoder=missing / "encoder", reference=missing / "reference",
+                      tokenizers=missing / "tokenizer", dit=missing / "dit", out=tmp_path / "eval",
+                      metrics=tmp_path / "metrics.json", plots=tmp_path / "plots")
+    with pytest.raises(AligntokError) as caught:
+        run_evaluate(params, paths, register=False, progress=False)
+    assert str(caught.value) == (
+        f"evaluate.recon_images: 50000 asked, the val split holds 12812 images ({data / 'dataset.json'}); "
+        f"evaluate.probe_train_images: 200000 asked, the train split holds 100000 images ({data / 'dataset.json'})")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shards"]
+
+
+def test_evaluate_refuses_probe_images_beyond_the_val_split(tmp_path) -> None:
+    data = _ingest_folder(tmp_path / "shards", train=5000, val=400)
+    params = parse_params({"evaluate": {"recon_images": 100}})  # probe_val_images: 500 by default
+    paths = EvalPaths(data=data, encoder=tmp_path / "e", reference=tmp_path / "r", tokenizers=tmp_path / "t",
+                      dit=tmp_path / "d", out=tmp_path / "o", metrics=tmp_path / "m.json", plots=tmp_path / "p")
+    with pytest.raises(ValueError, match=r"^evaluate\.probe_val_images: 500 asked, the val split holds 400 images"):
+        run_evaluate(params, paths, register=False, progress=False)
+
+
+def test_fid_reference_refuses_counts_the_splits_cannot_supply_before_loading_a_network(tmp_path) -> None:
+    from aligntok.errors import AligntokError
+    from aligntok.eval.reference import CountError
+
+    data = _ingest_folder(tmp_path / "shards", train=900, val=7039)
+    cfg = parse_params({"evaluate": {"reference_images": 1000}}).evaluate
+    with pytest.raises(CountError, match=r"^evaluate\.reference_images: 1000 asked, the train split holds 900 "
+                                         r"images \(.*dataset\.json\)$"):
+        build_reference(data, tmp_path / "no-encoder", tmp_path / "reference", cfg, progress=False)
+    assert not (tmp_path / "reference").exists()
+    build_counts = parse_params({"evaluate": {"reference_images": 900, "recon_images": 7039}}).evaluate
+    with pytest.raises(AligntokError, match="no exported encoder"):  # counts pass: on to the (absent) encoder
+        build_reference(data, tmp_path / "no-encoder", tmp_path / "reference", build_counts, progress=False)
+
+
+def test_precision_recall_counts_are_refused_when_params_load() -> None:
+    from aligntok.config import ConfigError
+
+    for key in ("gen_samples", "reference_images"):
+        with pytest.raises(ConfigError, match=rf"evaluate\.{key}: 3 is invalid: must be at least 4: precision/recall"):
+            parse_params({"evaluate": {key: 3}})
+    assert parse_params({"evaluate": {"gen_samples": 4, "reference_images": 4}}).evaluate.gen_samples == 4
+
+
+# ---------------------------------------------------------------------------------- the pixel probe, 32 px
+class _Images:
+    """An in-memory image set with the loader's interface: len, batch(indices), labels."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[indices], self.labels[indices]
+
+
+def _probe_features(monkeypatch, side: int) -> tuple[dict, Any]:
+    """Run `reference_probes` on random `side`-px sets; return the features each probe was given."""
+    import aligntok.eval.evaluate as evaluate
+    from aligntok.eval.probe import ProbeResult
+
+    seen = []
+
+    def probe(train_x, train_y, val_x, val_y):
+        seen.append((train_x, val_x))
+        return ProbeResult(top1=0.5, n_train=len(train_x), n_val=len(val_x), dim=train_x.shape[1], classes=2,
+                           converged=True)
+
+    monkeypatch.setattr(evaluate, "linear_probe", probe)
+    gen = torch.Generator().manual_seed(side)
+    sets = evaluate.ProbeSets(train=_Images(torch.rand(7, 3, side, side, generator=gen), torch.arange(7) % 2),
+                              val=_Images(torch.rand(5, 3, side, side, generator=gen), torch.arange(5) % 2))
+    cfg = parse_params({"evaluate": {"batch_size": 3}}).evaluate
+    out = evaluate.reference_probes(sets, lambda x: x.mean(dim=(2, 3)).double(), cfg, progress=False)
+    assert out == {"lp_top1_pixels": 0.5, "lp_top1_encoder": 0.5}
+    return {"pixels": seen[0], "encoder": seen[1]}, sets
+
+
+
+def test_the_pixel_probe_sees_64_px_images_area_averaged_to_32x32(monkeypatch) -> None:
+    features, sets = _probe_features(monkeypatch, 64)
+    train_x, val_x = features["pixels"]
+    assert train_x.shape == (7, 3 * 32 * 32) and val_x.shape == (5, 3072)
+    manual = sets.train.images.reshape(7, 3, 32, 2, 32, 2).mean(dim=(3, 5)).flatten(1).double()  # 2x2 cells
+    np.testing.assert_allclose(train_x, manual.numpy(), rtol=0, atol=1e-6)
+
+
+def test_the_pixel_probe_at_32_px_is_bit_identical_to_the_flattened_images(monkeypatch) -> None:
+    """The embedded default runs at 32 px: its pixel features, hence its probe figure, are unchanged."""
+    features, sets = _probe_features(monkeypatch, 32)
+    train_x, val_x = features["pixels"]
+    assert np.array_equal(train_x, sets.train.images.flatten(1).double().numpy())
+    assert np.array_equal(val_x, sets.val.images.flatten(1).double().numpy())
+
+
+def test_pixel_features_never_upsample_and_pool_odd_sizes_by_area() -> None:
+    from aligntok.eval.probe import PIXEL_SIDE, pixel_features
+
+    small = torch.rand(2, 3, 16, 16)
+    assert PIXEL_SIDE == 32 and torch.equal(pixel_features(small), small.flatten(1))  # (2, 768): as they are
+    odd = torch.rand(2, 3, 48, 48, dtype=torch.float64)
+    expected = torch.nn.functional.interpolate(odd, size=(32, 32), mode="area").flatten(1)
+    assert pixel_features(odd).shape == (2, 3072) and torch.allclose(pixel_features(odd), expected, atol=1e-12)
+    with pytest.raises(ValueError, match=r"expected images \(B, 3, H, W\)"):
+        pixel_features(torch.zeros(3, 8, 8))

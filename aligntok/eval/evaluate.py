@@ -8,12 +8,17 @@ The reference features come from the `fid_reference` stage (`aligntok.eval.refer
   against the number of sampling steps and the guidance scale (DVC plots).
 There is no Inception Score: the FID network here has no classification head.
 
-Across ranks (`aligntok.distributed.map_batches`): batch i of every pass (reconstructions, probe features,
-generated samples) runs on rank i mod W, and rank 0 gathers the features and per-image scores in batch order
-and computes every figure from them, so each equals the one-process figure. No float image arrays are kept:
-reconstructions and samples become features as they are made; only the few shown in the grids are kept,
-as uint8. On CUDA the tokenizers and the DiT run under `runtime.autocast` (bf16); the FID Inception and the
-FD encoder always run in float32.
+Across ranks (`aligntok.eval.stream`): batch i of every pass (reconstructions, probe features, generated
+samples) runs on rank i mod W, and rank 0 folds the features and per-image scores in batch order, round by
+round, and computes every figure from them, so each equals the one-process figure. Memory is bounded:
+no float image arrays are kept (reconstructions and samples become features as they are made; only the few
+shown in the grids are kept, as uint8); FID and FD_dinov2 features stream into float64 means and covariances
+(`FeatureAccumulator`), their vectors kept only up to `FEATURES_KEPT` (the low-rank FD route) or, for the
+samples' Inception features, `gen_samples` of them (precision/recall); the pixel probe sees images
+area-averaged to 32 x 32 (`aligntok.eval.probe.PIXEL_SIDE`, 3,072 features), not the flattened images.
+The counts are checked against the split sizes in `dataset.json` when the stage starts, before any model
+loads. On CUDA the tokenizers and the DiT run under `runtime.autocast` (bf16); the FID Inception and the FD
+encoder always run in float32.
 """
 
 from __future__ import annotations
@@ -28,15 +33,18 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from aligntok.config import EvaluateConfig, Params
-from aligntok.data.loader import ImageSet, load_split, require_validated
-from aligntok.distributed import Placement, map_batches, placed
-from aligntok.eval.fid import FeatureStats, fid_from_features, frechet_distance
+from aligntok.config import PRDC_NEIGHBOURS, EvaluateConfig, Params
+from aligntok.data.loader import load_split, require_validated
+from aligntok.data.reader import EncodedImages
+from aligntok.distributed import Placement, placed
+from aligntok.eval.fid import FEATURES_KEPT, FeatureAccumulator, FeatureStats, fid_from_features, frechet_distance, \
+    low_rank_cheaper
 from aligntok.eval.fd_encoder import EncoderFeatures
 from aligntok.eval.inception import InceptionFeatures
-from aligntok.eval.reference import batch_at, batch_count, batches, load_reference
+from aligntok.eval.reference import batch_at, batch_count, batches, check_counts, load_reference
 from aligntok.eval.prdc import precision_recall
-from aligntok.eval.probe import linear_probe
+from aligntok.eval.probe import PIXEL_SIDE, linear_probe, pixel_features
+from aligntok.eval.stream import Rows, stream_batches
 from aligntok.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -46,13 +54,20 @@ SNAPSHOTS = "snapshots"
 
 
 # -------------------------------------------------------------------------------------------- tokenizers
-def fd(feats: np.ndarray, ref: FeatureStats) -> float:
-    """Fréchet distance of features (N, D) against a reference (from its kept features when it has them:
-    the low-rank route, milliseconds instead of a 2048-d matrix square root)."""
-    if ref.features is not None:
-        return float(fid_from_features(feats, ref.features.astype(np.float64)))
-    stats = FeatureStats.from_features(feats, source="evaluated", network=ref.network)
+def fd(stats: FeatureStats, ref: FeatureStats) -> float:
+    """Fréchet distance of evaluated features against a reference: from both sets' vectors when both are at
+    hand and the low-rank route is the cheaper (fewer samples than dimensions: milliseconds instead of a
+    2048-d matrix square root), else from their means and covariances."""
+    if stats.features is not None and ref.features is not None and low_rank_cheaper(stats.n, ref.n, stats.dim):
+        return float(fid_from_features(stats.features, ref.features.astype(np.float64)))
     return float(frechet_distance(stats.mu, stats.sigma, ref.mu, ref.sigma))
+
+
+def evaluate_counts(cfg: EvaluateConfig) -> list[tuple[str, str, int]]:
+    """The (params key, split, images) that `evaluate` reads (`check_counts` refuses them at the start)."""
+    return [("evaluate.recon_images", "val", cfg.recon_images),
+            ("evaluate.probe_val_images", "val", cfg.probe_val_images),
+            ("evaluate.probe_train_images", "train", cfg.probe_train_images)]
 
 
 GRID = 8
@@ -68,7 +83,7 @@ def _rows(count: int, size: int) -> Callable[[int], int]:
     return lambda index: min(size, count - index * size)
 
 
-def pooled_latents(tokenizer: Any, images: ImageSet, count: int, batch_size: int, place: Placement,
+def pooled_latents(tokenizer: Any, images: EncodedImages, count: int, batch_size: int, place: Placement,
                    progress: bool, desc: str) -> np.ndarray | None:
     """Spatially mean-pooled latents (N, C) of the first `count` images (rank 0; other ranks None)."""
     def pooled(index: int) -> dict[str, torch.Tensor]:
@@ -76,22 +91,29 @@ def pooled_latents(tokenizer: Any, images: ImageSet, count: int, batch_size: int
             z = tokenizer.encode(place.to_device(batch_at(images, index, count, batch_size)))  # (B, C, h, w)
         return {"z": z.mean(dim=(2, 3)).double()}  # (B, C)
 
-    found = map_batches(pooled, ("z",), batch_count(count, batch_size), place, desc, progress,
-                        rows=_rows(count, batch_size))
-    return found["z"].numpy() if found is not None else None
+    found = Rows()
+    stream_batches(pooled, {"z": found}, batch_count(count, batch_size), place, desc, progress,
+                   rows=_rows(count, batch_size))
+    return found.tensor.numpy() if place.is_main else None
 
 
 @dataclass
 class ProbeSets:
-    train: ImageSet
-    val: ImageSet
+    """The linear probe's images: fit on `train` (the first `probe_train_images` training images), top-1 on
+    `val` (the first `probe_val_images` validation images)."""
+
+    train: EncodedImages
+    val: EncodedImages
 
 
-def evaluate_tokenizer(name: str, folder: Path, val: ImageSet, probe: ProbeSets, ref: dict[str, Any],
+def evaluate_tokenizer(name: str, folder: Path, val: EncodedImages, probe: ProbeSets, ref: dict[str, Any],
                        inception: InceptionFeatures, encoder: EncoderFeatures, cfg: EvaluateConfig,
                        out_dir: Path, probe_cache: dict[bytes, dict[str, float] | None], progress: bool,
                        place: Placement | None = None) -> dict[str, float] | None:
-    """rFID, PSNR, SSIM, FD_dinov2 and the latent linear probe of one tokenizer (rank 0; other ranks None)."""
+    """rFID, PSNR, SSIM, FD_dinov2 and the latent linear probe of one tokenizer (rank 0; other ranks None).
+    The first `recon_images` of `val` are reconstructed batch by batch; each batch leaves per-image PSNR and
+    SSIM (B,), Inception (B, 2048) and encoder (B, D) features streamed into their statistics, and the first
+    `GRID` reconstructions as uint8."""
     from aligntok.metrics import psnr, ssim
     from aligntok.tokenizer.api import Tokenizer
 
@@ -107,8 +129,10 @@ def evaluate_tokenizer(name: str, folder: Path, val: ImageSet, probe: ProbeSets,
         return {"psnr": psnr(images.cpu(), x_hat), "ssim": ssim(images.cpu(), x_hat),
                 "inception": inception(x_hat), "encoder": encoder(x_hat), "shown": as_uint8(x_hat[:shown])}
 
-    found = map_batches(reconstruct, ("psnr", "ssim", "inception", "encoder", "shown"), batch_count(count, size),
-                        place, f"{name}: rFID", progress, rows=_rows(count, size))
+    found = {"psnr": Rows(), "ssim": Rows(), "inception": FeatureAccumulator(), "encoder": FeatureAccumulator(),
+             "shown": Rows()}
+    stream_batches(reconstruct, found, batch_count(count, size), place, f"{name}: rFID", progress,
+                   rows=_rows(count, size))
     # The probe depends only on encoder + adapter: stage 3 (decoder only) has stage 2's latent, so reuse it.
     first = tokenizer.encode(place.to_device(probe.train.batch(torch.arange(min(16, len(probe.train))))[0]))
     key = first.numpy().tobytes()
@@ -117,14 +141,17 @@ def evaluate_tokenizer(name: str, folder: Path, val: ImageSet, probe: ProbeSets,
         val_x = pooled_latents(tokenizer, probe.val, len(probe.val), size, place, progress, f"{name}: probe val")
         probe_cache[key] = None if train_x is None else {
             "lp_top1": linear_probe(train_x, probe.train.labels.numpy(), val_x, probe.val.labels.numpy()).top1}
-    if found is None:
+    if not place.is_main:
         return None
-    per_image = {k: found[k].double() for k in ("psnr", "ssim")}  # (N,) each
-    metrics = {"rfid": fd(found["inception"].numpy(), ref["val"]), "psnr": float(per_image["psnr"].mean()),
-               "ssim": float(per_image["ssim"].mean()), "fd_dinov2": fd(found["encoder"].numpy(), ref["val_encoder"]),
+    per_image = {k: found[k].tensor.double() for k in ("psnr", "ssim")}  # (N,) each
+    recon = found["inception"].stats(network=inception.name, source=f"{name}: reconstructions")
+    recon_encoder = found["encoder"].stats(network=encoder.name, source=f"{name}: reconstructions")
+    metrics = {"rfid": fd(recon, ref["val"]), "psnr": float(per_image["psnr"].mean()),
+               "ssim": float(per_image["ssim"].mean()), "fd_dinov2": fd(recon_encoder, ref["val_encoder"]),
                **{f"{k}_sem": float(v.std() / len(v) ** 0.5) for k, v in per_image.items()}}
     originals = next(batches(val, GRID, GRID))  # top row: originals; bottom row: their reconstructions
-    _save_grid(torch.cat([originals, found["shown"].float() / 255]), out_dir / f"recon_{name}.png", len(originals))
+    _save_grid(torch.cat([originals, found["shown"].tensor.float() / 255]), out_dir / f"recon_{name}.png",
+               len(originals))
     metrics |= probe_cache[key] or {}
     log.info("%s: rFID %.2f, PSNR %.2f dB, SSIM %.4f, FD_dinov2 %.3f, latent LP %.1f%%", name, metrics["rfid"],
              metrics["psnr"], metrics["ssim"], metrics["fd_dinov2"], 100 * metrics["lp_top1"])
@@ -133,20 +160,22 @@ def evaluate_tokenizer(name: str, folder: Path, val: ImageSet, probe: ProbeSets,
 
 def reference_probes(probe: ProbeSets, encoder: EncoderFeatures, cfg: EvaluateConfig, progress: bool,
                      place: Placement | None = None) -> dict[str, float] | None:
-    """The probe on raw pixels and on the frozen encoder's pooled tokens, for scale (rank 0; others None)."""
+    """The probe on raw pixels (area-averaged to at most 32 x 32: `pixel_features`, 3,072 features) and on the
+    frozen encoder's pooled tokens (B, D), for scale (rank 0; others None)."""
     place = place or Placement()
     out = {}
-    for name, fn in (("pixels", lambda x: x.flatten(1).double()), ("encoder", encoder)):
+    for name, fn in (("pixels", lambda x: pixel_features(x).double()), ("encoder", encoder)):
         feats = {}
         for split, images in (("train", probe.train), ("val", probe.val)):
             n, size = len(images), cfg.batch_size
 
             def features(index: int) -> dict[str, torch.Tensor]:
-                return {"x": fn(place.to_device(batch_at(images, index, n, size))).cpu()}
+                return {"x": fn(place.to_device(batch_at(images, index, n, size))).cpu()}  # (B, F) float64
 
-            found = map_batches(features, ("x",), batch_count(n, size), place,
-                                f"probe on {name}" if split == "train" else "", progress, rows=_rows(n, size))
-            feats[split] = found["x"].numpy() if found is not None else None
+            found = Rows()
+            stream_batches(features, {"x": found}, batch_count(n, size), place,
+                           f"probe on {name}" if split == "train" else "", progress, rows=_rows(n, size))
+            feats[split] = found.tensor.numpy() if place.is_main else None
         if place.is_main:
             out[f"lp_top1_{name}"] = linear_probe(feats["train"], probe.train.labels.numpy(), feats["val"],
                                                   probe.val.labels.numpy()).top1
@@ -155,12 +184,14 @@ def reference_probes(probe: ProbeSets, encoder: EncoderFeatures, cfg: EvaluateCo
 
 # ------------------------------------------------------------------------------------------- diffusion
 class SampleFeatures:
-    """Inception + encoder features of generated samples, per (steps, cfg) setting, memoised.
+    """Inception + encoder feature statistics of generated samples, per (steps, cfg) setting, memoised.
 
     Samples are generated in batches seeded by (seed + batch index) with labels cycling over the classes,
     so the first n samples of a larger run are exactly the samples of a run of n: settings evaluated at
-    fewer samples reuse the features of a larger run instead of sampling again. Batch i is generated on
-    rank i mod W; rank 0 holds the features (other ranks None) and the first `SHOWN` samples as uint8.
+    fewer samples (`evaluate.sweep_samples`) reuse a larger run's statistics, frozen on the way at that count,
+    instead of sampling again. Batch i is generated on rank i mod W; rank 0 holds the statistics (other ranks
+    None), the first `SHOWN` samples as uint8, and the vectors up to `FEATURES_KEPT` (all of a run's
+    Inception vectors where precision/recall needs them: `get(..., keep_all=True)`).
     """
 
     SHOWN = 32
@@ -169,15 +200,17 @@ class SampleFeatures:
                  progress: bool, place: Placement | None = None) -> None:
         self.model, self.inception, self.encoder, self.cfg, self.progress = model, inception, encoder, cfg, progress
         self.place = place or Placement()
-        self.done: dict[tuple[int, float], tuple[int, dict[str, torch.Tensor] | None]] = {}
+        self.done: dict[tuple[int, float], tuple[int, dict[str, Any]]] = {}
         self.seconds = 0.0
 
-    def get(self, steps: int, scale: float, count: int) -> tuple[np.ndarray, np.ndarray, torch.Tensor] | None:
-        """(Inception features (count, 2048), encoder features (count, D), shown samples (<= 32, 3, R, R)
-        uint8) on rank 0; None on the others."""
+    def get(self, steps: int, scale: float, count: int,
+            keep_all: bool = False) -> tuple[FeatureStats, FeatureStats, torch.Tensor] | None:
+        """(Inception statistics (n = count, D = 2048), encoder statistics (count, D), shown samples
+        (<= 32, 3, R, R) uint8) on rank 0; None on the others. `keep_all`: the Inception statistics carry all
+        `count` vectors (precision/recall), whatever `FEATURES_KEPT`."""
         key, place, size = (steps, float(scale)), self.place, self.cfg.batch_size
-        made, found = self.done.get(key, (0, None))
-        if made < count:
+        made, sinks = self.done.get(key, (0, None))
+        if made < count or keep_all and count > sinks["inception"].keep:
             start = time.perf_counter()
             classes = len(self.model.classes)
 
@@ -185,16 +218,21 @@ class SampleFeatures:
                 labels = torch.arange(index * size, min((index + 1) * size, count)) % classes
                 with place.autocast():
                     x = self.model.generate(labels, steps=steps, cfg_scale=scale, seed=self.cfg.seed + index)
-                shown = max(0, min(len(x), self.SHOWN - index * size))
+                shown = max(0, min(len(x), self.SHOWN - index * size))  # x: (B, 3, R, R) in [0, 1]
                 return {"inception": self.inception(x), "encoder": self.encoder(x), "shown": as_uint8(x[:shown])}
 
-            found = map_batches(generated, ("inception", "encoder", "shown"), batch_count(count, size), place,
-                                f"gFID steps={steps} cfg={scale:g}", self.progress, rows=_rows(count, size))
-            self.done[key] = (count, found)
+            marks = {n for n in (self.cfg.gen_samples, self.cfg.sweep_samples) if n < count}
+            sinks = {"inception": FeatureAccumulator(keep=max(FEATURES_KEPT, count if keep_all else 0), marks=marks),
+                     "encoder": FeatureAccumulator(marks=marks), "shown": Rows()}
+            stream_batches(generated, sinks, batch_count(count, size), place, f"gFID steps={steps} cfg={scale:g}",
+                           self.progress, rows=_rows(count, size))
+            self.done[key] = (count, sinks)
             self.seconds += time.perf_counter() - start
-        if found is None:
+        if not place.is_main:
             return None
-        return found["inception"][:count].numpy(), found["encoder"][:count].numpy(), found["shown"]
+        source = f"{count} samples, steps={steps}, cfg={scale:g}"
+        return (sinks["inception"].prefix(count, network=self.inception.name, source=source),
+                sinks["encoder"].prefix(count, network=self.encoder.name, source=source), sinks["shown"].tensor)
 
 
 def evaluate_diffusion(dit_dir: Path, ref: dict[str, Any], inception: InceptionFeatures, encoder: EncoderFeatures,
@@ -216,11 +254,11 @@ def evaluate_diffusion(dit_dir: Path, ref: dict[str, Any], inception: InceptionF
 
     metrics: dict[str, Any] = {}
     for suffix, s in (("cfg", scale), ("nocfg", 1.0)):
-        got = samples.get(steps, s, cfg.gen_samples)
+        got = samples.get(steps, s, cfg.gen_samples, keep_all=True)
         if got is None:
             continue
         feats, enc, shown = got
-        pr = precision_recall(ref["train"].features, feats, k=3)
+        pr = precision_recall(ref["train"].features, feats.features, k=PRDC_NEIGHBOURS)
         metrics |= {f"gfid_{suffix}": fd(feats, ref["train"]), f"precision_{suffix}": pr.precision,
                     f"recall_{suffix}": pr.recall, f"fd_dinov2_{suffix}": fd(enc, ref["train_encoder"])}
         _save_grid(shown.float() / 255, out_dir / f"samples_{suffix}.png", len(samples.model.classes))
@@ -272,9 +310,12 @@ class EvalPaths:
 def run_evaluate(params: Params, paths: EvalPaths, register: bool = True,
                  progress: bool = True) -> dict[str, Any] | None:
     """Measure every tokenizer stage and the diffusion model; write metrics, plots, grids; tag the registry.
-    Under several ranks every rank computes its share and rank 0 writes and returns the metrics (others None)."""
+    Counts the splits cannot supply are refused first (`CountError`, naming the params key), before any model
+    or reference is read. Under several ranks every rank computes its share and rank 0 writes and returns the
+    metrics (others None)."""
     if paths.validation is not None:
         require_validated(paths.validation)
+    check_counts(paths.data, evaluate_counts(params.evaluate))
     with placed(params.runtime) as place:
         return _evaluate(params, paths, register, progress, place)
 
@@ -295,7 +336,7 @@ def _evaluate(params: Params, paths: EvalPaths, register: bool, progress: bool,
     val = load_split(paths.data, "val", limit=max(cfg.recon_images, cfg.probe_val_images), progress=show,
                      decode_threads=threads)
     probe = ProbeSets(train=load_split(paths.data, "train", limit=cfg.probe_train_images, progress=show),
-                      val=_head(val, cfg.probe_val_images))
+                      val=val.head(cfg.probe_val_images))
     if place.is_main:
         paths.out.mkdir(parents=True, exist_ok=True)
     cache: dict[bytes, dict[str, float] | None] = {}
@@ -316,10 +357,11 @@ def _evaluate(params: Params, paths: EvalPaths, register: bool, progress: bool,
         "rfid": f"first {cfg.recon_images} validation images vs their reconstructions",
         "gfid": f"{cfg.gen_samples} samples (labels cycling over the classes, seed {cfg.seed}) vs the first "
                 f"{cfg.reference_images} training images; sweeps at {cfg.sweep_samples} samples",
-        "precision_recall": f"k=3 nearest-neighbour manifolds on Inception features, against the same "
+        "precision_recall": f"k={PRDC_NEIGHBOURS} nearest-neighbour manifolds on Inception features, against the same "
                             f"{cfg.reference_images} training images",
         "linear_probe": f"logistic regression on standardised mean-pooled features, {cfg.probe_train_images} "
-                        f"training / {cfg.probe_val_images} validation images, top-1",
+                        f"training / {cfg.probe_val_images} validation images, top-1; the pixel baseline on "
+                        f"images area-averaged to at most {PIXEL_SIDE}x{PIXEL_SIDE} (3 x {PIXEL_SIDE}^2 features)",
         "sampling": params.sample.model_dump(mode="json"), "reference_manifest_sha256": ref["manifest_sha256"],
         "loss_curves": loss_curves,
     }
@@ -329,11 +371,6 @@ def _evaluate(params: Params, paths: EvalPaths, register: bool, progress: bool,
     atomic_write_text(paths.out / "protocol.json", json.dumps(protocol, indent=2) + "\n")
     log.info("evaluate: %.0f s -> %s", metrics["evaluate_seconds"], paths.metrics)
     return metrics
-
-
-def _head(images: ImageSet, count: int) -> ImageSet:
-    return ImageSet(encoded=images.encoded[:count], labels=images.labels[:count], keys=images.keys[:count],
-                    decode_threads=images.decode_threads)
 
 
 def _save_grid(images: torch.Tensor, path: Path, nrow: int) -> None:

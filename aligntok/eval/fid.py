@@ -9,11 +9,16 @@ negatives clipped to 0. This is the value scipy's `sqrtm(S1 @ S2)` trace gives (
 about 3x faster, and it stays real when the covariances are singular (fewer samples than dimensions).
 With the features at hand and fewer samples than dimensions, `fid_from_features` gets the same trace as
 the nuclear norm of the (n1, n2) cross-Gram matrix, without any D x D decomposition.
+
+`FeatureAccumulator` streams feature batches into the mean and covariance (float64), so a set of any size
+costs one D x D matrix; it keeps the vectors themselves only up to a bound (`FEATURES_KEPT`, or more where
+precision/recall needs them).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +29,14 @@ from aligntok.fileio import atomic_write
 log = logging.getLogger(__name__)
 
 _PROVENANCE = ("network", "resize", "source")
+
+FEATURES_KEPT = 2048
+"""Feature vectors a `FeatureAccumulator` keeps by default beside its statistics (2048 x 2048 float32: 16 MB).
+Up to about D vectors a side, `fid_from_features`' low-rank route is the faster FD and needs them; above
+that, `frechet_distance` on the streamed mean and covariance is the route, and nothing grows with N."""
+CHUNK = 1024
+"""Rows merged into the statistics at once. Fixed, so the figures depend only on the sequence of rows, not
+on how they arrived (one batch at a time, or a round of batches gathered from several ranks)."""
 
 
 @dataclass(frozen=True, eq=False)  # arrays: compare fields explicitly
@@ -135,6 +148,12 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * covmean)
 
 
+def low_rank_cheaper(n1: int, n2: int, dim: int) -> bool:
+    """Whether `fid_from_features` takes its low-rank route for sets of n1 and n2 D-dim vectors (an
+    (n1, n2) SVD, ~n1 n2 min(n1, n2), against two (D, D) eigh's, ~D^3)."""
+    return n1 * n2 * min(n1, n2) < dim**3
+
+
 def fid_from_features(a: np.ndarray, b: np.ndarray) -> float:
     """Fréchet distance between the Gaussian fits of features a (N1, D) and b (N2, D).
 
@@ -145,7 +164,7 @@ def fid_from_features(a: np.ndarray, b: np.ndarray) -> float:
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"feature dims differ: a {a.shape}, b {b.shape}")
     (n1, dim), n2 = a.shape, len(b)
-    if n1 * n2 * min(n1, n2) >= dim**3:
+    if not low_rank_cheaper(n1, n2, dim):
         sa, sb = FeatureStats.from_features(a, network=""), FeatureStats.from_features(b, network="")
         return frechet_distance(sa.mu, sa.sigma, sb.mu, sb.sigma)
     mu1, mu2 = a.mean(axis=0), b.mean(axis=0)  # (D,)
@@ -155,3 +174,110 @@ def fid_from_features(a: np.ndarray, b: np.ndarray) -> float:
     trace1, trace2 = (ca * ca).sum() / (n1 - 1), (cb * cb).sum() / (n2 - 1)  # tr(S1), tr(S2)
     diff = mu1 - mu2
     return float(diff @ diff + trace1 + trace2 - 2.0 * covmean)
+
+
+class FeatureAccumulator:
+    """Mean and covariance of feature vectors streamed in batches (B, D), in float64, plus the first `keep`.
+
+    Rows are merged `CHUNK` at a time by Chan et al.'s pairwise update (chunk mean and centred scatter, then
+    a rank-one correction for the shift of the mean): the covariance equals `np.cov` of the stacked rows
+    within float64 rounding, and the same rows give the same bits however they were batched. The kept
+    rows are stored as float32 when that is exact (the FID Inception and the encoder compute in float32),
+    else as float64.
+
+    Args:
+        keep: vectors kept (the first ones); `features` / `stats().features` are all of them only while
+            `n <= keep`.
+        marks: counts m whose statistics of the first m rows are frozen on the way (`prefix(m)`), for runs
+            reused at fewer samples.
+    """
+
+    def __init__(self, keep: int = FEATURES_KEPT, marks: Iterable[int] = ()) -> None:
+        self.keep, self.marks = int(keep), frozenset(int(m) for m in marks)
+        self.n = 0  # rows added
+        self.dim: int | None = None  # D, from the first rows
+        self._merged = 0  # rows in _mean / _scatter; the others wait in _pending
+        self._mean: np.ndarray | None = None  # (D,) float64
+        self._scatter: np.ndarray | None = None  # (D, D) float64: sum of outer products of centred rows
+        self._pending: list[np.ndarray] = []  # (<= CHUNK rows in all, D)
+        self._kept: list[np.ndarray] = []
+        self._kept_rows = 0
+        self._frozen: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def add(self, batch: np.ndarray | object) -> None:
+        """Append feature vectors (B, D) (a NumPy array or a CPU tensor); B may be 0."""
+        x = np.asarray(batch, dtype=np.float64)  # (B, D)
+        if x.ndim != 2 or (self.dim is not None and x.shape[1] != self.dim):
+            raise ValueError(f"features: expected a batch (B, {self.dim or 'D'}), got shape {x.shape}")
+        if not len(x):
+            return
+        if not np.isfinite(x).all():
+            raise ValueError(f"features: {int((~np.isfinite(x)).sum())} non-finite values")
+        self.dim = x.shape[1]
+        if self._kept_rows < self.keep:
+            rows = x[: self.keep - self._kept_rows]
+            narrow = rows.astype(np.float32)
+            self._kept.append(narrow if np.array_equal(narrow, rows) else rows.copy())
+            self._kept_rows += len(rows)
+        while len(x):
+            room = CHUNK - sum(map(len, self._pending))
+            to_mark = min((m - self.n for m in self.marks if m > self.n), default=len(x))
+            take = min(len(x), room, to_mark)
+            self._pending.append(x[:take].copy())
+            x, self.n = x[take:], self.n + take
+            if take == room or self.n in self.marks:
+                self._flush()
+            if self.n in self.marks:
+                self._frozen[self.n] = (self._mean.copy(), self._scatter.copy())
+
+    @property
+    def complete(self) -> bool:
+        """Whether every vector added is kept."""
+        return self.n <= self.keep
+
+    @property
+    def features(self) -> np.ndarray:
+        """The kept vectors (min(n, keep), D), float32 when exact, else float64."""
+        if not self._kept:
+            return np.zeros((0, self.dim or 0), dtype=np.float32)
+        return np.concatenate(self._kept) if len(self._kept) > 1 else self._kept[0]
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        x = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]  # (c, D)
+        self._pending = []
+        mean = x.mean(axis=0)  # (D,)
+        centred = x - mean  # (c, D)
+        scatter = centred.T @ centred  # (D, D)
+        if self._mean is None:
+            self._mean, self._scatter, self._merged = mean, scatter, len(x)
+            return
+        total = self._merged + len(x)
+        delta = mean - self._mean  # (D,)
+        self._mean = self._mean + delta * (len(x) / total)
+        self._scatter = self._scatter + scatter + np.outer(delta, delta) * (self._merged * len(x) / total)
+        self._merged = total
+
+    def stats(self, *, network: str, source: str = "", resize: str = "") -> FeatureStats:
+        """The statistics of every vector added (n >= 2), with the vectors when all are kept."""
+        self._flush()
+        if self.n < 2:
+            raise ValueError(f"features: need at least 2 vectors for a covariance, got {self.n}")
+        return FeatureStats(mu=self._mean.copy(), sigma=self._scatter / (self.n - 1), n=self.n, network=network,
+                            resize=resize, source=source, features=self.features if self.complete else None)
+
+    def prefix(self, count: int, *, network: str, source: str = "", resize: str = "") -> FeatureStats:
+        """The statistics of the first `count` vectors: all of them, a frozen mark, or the kept vectors (whose
+        first `count` come with the result when kept); any other count is a ValueError."""
+        if count == self.n:
+            return self.stats(network=network, source=source, resize=resize)
+        kept = self.features[:count] if count <= self._kept_rows else None
+        if count in self._frozen:
+            mean, scatter = self._frozen[count]
+            return FeatureStats(mu=mean.copy(), sigma=scatter / (count - 1), n=count, network=network,
+                                resize=resize, source=source, features=kept)
+        if kept is not None and count >= 2:
+            return FeatureStats.from_features(kept, network=network, source=source, resize=resize, keep=True)
+        raise ValueError(f"features: the first {count} of {self.n} vectors are neither kept ({self._kept_rows}) "
+                         f"nor a mark ({sorted(self._frozen)})")
