@@ -99,7 +99,14 @@ class _Batches(torch.utils.data.Dataset):
 
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = self.images.batch_uint8(torch.tensor(indices, dtype=torch.int64))
-        return images.to(self.dtype).div_(255.0), labels
+        if torch.utils.data.get_worker_info() is None:
+            return images.to(self.dtype).div_(255.0), labels
+        # in a worker: convert straight into shared memory, which is how the batch travels to the main process
+        # (a private tensor would be copied there once more); the same values as the line above
+        storage = torch.empty(0, dtype=self.dtype).untyped_storage()._new_shared(
+            images.numel() * torch.empty(0, dtype=self.dtype).element_size())
+        out = torch.empty(0, dtype=self.dtype).set_(storage).view(images.shape)
+        return out.copy_(images).div_(255.0), labels
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = self.__getitems__([index])

@@ -35,7 +35,8 @@ from aligntok import runtime
 from aligntok.config import ConfigError, Params, TrainStageConfig, stage_alias
 from aligntok.distributed import Placement, placed
 from aligntok.encoder.vit import EncoderDescription
-from aligntok.data.loader import EncodedImages, StepBatches, load_split, require_validated
+from aligntok.data.loader import StepBatches, load_split, require_validated
+from aligntok.data.reader import EncodedImages
 from aligntok.losses import (
     PerceptualLoss,
     adaptive_gan_weight,
