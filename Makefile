@@ -53,12 +53,13 @@ test-all: setup  ## every test, slow ones included
 study: setup  ## the small-scale study (dvc exp run per tokenizer variant) -> reports/study.md
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/aligntok study
 
-bench: setup  ## (after make run) peers -> reports/benchmarks.md/.json, pipeline overhead, ingest and evaluation throughput
+bench: setup  ## (after make run) peers -> reports/benchmarks.md/.json, pipeline overhead, ingest/evaluation throughput, latent reads, the data path at scale
 	$(BIN)/python benchmarks/peers.py
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/pipeline_overhead.py --prefect --json reports/overhead.json
 	$(BIN)/python benchmarks/ingest_throughput.py
 	$(BIN)/python benchmarks/eval_throughput.py
 	$(BIN)/python benchmarks/latent_reads.py
+	$(BIN)/python benchmarks/data_path.py
 
 # Prefect: a local server + worker, and the deployments of prefect.yaml registered against a server.
 PREFECT_PORT ?= 4200

@@ -49,3 +49,24 @@ def test_gpu_check_runs_on_cpu_at_tiny_size(tmp_path: Path) -> None:
         assert stages[f"{stage}_seconds"] > 0, stage
         assert f"stage {stage}" in result.stdout, stage
     assert stages["train_dit_seconds_per_step"] > 0 and stages["evaluate_gfid_cfg"] > 0
+
+
+def test_data_path_benchmark_quick_run_reports_both_peers_at_each_size(tmp_path: Path) -> None:
+    import pytest
+
+    if not (REPO.parent / "shared/data/imagenet-sample").is_dir():
+        pytest.skip("the shared photos are not here")
+    out = tmp_path / "data_path.json"
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "data_path.py"), "--records", "300", "700",
+                             "--steps", "3", "--batch", "16", "--workers", "0", "--tmp", str(tmp_path), "--json",
+                             str(out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [(r["records"], r["peer"]) for r in report["runs"]] == [
+        (n, peer) for n in (300, 700) for peer in ("aligntok", "imagefolder")]
+    assert all(r["images"] == 3 * 16 and r["images_per_s"] > 0 and r["peak_rss_mb"] > 0 for r in report["runs"])
+    runs = {(r["records"], r["peer"]): r for r in report["runs"]}
+    for n, ratio in report["throughput_ratio_vs_imagefolder"].items():
+        assert ratio == round(runs[(int(n), "aligntok")]["images_per_s"] / runs[(int(n), "imagefolder")]["images_per_s"], 3)
+    assert [s["shards"] for s in report["sizes"]] == [1, 1] and report["sizes"][1]["shard_bytes"] > report["sizes"][0]["shard_bytes"]
+    assert "| 700 |" in out.with_suffix(".md").read_text() and not list(tmp_path.glob("aligntok-datapath-*"))
