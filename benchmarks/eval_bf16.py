@@ -48,9 +48,9 @@ def main() -> int:
     ref = load_reference(REPO / "data" / "fid_reference", cfg)
     inception = InceptionFeatures(channels_last=params.runtime.channels_last, backend=params.runtime.fid_backend)
     encoder = EncoderFeatures(REPO / "models" / "encoder")
-    val = load_split(REPO / "data" / "shards", "val", limit=cfg.recon_images, progress=False)
-    probe = ProbeSets(train=load_split(REPO / "data" / "shards", "train", limit=64, progress=False),
-                      val=load_split(REPO / "data" / "shards", "val", limit=32, progress=False))
+    val = load_split(REPO / "data" / "shards", "val", limit=cfg.recon_images)
+    probe = ProbeSets(train=load_split(REPO / "data" / "shards", "train", limit=64),
+                      val=load_split(REPO / "data" / "shards", "val", limit=32))
     places = {"float32": Placement(), "bf16": Placement(autocast_dtype=torch.bfloat16)}
     out = REPO / "benchmarks" / "out" / "eval_bf16"
     report: dict = {"machine": cpu_model(), "torch": torch.__version__, "recon_images": cfg.recon_images,

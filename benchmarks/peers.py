@@ -268,7 +268,7 @@ def bench_data_loading(photos: Path, workers: int, batch: int, repeats: int, lim
     def ours() -> int:  # both splits: every photo, as the peer reads them
         seen = 0
         for split in [name for name, shards in read_dataset_info(tmp / "shards")["shards"].items() if shards]:
-            images = load_split(tmp / "shards", split, progress=False, decode_threads=workers)
+            images = load_split(tmp / "shards", split, decode_threads=workers)
             for start in range(0, len(images), batch):
                 x, _ = images.batch(torch.arange(start, min(start + batch, len(images))))
                 seen += len(x)

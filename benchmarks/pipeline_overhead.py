@@ -52,7 +52,7 @@ def bench_cache(images: int, batch: int) -> dict[str, float]:
         ours = images / (time.perf_counter() - start)
     finally:
         shutil.rmtree(out, ignore_errors=True)
-    data = load_split(shards, "train", limit=images, progress=False)
+    data = load_split(shards, "train", limit=images)
     model = Tokenizer.load(tokenizer, batch_size=batch)
     decoded = [data.batch(torch.arange(s, min(s + batch, images)))[0] for s in range(0, images, batch)]
     start = time.perf_counter()

@@ -116,7 +116,7 @@ def test_rfid_matches_an_independent_computation_on_the_same_images(evaluated: d
     from aligntok.tokenizer.api import Tokenizer
 
     paths, cfg = evaluated["paths"], params.evaluate
-    images, _ = load_split(paths.data, "val", limit=cfg.recon_images, progress=False).batch(
+    images, _ = load_split(paths.data, "val", limit=cfg.recon_images).batch(
         torch.arange(cfg.recon_images))
     tokenizer = Tokenizer.load(paths.tokenizers / "align_latent")
     with torch.no_grad():

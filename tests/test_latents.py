@@ -90,7 +90,7 @@ def copy_cache(cache: Path, to: Path) -> Path:
 def test_cache_holds_every_image_and_its_flip_with_channel_stats(
         cache: Path, setup: dict[str, Path], tokenizer: Tokenizer) -> None:
     assert sorted(p.name for p in cache.iterdir()) == sorted([*SHARDS, STATS])
-    train = load_split(setup["data"], "train", progress=False)
+    train = load_split(setup["data"], "train")
     images, labels = train.batch(torch.arange(len(train)))  # (24, 3, 16, 16)
     cached = shard_tensors(cache)
     assert cached["latent"].shape == cached["latent_flip"].shape == (24, 4, 4, 4)

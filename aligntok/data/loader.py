@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from aligntok.data.reader import EncodedImages, ShardReader, read_dataset_info
+from aligntok.data.reader import EncodedImages, ShardReader
 from aligntok.data.shards import iter_records, record_image_key, record_label
 from aligntok.errors import AligntokError
 
@@ -61,12 +61,10 @@ def iter_shard(path: Path) -> Iterator[tuple[str, bytes, int]]:
             raise ValueError(f"{path}: record {record['__key__']!r}: {exc}") from None
 
 
-def load_split(data_dir: str | Path, split: str, limit: int | None = None, progress: bool = True,
-               decode_threads: int = 0) -> ShardReader:
+def load_split(data_dir: str | Path, split: str, limit: int | None = None, decode_threads: int = 0) -> ShardReader:
     """The `split` records of an ingest folder (or its URL), the first `limit` if given, mapped for random
-    access (`aligntok.data.reader.ShardReader`: nothing is read until a batch asks for it); batches are
-    decoded on `decode_threads` threads (0 or 1: in the calling thread). `progress` is kept for callers and
-    unused: opening a split costs no pass over it."""
+    access (`aligntok.data.reader.ShardReader`: nothing is read until a batch asks for it, so opening a split
+    needs no progress bar); batches are decoded on `decode_threads` threads (0 or 1: in the calling thread)."""
     reader = ShardReader(data_dir, split, limit=limit, decode_threads=decode_threads)
     log.info("mapped %d %s records of %d shards in %s", len(reader), split, len(reader.names), data_dir)
     return reader

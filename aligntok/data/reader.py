@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import mmap
+from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,7 @@ def decode_image(data: bytes) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1)
 
 
-class EncodedImages:
+class EncodedImages(ABC):
     """A sequence of encoded images with labels; subclasses say where record i's bytes come from.
 
     `decode_threads` >= 2 decodes a batch's images on that many threads (`runtime.decode_threads`): Pillow
@@ -63,16 +64,16 @@ class EncodedImages:
     decode_threads: int = 0
     _pool: ThreadPoolExecutor | None = None
 
-    def __len__(self) -> int:
-        raise NotImplementedError
+    @abstractmethod
+    def __len__(self) -> int: ...
 
+    @abstractmethod
     def record_bytes(self, index: int) -> bytes:
         """The encoded image of record `index`."""
-        raise NotImplementedError
 
+    @abstractmethod
     def record_labels(self, indices: torch.Tensor) -> torch.Tensor:
         """Labels (B,) int64 of records `indices` (B,)."""
-        raise NotImplementedError
 
     def batch_uint8(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> images (B, 3, R, R) uint8, labels (B,) int64."""

@@ -81,7 +81,7 @@ def open_stream(url: str) -> BinaryIO:
 def fetch_to_cache(url: str, cache_dir: Path) -> Path:
     """The local copy of `url` in `cache_dir/<sha256(url)[:16]>/<basename>`, downloaded on first use (see the
     module doc). A local path or `file://` URL is returned as it is, without a copy."""
-    local = _local_path(url)
+    local = local_path(url)
     if local is not None:
         if not local.is_file():
             raise RemoteError(f"{url}: file not found")
@@ -115,14 +115,14 @@ def fetch_to_cache(url: str, cache_dir: Path) -> Path:
 
 def _open(url: str) -> tuple[BinaryIO, int | None]:
     """(stream, size in bytes when the server or file system says it)."""
-    local = _local_path(url)
+    local = local_path(url)
     if local is not None:
         try:
             stream = open(local, "rb")  # noqa: SIM115 - returned to the caller, who closes it
         except OSError as exc:
             raise RemoteError(f"{url}: cannot open ({exc.strerror or one_line(exc)})") from None
         return stream, os.fstat(stream.fileno()).st_size
-    scheme = url.split(":", 1)[0].lower()  # a URL: _local_path found a scheme
+    scheme = url.split(":", 1)[0].lower()  # a URL: local_path found a scheme
     if scheme == "s3":
         return _open_s3(url)
     if scheme in ("http", "https"):
@@ -188,7 +188,7 @@ def _basename(url: str) -> str:
     return name
 
 
-def _local_path(url: str) -> Path | None:
+def local_path(url: str) -> Path | None:
     """The file that a local path or `file://` URL names; None for any other URL."""
     found = _URL_SCHEME.match(url)
     if found is None:

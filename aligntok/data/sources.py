@@ -36,8 +36,6 @@ import os
 import re
 import stat
 import tarfile
-import urllib.parse
-import urllib.request
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -50,7 +48,7 @@ import numpy as np
 from aligntok.errors import AligntokError
 from aligntok.config import DataConfig
 from aligntok.data.images import IMAGE_EXTENSIONS, SAMPLE_IMAGE_ENTRIES
-from aligntok.data.remote import RemoteError, open_stream
+from aligntok.data.remote import RemoteError, local_path, open_stream
 
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -473,19 +471,16 @@ def _shard_urls(url: str) -> list[str]:
 
 
 def _local_path(url: str) -> Path | None:
-    """The file a local shard URL names, None for a remote one; `IngestError` for any other scheme."""
+    """The file a local shard URL names, None for a remote one (`aligntok.data.remote.local_path`); `IngestError`
+    for a scheme other than `WEBDATASET_SCHEMES` or a `file://` URL of another host."""
     found = _URL_SCHEME.match(url)
-    if found is None:
-        return Path(url)
-    scheme = found.group(0)[:-1].lower()
-    if scheme not in WEBDATASET_SCHEMES:
+    scheme = found.group(0)[:-1].lower() if found else None
+    if scheme is not None and scheme not in WEBDATASET_SCHEMES:
         raise IngestError(f"{url}: URL scheme '{scheme}:' is not allowed for shards; use {_ALLOWED_SHARDS}")
-    if scheme != "file":
-        return None
-    parsed = urllib.parse.urlparse(url)
-    if parsed.netloc not in ("", "localhost"):
-        raise IngestError(f"{url}: file:// URL names another host ({parsed.netloc}); use {_ALLOWED_SHARDS}")
-    return Path(urllib.request.url2pathname(parsed.path))
+    try:
+        return local_path(url)
+    except RemoteError as exc:
+        raise IngestError(f"{exc}; use {_ALLOWED_SHARDS}") from None
 
 
 @contextmanager

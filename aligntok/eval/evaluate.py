@@ -332,10 +332,9 @@ def _evaluate(params: Params, paths: EvalPaths, register: bool, progress: bool,
     fast = params.runtime
     inception = InceptionFeatures(device=place.device, channels_last=fast.channels_last, backend=fast.fid_backend)
     encoder = EncoderFeatures(paths.encoder, device=place.device)
-    threads, show = fast.decode_threads, progress and place.is_main
-    val = load_split(paths.data, "val", limit=max(cfg.recon_images, cfg.probe_val_images), progress=show,
-                     decode_threads=threads)
-    probe = ProbeSets(train=load_split(paths.data, "train", limit=cfg.probe_train_images, progress=show),
+    threads = fast.decode_threads
+    val = load_split(paths.data, "val", limit=max(cfg.recon_images, cfg.probe_val_images), decode_threads=threads)
+    probe = ProbeSets(train=load_split(paths.data, "train", limit=cfg.probe_train_images),
                       val=val.head(cfg.probe_val_images))
     if place.is_main:
         paths.out.mkdir(parents=True, exist_ok=True)

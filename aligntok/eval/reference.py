@@ -108,8 +108,7 @@ def _build(data_dir: Path, encoder_dir: Path, out_dir: Path, cfg: EvaluateConfig
                                "inception": inception.description, "inception_backend": inception.backend,
                                "encoder": encoder.description}
     for split, count in (("train", cfg.reference_images), ("val", cfg.recon_images)):
-        images = load_split(data_dir, split, limit=count, progress=progress and place.is_main,
-                            decode_threads=fast.decode_threads)
+        images = load_split(data_dir, split, limit=count, decode_threads=fast.decode_threads)
         n, size = len(images), cfg.batch_size  # n == count: checked against dataset.json at the start
 
         def features(index: int) -> dict[str, torch.Tensor]:

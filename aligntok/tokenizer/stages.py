@@ -403,9 +403,8 @@ def _train_tokenizer(stage: str, params: Params, paths: StagePaths, register: bo
         vf.target.to(place.device)
         vf.head.to(place.device)
 
-    show = progress and place.is_main
-    train = load_split(paths.data, "train", progress=show, decode_threads=fast.decode_threads)
-    val = load_split(paths.data, "val", limit=cfg.val_images, progress=show, decode_threads=fast.decode_threads)
+    train = load_split(paths.data, "train", decode_threads=fast.decode_threads)
+    val = load_split(paths.data, "val", limit=cfg.val_images, decode_threads=fast.decode_threads)
     modules: dict[str, nn.Module] = {"model": model}
     optimizers = {"main": torch.optim.AdamW(param_groups(model, cfg), betas=tuple(cfg.betas),
                                             weight_decay=cfg.weight_decay)}
