@@ -44,14 +44,13 @@ Everything is built in `OUT_DIR/.partial` and moved in at the end, the manifest 
 incomplete shard; stale shards of an earlier run are removed. OUT_DIR must be new, empty
 or hold only these outputs: anything else makes `ingest` refuse rather than mix. It must
 not be (or lie inside) a folder the source reads. While `ingest` runs it holds
-`OUT_DIR/.ingest.lock` (an flock, the file holding its pid): a second `ingest` into the
-same folder fails naming that pid, and a lock left by a run that died is taken over.
+`OUT_DIR/.ingest.lock` (`aligntok.locks.file_lock`, the file holding its pid): a second `ingest` into
+the same folder fails at once naming that pid, and a lock left by a run that died is taken over.
 """
 
 from __future__ import annotations
 
 import csv
-import fcntl
 import functools
 import hashlib
 import io
@@ -67,7 +66,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, NamedTuple, TypeVar
@@ -78,6 +77,7 @@ from aligntok.config import DataConfig
 from aligntok.data.images import ImagePolicy, ProcessedImage, process_image
 from aligntok.data.shards import ENCODED_EXTENSION, INDEX_FORMAT, index_name, write_index
 from aligntok.data.sources import IngestError, Source, SourceItem, open_source
+from aligntok.locks import LockBusy, LockError, file_lock
 
 __all__ = ["IngestError", "IngestSummary", "ingest", "plan_shards", "split_of", "tar_size"]
 
@@ -307,55 +307,29 @@ def _check_out_dir(out_dir: Path, src: Source) -> None:
 
 @contextmanager
 def _locked(out_dir: Path) -> Iterator[None]:
-    """Hold `out_dir`'s lock while the body runs: an flock on `LOCK`, which holds our pid.
+    """Hold `out_dir`'s lock while the body runs: `aligntok.locks.file_lock` on `LOCK`, which holds our pid.
 
-    A second holder fails with `IngestError` naming the pid in the file. A lock file left by
-    a run that died holds no flock (the kernel drops it with the process) and is taken over.
+    A second holder fails at once with `IngestError` naming the pid in the file. A lock file left by a run that
+    died holds no flock (the kernel drops it with the process) and is taken over; a link planted at `LOCK` is
+    not followed (`IngestError`).
     """
     path = out_dir / LOCK
-    while True:
-        stream = _open_lock_file(path)
+
+    def take_over(previous: str) -> None:
+        log.warning("%s: taking over the lock of pid %s, which no longer holds it", path, previous)
+
+    with ExitStack() as held:
         try:
-            fcntl.flock(stream, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = stream.read(64).strip() or "unknown"
-            stream.close()
+            held.enter_context(file_lock(path, holder=str(os.getpid()), what="this ingest folder",
+                                         on_take_over=take_over))
+        except LockBusy as exc:
             raise IngestError(
-                f"{out_dir}: another ingest (pid {holder}) is writing this folder (lock {path}); "
+                f"{out_dir}: another ingest (pid {exc.holder}) is writing this folder (lock {path}); "
                 "wait for it to finish or use another folder"
             ) from None
-        if _same_file(stream, path):
-            break
-        stream.close()  # its holder finished and removed it between our open and flock: try again
-    if previous := stream.read(64).strip():
-        log.warning("%s: taking over the lock of pid %s, which no longer holds it", path, previous)
-    stream.seek(0)
-    stream.truncate()
-    stream.write(f"{os.getpid()}\n")
-    stream.flush()
-    try:
+        except LockError as exc:
+            raise IngestError(str(exc)) from None
         yield
-    finally:
-        path.unlink(missing_ok=True)  # still holding the flock, so no one can be between open and flock
-        stream.close()
-
-
-def _open_lock_file(path: Path) -> IO[str]:
-    """Open (creating) the lock file for reading and writing; never through a link planted there."""
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    except OSError as exc:
-        raise IngestError(f"{path}: cannot open the lock file ({exc.strerror or exc})") from None
-    return os.fdopen(fd, "r+", encoding="ascii", errors="replace")
-
-
-def _same_file(stream: IO[str], path: Path) -> bool:
-    try:
-        on_disk = path.stat()
-    except FileNotFoundError:
-        return False
-    held = os.fstat(stream.fileno())
-    return (held.st_dev, held.st_ino) == (on_disk.st_dev, on_disk.st_ino)
 
 
 def _check_out_dir_contents(out_dir: Path) -> None:
