@@ -10,22 +10,43 @@ order, `evaluation` then `validation`; the first that both the candidate and the
 - The champion it replaces keeps the alias `previous`; `rollback` swaps the two back.
 - Every decision is written on the candidate as `promotion.*` tags (when, outcome, rule, figures, reason), and
   appended to its `promotion.history`. Promoting the current champion again changes nothing.
+
+Promotions and rollbacks of one model are serialised: each reads `@champion` and then moves `@previous` and
+`@champion` (two alias moves, not a transaction), so each holds a lock (`aligntok.locks.file_lock`) from that
+read to its last tag. The lock is a file in `$ALIGNTOK_LOCK_DIR` (default `~/.cache/aligntok/locks`, under
+`$XDG_CACHE_HOME` when set) named from a hash of the registry URI and the model, so it serialises promotions on
+one host, or on hosts that share that folder (on a file system whose flocks they share); promotions from hosts
+that do not share it are not serialised. A promotion waits up to `lock_timeout` seconds (default 600) for
+another one, then fails with one line naming the holder.
 """
 
 from __future__ import annotations
 
 import getpass
+import hashlib
 import json
+import logging
+import os
 import socket
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from aligntok.config import PromoteConfig, PromoteRule
 from aligntok.errors import AligntokError
+from aligntok.locks import LockBusy, file_lock
+
+log = logging.getLogger(__name__)
 
 HISTORY_LIMIT = 4000
 """Characters of `promotion.history` kept (MLflow caps a tag value at 5,000)."""
+LOCK_DIR_ENV = "ALIGNTOK_LOCK_DIR"
+"""The folder of the promotion locks (default: `aligntok/locks` in the user's cache folder)."""
+LOCK_TIMEOUT = 600.0
+"""Seconds a promotion waits for another promotion of the same model before failing."""
 
 
 class PromotionError(AligntokError):
@@ -81,13 +102,19 @@ class Decision:
 
 
 def promote(model: str, ref: str, config: PromoteConfig, *, force: bool = False, reason: str | None = None,
-            mlflow_client: Any = None) -> Decision:
+            mlflow_client: Any = None, lock_timeout: float = LOCK_TIMEOUT) -> Decision:
     """Move `config.champion_alias` of `model` to `ref` (a version number or `@alias`) if the gate allows.
 
     Returns the decision (promoted, forced or unchanged); raises `PromotionRefused` after recording a refusal,
-    `PromotionError` when the request names something that does not exist."""
+    `PromotionError` when the request names something that does not exist, or when another promotion of `model`
+    holds the registry for more than `lock_timeout` seconds."""
     client = mlflow_client or _client()
-    candidate = _resolve(client, model, str(ref))
+    with promotion_lock(client, model, f"promote {model} {ref}", lock_timeout):
+        return _promote(client, model, str(ref), config, force, reason)
+
+
+def _promote(client: Any, model: str, ref: str, config: PromoteConfig, force: bool, reason: str | None) -> Decision:
+    candidate = _resolve(client, model, ref)
     champion = _alias_version(client, model, config.champion_alias)
     if champion is not None and str(champion.version) == str(candidate.version):
         return Decision(model, str(candidate.version), "unchanged",
@@ -123,9 +150,15 @@ def promote(model: str, ref: str, config: PromoteConfig, *, force: bool = False,
     return decision
 
 
-def rollback(model: str, config: PromoteConfig, *, reason: str | None = None, mlflow_client: Any = None) -> Decision:
-    """Swap `@champion` and `@previous` of `model` (a second rollback swaps them back)."""
+def rollback(model: str, config: PromoteConfig, *, reason: str | None = None, mlflow_client: Any = None,
+             lock_timeout: float = LOCK_TIMEOUT) -> Decision:
+    """Swap `@champion` and `@previous` of `model` (a second rollback swaps them back), under the promotion lock."""
     client = mlflow_client or _client()
+    with promotion_lock(client, model, f"rollback {model}", lock_timeout):
+        return _rollback(client, model, config, reason)
+
+
+def _rollback(client: Any, model: str, config: PromoteConfig, reason: str | None) -> Decision:
     _registered(client, model)
     champion = _alias_version(client, model, config.champion_alias)
     previous = _alias_version(client, model, config.previous_alias)
@@ -142,10 +175,56 @@ def rollback(model: str, config: PromoteConfig, *, reason: str | None = None, ml
     return decision
 
 
+def lock_dir() -> Path:
+    """`$ALIGNTOK_LOCK_DIR`, else `aligntok/locks` in the user's cache folder (`$XDG_CACHE_HOME` or ~/.cache)."""
+    if configured := os.environ.get(LOCK_DIR_ENV):
+        return Path(configured)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "aligntok" / "locks"
+
+
+def lock_path(registry_uri: str, model: str) -> Path:
+    """The lock file of `model`'s promotions in the registry at `registry_uri`."""
+    digest = hashlib.sha256(f"{registry_uri}\n{model}".encode()).hexdigest()[:24]
+    return lock_dir() / f"promote-{digest}.lock"
+
+
+@contextmanager
+def promotion_lock(client: Any, model: str, action: str, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
+    """Hold the lock of `model`'s promotions in `client`'s registry; wait up to `timeout` s for another holder,
+    then raise `PromotionError` naming it."""
+    uri = str(getattr(client, "_registry_uri", None) or getattr(client, "tracking_uri", None) or _tracking_uri())
+    path = lock_path(uri, model)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PromotionError(f"{path.parent}: cannot create the promotion lock folder ({exc.strerror or exc}); "
+                             f"set {LOCK_DIR_ENV} to a writable folder") from None
+    holder = (f"{action}: pid {os.getpid()} on {socket.gethostname()} ({getpass.getuser()}), "
+              f"since {datetime.now(UTC).isoformat(timespec='seconds')}")
+
+    def waiting(other: str) -> None:
+        log.info("%s: waiting up to %g s for another promotion of %s (%s)", path, timeout, model, other)
+
+    with ExitStack() as held:
+        try:
+            held.enter_context(file_lock(path, holder=holder, what=f"promotions of {model} at {uri}",
+                                         timeout=timeout, on_wait=waiting))
+        except LockBusy as exc:
+            raise PromotionError(f"{model}: another promotion holds the registry ({exc.holder}); gave up after "
+                                 f"waiting {timeout:g} s (lock {path})") from None
+        yield
+
+
 def _client() -> Any:
     from aligntok.tracking import client
 
     return client()
+
+
+def _tracking_uri() -> str:
+    from aligntok.tracking import tracking_uri
+
+    return tracking_uri()
 
 
 def _registered(client: Any, model: str) -> None:

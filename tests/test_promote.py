@@ -17,9 +17,11 @@ from aligntok.promote import PromotionError, PromotionRefused, promote, rollback
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     import mlflow
 
-    uri = f"sqlite:///{tmp_path_factory.mktemp('registry') / 'mlflow.db'}"
+    root = tmp_path_factory.mktemp('registry')
+    uri = f"sqlite:///{root / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.setenv("ALIGNTOK_LOCK_DIR", str(root / "locks"))  # promotion locks: not in the user's cache
         yield mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
