@@ -3,7 +3,9 @@
 `cache_latents` writes `latents-NNNNNN.safetensors` shards (shard i holds records
 [i·shard_size, (i+1)·shard_size) of the train split, in shard order) and `stats.json`, the
 per-channel mean/std over all cached latents (both views). A shard whose metadata says it is
-complete is skipped, so a killed run redoes only unfinished shards. Under W ranks, rank r encodes a
+complete is skipped, so a killed run redoes only unfinished shards; with `ALIGNTOK_RETRAIN=1`
+(`aligntok.train.checkpoint.RETRAIN_ENV`, set by the pipeline flow for a forced stage) every shard is
+re-encoded (and atomically replaced). Under W ranks, rank r encodes a
 contiguous run of latent shards (`rank_shards`), reading only the ingest shards that hold their
 records (located by dataset.json's per-shard record counts); each rank computes the (count, mean, M2)
 of its shards' views, and rank 0 merges them in shard order after a barrier, the same merges in the
@@ -48,7 +50,7 @@ from aligntok.distributed import Placement, placed
 from aligntok.errors import AligntokError, one_line
 from aligntok.fileio import atomic_write_text, sha256_file
 from aligntok.tokenizer.api import WEIGHTS, Tokenizer, resolve_folder
-from aligntok.train.checkpoint import atomic_save_safetensors
+from aligntok.train.checkpoint import RETRAIN_ENV, atomic_save_safetensors, retrain_requested
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +119,7 @@ Partial = tuple[int, torch.Tensor, torch.Tensor]
 def _cache(tokenizer: str | Path, data_dir: Path, out_dir: Path, cfg: CacheLatentsConfig, progress: bool,
            place: Placement) -> CacheSummary:
     rank, world_size = place.rank, place.world_size
+    retrain = retrain_requested()
     info, total = _train_records(data_dir, cfg.max_images)
     num_shards = math.ceil(total / cfg.shard_size)
     try:
@@ -131,12 +134,16 @@ def _cache(tokenizer: str | Path, data_dir: Path, out_dir: Path, cfg: CacheLaten
     if place.is_main:
         (out_dir / STATS).unlink(missing_ok=True)  # rewritten below, once the shards are final
         summary.removed = _remove_stale(out_dir, num_shards)
+        if retrain and _existing_shards(out_dir):
+            log.warning("cache_latents: %s=1: re-encoding all %d shards in %s (the %d there are replaced)",
+                        RETRAIN_ENV, num_shards, out_dir, len(_existing_shards(out_dir)))
     place.barrier()  # nobody writes a shard while rank 0 tidies the folder
 
     mine = rank_shards(num_shards, rank, world_size)
     sizes = {i: min(cfg.shard_size, total - i * cfg.shard_size) for i in mine}
     # metadata-only check first (for the bar's total); the record keys are checked as they stream by
-    pending = {i for i in mine if not _shard_complete(out_dir / shard_name(i), i, sizes[i], tokenizer_sha)}
+    pending = {i for i in mine
+               if retrain or not _shard_complete(out_dir / shard_name(i), i, sizes[i], tokenizer_sha)}
     bar = tqdm(total=2 * sum(sizes[i] for i in pending), unit="img", disable=not progress,
                desc=f"cache latents (rank {rank}/{world_size})" if world_size > 1 else "cache latents")
     start = time.perf_counter()
@@ -146,7 +153,7 @@ def _cache(tokenizer: str | Path, data_dir: Path, out_dir: Path, cfg: CacheLaten
         if len(mine) else iter(())
     for index, (keys, encoded, labels) in zip(mine, chunks):
         path = out_dir / shard_name(index)
-        if _shard_complete(path, index, len(keys), tokenizer_sha, keys):
+        if not retrain and _shard_complete(path, index, len(keys), tokenizer_sha, keys):
             summary.skipped.append(index)
             with safe_open(str(path), framework="pt") as handle:
                 views = [handle.get_tensor(view) for view in ("latent", "latent_flip")]

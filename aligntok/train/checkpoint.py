@@ -232,6 +232,48 @@ def clean_checkpoint_folder(checkpoint: Path) -> list[str]:
     return moved + removed
 
 
+RETRAIN_ENV = "ALIGNTOK_RETRAIN"
+"""Set to 1 to retrain a resumable stage from step 0 (the pipeline flow sets it for a forced stage): its
+checkpoint is set aside in `stale/` (`set_aside_for_retraining`) instead of resumed from, and `cache_latents`
+re-encodes every shard. Unset (or 0): resume."""
+
+
+def retrain_requested() -> bool:
+    """Whether `RETRAIN_ENV` asks for a retrain from step 0; a value other than 1, 0 or empty fails, naming it."""
+    value = os.environ.get(RETRAIN_ENV, "").strip()
+    if value not in ("", "0", "1"):
+        raise AligntokError(f"{RETRAIN_ENV}={value!r}: set it to 1 to retrain from step 0, or 0 (or unset it) "
+                            "to resume from the checkpoint")
+    return value == "1"
+
+
+def set_aside_for_retraining(checkpoint: Path, stage: str) -> list[Path]:
+    """Move `checkpoint`, its sidecar and every other entry named `<fingerprint>.*` (moved-aside `.corrupt` files,
+    the DiT's snapshot folder) into `stale/`, kept, not deleted; under `<fingerprint>-N.*` when an earlier retrain
+    left those names there. Says where in one warning line; returns the new paths (none without a checkpoint)."""
+    folder, key = checkpoint.parent, checkpoint.stem
+    ours = sorted(p for p in folder.iterdir() if p.name.startswith(f"{key}.")) if folder.is_dir() else []
+    if not ours:
+        return []
+    try:
+        step = f"step {read_step(checkpoint)}" if checkpoint.is_file() else "no usable checkpoint"
+    except Exception:  # unreadable: it goes aside all the same
+        step = "an unreadable checkpoint"
+    stale = folder / STALE
+    stale.mkdir(exist_ok=True)
+    tag, n = key, 0
+    while any((stale / (tag + p.name[len(key):])).exists() for p in ours):
+        n += 1
+        tag = f"{key}-{n}"
+    moved = []
+    for path in ours:
+        moved.append(stale / (tag + path.name[len(key):]))
+        os.replace(path, moved[-1])
+    log.warning("%s: %s=1, retraining from step 0: set the earlier run (%s) aside in %s: %s", stage, RETRAIN_ENV,
+                step, stale, ", ".join(p.name for p in moved))
+    return moved
+
+
 def module_weights(path: Path, role: str) -> dict[str, torch.Tensor]:
     """The state dict of one role (e.g. 'model' or 'ema') from a checkpoint file."""
     head = f"{role}."

@@ -8,7 +8,9 @@
   code it runs). It leaves out the world size and every `runtime:` switch, since batches are a pure function of
   (seed, step): a run stopped at 2 processes resumes at 1 or 8 from the same step.
 - **Checkpoint folder**: `checkpoints/<stage>/<fingerprint>.safetensors`; rank 0 sets other fingerprints'
-  checkpoints aside (`clean_checkpoint_folder`) before anyone reads.
+  checkpoints aside (`clean_checkpoint_folder`) before anyone reads, and with `ALIGNTOK_RETRAIN=1`
+  (`checkpoint.RETRAIN_ENV`, set by the pipeline flow for a forced stage) this fingerprint's too
+  (`set_aside_for_retraining`), so the stage trains from step 0 instead of resuming.
 - **Tracking**: rank 0 alone opens the MLflow run (the one the checkpoint's sidecar names when resuming), and
   it is marked FAILED when the stage raises, FINISHED when it returns.
 """
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from aligntok.distributed import Placement
-from aligntok.train.checkpoint import clean_checkpoint_folder
+from aligntok.train.checkpoint import clean_checkpoint_folder, retrain_requested, set_aside_for_retraining
 
 
 def fingerprint(inputs: dict[str, Any]) -> str:
@@ -51,12 +53,15 @@ class TrainingStage:
 def training_stage(name: str, inputs: dict[str, Any], checkpoints: Path, place: Placement,
                    tracked: dict[str, Any] | None) -> Iterator[TrainingStage]:
     """The scaffold of stage `name`: fingerprint of `inputs`, its checkpoint path under `checkpoints`, the folder
-    tidied (rank 0, then a barrier), and with `tracked` (the params to log; None: no tracking) an MLflow run on
-    rank 0 that ends FINISHED or FAILED with the stage."""
+    tidied (rank 0, then a barrier; with `RETRAIN_ENV` set, the checkpoint itself set aside), and with `tracked`
+    (the params to log; None: no tracking) an MLflow run on rank 0 that ends FINISHED or FAILED with the stage."""
     key = fingerprint(inputs)
     checkpoint = Path(checkpoints) / name / f"{key}.safetensors"
+    retrain = retrain_requested()
     if place.is_main:
         clean_checkpoint_folder(checkpoint)
+        if retrain:
+            set_aside_for_retraining(checkpoint, name)
     place.barrier()  # nobody reads the folder while rank 0 tidies it
     stage = TrainingStage(name=name, key=key, checkpoint=checkpoint, place=place)
     if tracked is not None and place.is_main:
