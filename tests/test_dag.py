@@ -15,7 +15,7 @@ def test_repo_pipeline_order_respects_every_dependency() -> None:
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     assert set(order) == set(stages)
     position = {name: i for i, name in enumerate(order)}
-    assert position["ingest"] < position["validate"] < position["align_latent"]
+    assert position["snapshot"] < position["ingest"] < position["validate"] < position["align_latent"]
     assert position["encoder"] < position["align_latent"] < position["align_perceptual"] < position["refine_decoder"]
 
 

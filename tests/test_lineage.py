@@ -21,8 +21,8 @@ STAGES = stage_commands(DVC_YAML)  # read at collection: a stage added later is 
 
 def test_every_stage_that_runs_aligntok_is_checked() -> None:
     names = yaml.safe_load(DVC_YAML.read_text())["stages"]
-    assert {"encoder", "ingest", "validate", "align_latent", "align_perceptual", "refine_decoder", "vae_baseline",
-            "cache_latents", "train_dit"} <= set(STAGES)
+    assert {"encoder", "snapshot", "ingest", "validate", "align_latent", "align_perceptual", "refine_decoder",
+            "vae_baseline", "cache_latents", "train_dit"} <= set(STAGES)
     running = {name for name, stage in names.items() if "aligntok" in str(stage.get("cmd", ""))}
     assert running == set(STAGES), f"stages whose aligntok command was not recognised: {running - set(STAGES)}"
 

@@ -10,6 +10,8 @@
   is complete. The cache therefore assumes that the object under a URL does not change; a dataset
   re-ingested to the same URL needs a fresh `cache_dir`.
 - `cache_root()`: `$ALIGNTOK_SHARD_CACHE`, default `~/.cache/aligntok/shards`.
+- `object_info(url)`: what the server says identifies the object (ETag, size, Last-Modified) without sending
+  it: an HTTP HEAD, or S3's `head_object` (the source fingerprint, `aligntok.data.fingerprint`).
 
 S3 endpoint and credentials: `$ALIGNTOK_DATA_S3_ENDPOINT_URL` names the data store's endpoint (an S3-
 compatible server such as MinIO or Ceph; unset: boto3's own choice, AWS itself unless
@@ -36,8 +38,8 @@ from typing import Any, BinaryIO
 
 from aligntok.errors import AligntokError, one_line
 
-__all__ = ["DATA_S3_ENDPOINT_ENV", "SHARD_CACHE_ENV", "RemoteError", "cache_root", "fetch_to_cache", "open_stream",
-           "s3_client", "split_s3_url"]
+__all__ = ["DATA_S3_ENDPOINT_ENV", "SHARD_CACHE_ENV", "RemoteError", "cache_root", "fetch_to_cache", "object_info",
+           "open_stream", "s3_client", "split_s3_url"]
 
 DATA_S3_ENDPOINT_ENV = "ALIGNTOK_DATA_S3_ENDPOINT_URL"
 """The environment variable naming the S3 endpoint that data (input shards, shard locations) is read from."""
@@ -131,8 +133,16 @@ def _open(url: str) -> tuple[BinaryIO, int | None]:
 
 
 def _open_http(url: str) -> tuple[BinaryIO, int | None]:
+    response = _urlopen(url, "GET")
+    size = _content_length(response.headers)
+    return _guarded(response, url, size), size
+
+
+def _urlopen(url: str, method: str) -> Any:
+    """urllib's response to `method` on an http(s) URL; `RemoteError` naming the URL when it fails."""
     try:
-        response = urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S)  # noqa: S310 - http(s) only, checked above
+        request = urllib.request.Request(url, method=method)
+        return urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S)  # noqa: S310 - http(s) only, checked above
     except urllib.error.HTTPError as exc:
         exc.close()
         raise RemoteError(f"{url}: HTTP {exc.code} {exc.reason}") from None
@@ -140,9 +150,34 @@ def _open_http(url: str) -> tuple[BinaryIO, int | None]:
         reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
         detail = reason if isinstance(reason, str) else one_line(reason)
         raise RemoteError(f"{url}: cannot connect ({detail})") from None
-    length = response.headers.get("Content-Length")
-    size = int(length) if length and length.isdigit() else None
-    return _guarded(response, url, size), size
+
+
+def _content_length(headers: Any) -> int | None:
+    length = headers.get("Content-Length")
+    return int(length) if length and length.isdigit() else None
+
+
+def object_info(url: str, client: Any = None) -> dict[str, str | int]:
+    """What the server says identifies the object at `url`, without sending it: those of `etag`, `size` and
+    `last_modified` it gave. `http(s)://`: a HEAD's ETag, Content-Length and Last-Modified (a HEAD that is
+    redirected becomes a GET, as urllib does, whose body is not read); `s3://`: `head_object`'s ETag and
+    ContentLength, through `client` (default: `s3_client()`). `RemoteError` naming the URL when it fails."""
+    scheme = url.split(":", 1)[0].lower()
+    if scheme in ("http", "https"):
+        with _urlopen(url, "HEAD") as response:
+            info = {"etag": response.headers.get("ETag"), "size": _content_length(response.headers),
+                    "last_modified": response.headers.get("Last-Modified")}
+    elif scheme == "s3":
+        bucket, key = split_s3_url(url)
+        try:
+            head = (client or s3_client()).head_object(Bucket=bucket, Key=key)
+        except Exception as exc:  # botocore's ClientError, NoCredentialsError, EndpointConnectionError, ...
+            raise RemoteError(f"{url}: {_s3_problem(exc)}") from None
+        size = head.get("ContentLength")
+        info = {"etag": head.get("ETag"), "size": int(size) if size is not None else None}
+    else:
+        raise RemoteError(f"{url}: not a remote URL; object_info takes https://, http:// or s3://")
+    return {key: value for key, value in info.items() if value is not None}
 
 
 def _open_s3(url: str) -> tuple[BinaryIO, int | None]:
