@@ -1,4 +1,4 @@
-"""The pipeline's stage order, read from `dvc.yaml` (the single source of truth for the DAG)."""
+"""The one reader of `dvc.yaml` (the single source of truth for the DAG): stages, their order and paths."""
 
 from __future__ import annotations
 
@@ -29,12 +29,17 @@ def _lookup(values: dict, dotted: str) -> object:
     return node
 
 
+def stages(dvc_yaml: Path | str = "dvc.yaml") -> dict[str, dict]:
+    """The stage definitions of dvc.yaml, by name, as written (`${...}` unresolved)."""
+    return yaml.safe_load(Path(dvc_yaml).read_text())["stages"]
+
+
 def _load(dvc_yaml: Path | str) -> tuple[dict, dict]:
     """The stages of dvc.yaml and the params.yaml beside it (for `${...}`)."""
     path = Path(dvc_yaml)
     params_file = path.with_name("params.yaml")
     values = yaml.safe_load(params_file.read_text()) if params_file.is_file() else {}
-    return yaml.safe_load(path.read_text())["stages"], values or {}
+    return stages(path), values or {}
 
 
 def _needs(stages: dict, values: dict) -> dict[str, set[str]]:
@@ -87,3 +92,15 @@ def stage_paths(dvc_yaml: Path | str, stage: str, key: str) -> list[str]:
     """The paths a stage lists under `key` (`deps`, `outs`, `metrics`, ...), `${...}` resolved."""
     stages, values = _load(dvc_yaml)
     return _paths(stages[stage].get(key), values)
+
+
+def git_tracked_outputs(dvc_yaml: Path | str = "dvc.yaml") -> list[str]:
+    """Outputs DVC does not cache (`cache: false`): metrics and plots that git versions instead."""
+    found = []
+    for stage in stages(dvc_yaml).values():
+        for key in ("outs", "metrics", "plots"):
+            for entry in stage.get(key) or []:
+                if isinstance(entry, dict):
+                    found += [path.rstrip("/") for path, options in entry.items()
+                              if (options or {}).get("cache") is False]
+    return found

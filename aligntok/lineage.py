@@ -22,7 +22,7 @@ import shlex
 from collections.abc import Iterable
 from pathlib import Path
 
-import yaml
+from aligntok import dag
 
 PACKAGE = "aligntok"
 ENTRY_FILES = ("aligntok/__main__.py", "aligntok/cli.py")
@@ -175,8 +175,7 @@ def stage_commands(dvc_yaml: Path | str) -> dict[str, str]:
 
     parser = build_parser()
     known = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    stages = yaml.safe_load(Path(dvc_yaml).read_text())["stages"]
-    found = {name: aligntok_command(stage.get("cmd", ""), known) for name, stage in stages.items()}
+    found = {name: aligntok_command(stage.get("cmd", ""), known) for name, stage in dag.stages(dvc_yaml).items()}
     return {name: command for name, command in found.items() if command is not None}
 
 
@@ -195,6 +194,6 @@ def covered(path: str, deps: Iterable[str]) -> bool:
 
 def undeclared_code(dvc_yaml: Path | str, root: Path | None = None) -> dict[str, list[str]]:
     """Per stage that runs an aligntok command: the files of `stage_code` that no dep covers (empty if none)."""
-    stages = yaml.safe_load(Path(dvc_yaml).read_text())["stages"]
+    stages = dag.stages(dvc_yaml)
     return {name: [f for f in stage_code(command, root) if not covered(f, _dep_paths(stages[name].get("deps")))]
             for name, command in stage_commands(dvc_yaml).items()}

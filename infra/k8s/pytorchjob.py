@@ -25,7 +25,7 @@ TEMPLATE = Path(__file__).with_name("stage-pytorchjob.yaml")
 sys.path.insert(0, str(REPO))
 
 from aligntok.cli import DISTRIBUTED_COMMANDS  # noqa: E402
-from aligntok.dag import TEMPLATE as PLACEHOLDER, _lookup  # noqa: E402
+from aligntok.dag import TEMPLATE as PLACEHOLDER, _lookup, stages as dvc_stages  # noqa: E402
 
 
 class RenderError(ValueError):
@@ -34,7 +34,7 @@ class RenderError(ValueError):
 
 def stage_command(stage: str, dvc_yaml: Path, params: dict[str, Any]) -> list[str]:
     """`aligntok STAGE ...`: the stage's dvc.yaml command, `${...}` resolved from `params`, without `python -m`."""
-    stages = yaml.safe_load(dvc_yaml.read_text())["stages"]
+    stages = dvc_stages(dvc_yaml)
     if stage not in stages:
         raise RenderError(f"{dvc_yaml}: no stage {stage!r}")
     cmd = PLACEHOLDER.sub(lambda m: str(_lookup(params, m.group(1))), stages[stage]["cmd"])
