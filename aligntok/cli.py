@@ -104,6 +104,17 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    params = _params(args)  # validate before any work
+    from aligntok.data.fingerprint import fingerprint, summary, to_json
+    from aligntok.fileio import atomic_write_text
+
+    described = fingerprint(params.data, progress=not args.no_progress)
+    atomic_write_text(Path(args.out), to_json(described))
+    print(f"{summary(described)} -> {args.out}")
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     params = _params(args)  # validate before any heavy import or work
     from aligntok.data.validate import format_summary, validate_dataset
@@ -230,6 +241,13 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lineage(args: argparse.Namespace) -> int:
+    from aligntok.provenance import lineage
+
+    print(lineage(args.ref), end="")
+    return 0
+
+
 PEER_FAILURES = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted")
 """What gloo and NCCL say in the collective of a rank whose peer went away."""
 
@@ -281,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aligntok",
         description="Align a vision foundation encoder into a diffusion tokenizer. "
-        "Pipeline stages (run by `dvc repro`): encoder, ingest, validate, align_latent, "
+        "Pipeline stages (run by `dvc repro`): encoder, snapshot, ingest, validate, align_latent, "
         "align_perceptual, refine_decoder, vae_baseline, cache_latents, train_dit, fid_reference, evaluate.",
     )
     parser.add_argument("--params", default="params.yaml", metavar="PATH",
@@ -305,6 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
     encoder = add("encoder", cmd_encoder,
                   "stage `encoder`: export the foundation encoder (encoder.source) as safetensors + JSON")
     encoder.add_argument("--out", default="models/encoder", help="output folder (default: models/encoder)")
+
+    snapshot = add("snapshot", cmd_snapshot,
+                   "stage `snapshot`: fingerprint data.source (and data.val_source) as JSON, so that ingest reruns "
+                   "when the source changes and only then")
+    snapshot.add_argument("--out", default="data/source.json", help="the fingerprint JSON (default: data/source.json)")
+    switches(snapshot, register=False)
 
     ingest = add("ingest", cmd_ingest,
                  "stage `ingest`: images to WebDataset shards + manifest.parquet + rejected.csv")
@@ -410,6 +434,12 @@ def build_parser() -> argparse.ArgumentParser:
     rollback = add("rollback", cmd_rollback, "swap a registered model's @champion and @previous (the last promotion)")
     rollback.add_argument("model", help="registered model, e.g. aligntok-tokenizer")
     rollback.add_argument("--reason", help="why; recorded on the version with the decision")
+
+    lineage = add("lineage", cmd_lineage,
+                  "where a registered version came from (its runs, run commit, source fingerprint, figures) and the "
+                  "commands that check its inputs out again in a fresh clone")
+    lineage.add_argument("ref", metavar="MODEL@ALIAS|MODEL/VERSION",
+                         help="e.g. aligntok-tokenizer@champion or aligntok-dit/3")
 
     decode = add("decode", cmd_decode, "decode latents (from `aligntok encode`) to PNG images")
     decode.add_argument("latents", help=".safetensors written by `aligntok encode`")

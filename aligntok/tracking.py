@@ -30,6 +30,27 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
 
 
+class TrackingUnavailable(ConnectionError):
+    """The tracking server does not answer."""
+
+
+def check_tracking_server(timeout: float = 10) -> str:
+    """The tracking URI, after its server answered `/health` (a local SQLite store always does); raises
+    `TrackingUnavailable` naming the server and why."""
+    import urllib.error
+    import urllib.request
+
+    uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+                response.read()
+        except (urllib.error.URLError, OSError) as exc:
+            raise TrackingUnavailable(f"MLflow tracking server {uri} does not answer: "
+                                      f"{getattr(exc, 'reason', exc)}") from None
+    return uri
+
+
 def client() -> Any:
     import mlflow
 
@@ -183,6 +204,7 @@ def register_pyfunc(
     ).version
     if alias:
         run.client.set_registered_model_alias(model_name, alias, version)
+    describe_version(model_name, str(version), run.client)
     log.info("registered %s version %s%s", model_name, version, f" as @{alias}" if alias else "")
     return Receipt(run_id=run.run_id, model=model_name, version=str(version), alias=alias,
                    tracking_uri=tracking_uri())
@@ -214,7 +236,49 @@ def metric_history(run_id: str) -> list[dict[str, float]]:
 
 
 def tag_model_version(model: str, version: str, tags: dict[str, str]) -> None:
-    """Set tags on a registered model version (the promotion step reads the `eval_*` ones)."""
+    """Set tags on a registered model version (the promotion step reads the `eval_*` ones) and rewrite its
+    description, which shows its figures."""
     mlflow_client = client()
     for key, value in tags.items():
         mlflow_client.set_model_version_tag(model, str(version), key, value)
+    describe_version(model, str(version), mlflow_client)
+
+
+def set_run_tags(run_id: str, tags: dict[str, str]) -> None:
+    mlflow_client = client()
+    for key, value in tags.items():
+        mlflow_client.set_tag(run_id, key, value)
+
+
+def describe_version(model: str, version: str, mlflow_client: Any = None) -> None:
+    """Write the registry descriptions of `model` (if it has none) and of its `version` (from its tags now):
+    what it is, its figures, how to load it, where it came from (aligntok.provenance)."""
+    from aligntok.provenance import MODEL_DESCRIPTIONS, version_description
+
+    mlflow_client = mlflow_client or client()
+    if not mlflow_client.get_registered_model(model).description and model in MODEL_DESCRIPTIONS:
+        mlflow_client.update_registered_model(model, description=MODEL_DESCRIPTIONS[model])
+    found = mlflow_client.get_model_version(model, version)
+    aliases = sorted(getattr(found, "aliases", None) or [])
+    mlflow_client.update_model_version(model, version, description=version_description(model, found, aliases))
+
+
+def model_version(model: str, *, alias: str | None = None, number: str | None = None) -> tuple[Any, Any]:
+    """The registry version `model@alias` or `model/number`, and the MLflow run that logged it (or None).
+    A name, alias or version the registry lacks raises `aligntok.provenance.LineageError`."""
+    from mlflow.exceptions import MlflowException
+
+    from aligntok.provenance import LineageError
+
+    mlflow_client = client()
+    ref = f"{model}@{alias}" if alias else f"{model}/{number}"
+    try:
+        version = (mlflow_client.get_model_version_by_alias(model, alias) if alias
+                   else mlflow_client.get_model_version(model, str(number)))
+    except MlflowException as exc:
+        raise LineageError(f"{ref}: not in the registry at {tracking_uri()} ({str(exc).splitlines()[0]})") from None
+    try:
+        run = mlflow_client.get_run(version.run_id) if version.run_id else None
+    except MlflowException:
+        run = None
+    return version, run

@@ -13,9 +13,9 @@ from aligntok.config import Params, load_params
 
 from conftest import REPO
 
-COMMANDS = {"config", "encoder", "ingest", "validate", "align_latent", "align_perceptual", "refine_decoder",
-            "vae_baseline", "cache_latents", "train_dit", "fid_reference", "evaluate", "sample", "encode", "decode", "study",
-            "promote", "rollback"}
+COMMANDS = {"config", "encoder", "snapshot", "ingest", "validate", "align_latent", "align_perceptual",
+            "refine_decoder", "vae_baseline", "cache_latents", "train_dit", "fid_reference", "evaluate", "sample",
+            "encode", "decode", "study", "promote", "rollback", "lineage"}
 
 
 def run_module(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:

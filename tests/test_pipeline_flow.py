@@ -1,30 +1,33 @@
-"""The pipeline flow's own logic, without servers: stage selection, the checkout lock, failure classes, summary."""
+"""The pipeline run's own logic, without servers: stage selection, presets, DVC's output read, failure classes,
+the summary and the run commit's message (the workspace lock is aligntok.locks: tests/test_locks.py)."""
 
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from conftest import REPO
-from flows.pipeline import (
+from aligntok.errors import AligntokError
+from aligntok.pipeline_run import (
     InfrastructureError,
-    PipelineBusy,
     StageFailed,
-    _infrastructure_failure,
     error_line,
-    pipeline_lock,
+    find_preset,
+    run_commit_message,
     select_stages,
     stage_metrics,
+    stage_status,
     summary_markdown,
 )
+from aligntok.workspace import WorkspaceError
+
+from flows.pipeline import _infrastructure_failure
 
 
 def test_targets_bring_what_they_depend_on_and_unknown_ones_are_named() -> None:
-    assert select_stages(REPO, ["validate"]) == ["ingest", "validate"]
+    assert select_stages(REPO, ["validate"]) == ["snapshot", "ingest", "validate"]
     dit = select_stages(REPO, ["train_dit"])
     assert dit[-1] == "train_dit" and "refine_decoder" in dit and "vae_baseline" not in dit  # via ${cache_latents...}
     assert select_stages(REPO, None)[-1] == "evaluate"
@@ -46,6 +49,8 @@ def test_the_stage_error_line_is_picked_out_of_the_output() -> None:
     (StageFailed("s", 255, "ConnectionError: refused", infrastructure=True), True),
     (StageFailed("s", 1, "aligntok s: error: bad key", infrastructure=False), False),
     (InfrastructureError("server down"), True),
+    (WorkspaceError("/w: dvc push failed: ERROR: Max retries exceeded with url"), True),
+    (WorkspaceError("/w: git checkout failed: error: pathspec"), False),
     (KeyError("bug"), False),
 ])
 def test_only_infrastructure_failures_are_retried(error: BaseException, retried: bool) -> None:
@@ -55,27 +60,36 @@ def test_only_infrastructure_failures_are_retried(error: BaseException, retried:
     assert _infrastructure_failure(None, None, SimpleNamespace(result=result)) is retried
 
 
-def test_a_second_run_waits_for_the_lock_then_gives_up_naming_the_holder(tmp_path: Path) -> None:
-    held, release = threading.Event(), threading.Event()
+def test_what_dvc_did_with_a_stage_is_read_from_its_output() -> None:
+    assert stage_status("ingest", "Running stage 'ingest':\n> python -m aligntok ingest data/shards\n") == "ran"
+    assert stage_status("ingest", "Stage 'ingest' didn't change, skipping\n") == "skipped"
+    assert stage_status("ingest", "Stage 'ingest' is cached - skipping run, checking out outputs\n") == "restored"
 
-    def first() -> None:
-        with pipeline_lock(tmp_path, 5, "pid 1 on box, flow run first"):
-            held.set()
-            release.wait(10)
 
-    thread = threading.Thread(target=first)
-    thread.start()
-    held.wait(10)
-    start = time.monotonic()
-    with pytest.raises(PipelineBusy, match=r"holds the checkout \(pid 1 on box, flow run first\); gave up after "
-                                           r"waiting 1.5 s"):
-        with pipeline_lock(tmp_path, 1.5, "second"):
-            pass
-    assert time.monotonic() - start >= 1.5
-    release.set()
-    thread.join()
-    with pipeline_lock(tmp_path, 1, "third"):  # released: taken at once
-        assert (tmp_path / ".dvc/tmp/aligntok-pipeline.lock").read_text() == "third"
+def test_a_preset_is_found_in_the_ref_first_then_in_the_checkout(tmp_path: Path) -> None:
+    ref, checkout = tmp_path / "ref", tmp_path / "checkout"
+    for folder in (ref, checkout):
+        (folder / "configs").mkdir(parents=True)
+    (checkout / "configs" / "mine.yaml").write_text("{}\n")
+    (ref / "configs" / "tiny.yaml").write_text("{}\n")
+    (checkout / "configs" / "tiny.yaml").write_text("{}\n")
+    assert find_preset("configs/tiny.yaml", ref, checkout) == ref / "configs" / "tiny.yaml"
+    assert find_preset("configs/mine.yaml", ref, checkout) == checkout / "configs" / "mine.yaml"
+    with pytest.raises(AligntokError, match=r"preset configs/typo.yaml: no such file in .*ref or .*checkout"):
+        find_preset("configs/typo.yaml", ref, checkout)
+
+
+def test_the_run_commit_message_names_what_ran_and_the_runs_facts() -> None:
+    header = {"flow run": "witty-cat", "deployment": "nightly-retrain", "ref": "main (abc)", "params": "params.yaml",
+              "source fingerprint": "f" * 64, "mlflow parent run": "r1"}
+    rows = [{"stage": "snapshot", "status": "ran"}, {"stage": "ingest", "status": "ran"},
+            {"stage": "align_latent", "status": "ran", "versions": ["aligntok-tokenizer v4"]},
+            {"stage": "evaluate", "status": "skipped"}]
+    message = run_commit_message(header, rows)
+    assert message.startswith("aligntok run witty-cat: 2 stage(s) ran (ingest, align_latent)\n\n")
+    assert "Deployment: nightly-retrain\n" in message and f"Source-Fingerprint: {'f' * 64}\n" in message
+    assert "Registered: aligntok-tokenizer v4\n" in message
+    assert run_commit_message(header, rows[:1]).startswith("aligntok run witty-cat: nothing changed\n")
 
 
 def test_summary_lists_each_stage_its_versions_metrics_and_promotions(tmp_path: Path) -> None:
