@@ -1,7 +1,8 @@
 """Real servers for the integration tests, each on a loopback port of its own, stopped afterwards.
 
 A server that does not come up fails the test with the tail of its log; nothing here skips. PostgreSQL comes
-from Debian's `postgresql` package (installed by `make setup`), MLflow and Prefect from the virtualenv.
+from Debian's `postgresql` package (installed by `make setup`), MLflow, Prefect and the S3 API (moto's server
+mode, standing in for infra/'s MinIO) from the virtualenv.
 """
 
 from __future__ import annotations
@@ -153,16 +154,64 @@ def postgres_cluster(root: Path, databases: list[str]) -> Iterator[Postgres]:
 # --- MLflow --------------------------------------------------------------------------------------------------
 
 @contextmanager
-def mlflow_server(root: Path, backend: str, env: dict[str, str]) -> Iterator[str]:
-    """`mlflow server` on PostgreSQL, serving artifacts from a local folder; yields its URL."""
+def mlflow_server(root: Path, backend: str, env: dict[str, str], artifacts: str | None = None) -> Iterator[str]:
+    """`mlflow server` on PostgreSQL, serving artifacts from `artifacts` (a URL such as `s3://bucket/prefix`,
+    whose credentials and endpoint `env` carries; default: a local folder under `root`); yields its URL."""
     root.mkdir(parents=True, exist_ok=True)
     port, log = free_port(), root / "mlflow-server.log"
     command = [shutil.which("mlflow", path=env["PATH"]) or "mlflow", "server", "--host", "127.0.0.1",
                "--port", str(port), "--backend-store-uri", backend, "--serve-artifacts",
-               "--artifacts-destination", (root / "artifacts").as_uri(), "--workers", "1"]
+               "--artifacts-destination", artifacts or (root / "artifacts").as_uri(), "--workers", "1"]
     url = f"http://127.0.0.1:{port}"
     with serving(command, log, env, f"{url}/health", "mlflow server"):
         yield url
+
+
+# --- S3 ------------------------------------------------------------------------------------------------------
+
+@dataclass
+class S3:
+    """An S3 API on loopback. moto accepts any credentials: these fixed ones only have to agree everywhere."""
+
+    endpoint: str
+    access_key: str = "aligntok-test"
+    secret_key: str = "aligntok-test-secret"
+    region: str = "us-east-1"  # the one region whose CreateBucket needs no LocationConstraint
+
+    def env(self) -> dict[str, str]:
+        """What a client needs: boto3 and DVC read the AWS_* variables (AWS_ENDPOINT_URL since botocore 1.31),
+        MLflow's S3 artifact store reads MLFLOW_S3_ENDPOINT_URL."""
+        return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
+                "AWS_DEFAULT_REGION": self.region, "AWS_ENDPOINT_URL": self.endpoint,
+                "MLFLOW_S3_ENDPOINT_URL": self.endpoint}
+
+    def client(self) -> Any:
+        import boto3  # only the tests that use S3 pay for it
+
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key,
+                            aws_secret_access_key=self.secret_key, region_name=self.region)
+
+    def make_bucket(self, name: str) -> None:
+        self.client().create_bucket(Bucket=name)
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        """Every object key in `bucket` under `prefix`, sorted."""
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
+
+    def read(self, bucket: str, key: str) -> bytes:
+        return self.client().get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+@contextmanager
+def s3_server(root: Path, env: dict[str, str]) -> Iterator[S3]:
+    """moto's S3 server (in memory: nothing outlives the block) on a loopback port."""
+    root.mkdir(parents=True, exist_ok=True)
+    port, log = free_port(), root / "s3-server.log"
+    command = [shutil.which("moto_server", path=env["PATH"]) or "moto_server", "-H", "127.0.0.1", "-p", str(port)]
+    endpoint = f"http://127.0.0.1:{port}"
+    with serving(command, log, env, f"{endpoint}/moto-api/", "moto S3 server"):
+        yield S3(endpoint)
 
 
 # --- Prefect -------------------------------------------------------------------------------------------------
