@@ -88,6 +88,22 @@ def serving(command: list[str], log: Path, env: dict[str, str], health: str, wha
         stop(process)
 
 
+def serve_http(handler: Any) -> Iterator[str]:
+    """A threaded HTTP server of `handler` on a loopback port, for a `for url in serve_http(...)` block (a
+    generator, so a fixture can yield from inside it); yields its base URL, shut down afterwards."""
+    import http.server
+    import threading
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 # --- PostgreSQL ------------------------------------------------------------------------------------------------
 
 def postgres_bin() -> Path:

@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +24,7 @@ from aligntok.data.fingerprint import FORMAT, fingerprint, to_json
 from aligntok.data.sources import FASHION_MNIST_FILES, ImageFolder, IngestError
 
 from corpus import noise_png, write_tar
+from servers import serve_http
 
 
 def _folder(root: Path, images: int = 3) -> Path:
@@ -211,17 +211,6 @@ class _ObjectHeads(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def _serve(handler: object) -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)  # type: ignore[arg-type]
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 @pytest.fixture
 def http_shards(tmp_path: Path) -> Iterator[tuple[str, dict[str, str], list[str]]]:
     """(base URL, the ETags by path, the request log) of a server of two shards under /shards/."""
@@ -230,7 +219,7 @@ def http_shards(tmp_path: Path) -> Iterator[tuple[str, dict[str, str], list[str]
     etags = {f"/shards/train-{i:06d}.tar": f'"v1-{i}"' for i in range(2)}
     requests: list[str] = []
     handler = type("Handler", (_Tagged,), {"etags": etags, "requests": requests})
-    for base in _serve(functools.partial(handler, directory=str(root))):
+    for base in serve_http(functools.partial(handler, directory=str(root))):
         yield base, etags, requests
 
 
@@ -259,7 +248,7 @@ def test_s3_shards_are_identified_by_head_object(monkeypatch: pytest.MonkeyPatch
                         "AWS_EC2_METADATA_DISABLED": "true", "AWS_DEFAULT_REGION": "us-east-1",
                         "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}.items():
         monkeypatch.setenv(name, value)
-    for base in _serve(type("Store", (_ObjectHeads,), {"objects": objects})):
+    for base in serve_http(type("Store", (_ObjectHeads,), {"objects": objects})):
         monkeypatch.setenv("ALIGNTOK_DATA_S3_ENDPOINT_URL", base)
         described = _described("webdataset:s3://datasets/train-000000.tar")
         assert described["shards"] == [{"url": "s3://datasets/train-000000.tar", "etag": '"abc"', "size": 1234}]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.server
-import threading
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from aligntok.data.remote import RemoteError, cache_root, fetch_to_cache, open_stream, s3_client, split_s3_url
+
+from servers import serve_http
 
 PAYLOAD = bytes(range(256)) * 4099  # ~1 MiB and not a multiple of the read chunk
 
@@ -70,17 +71,6 @@ class _ObjectStore(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def _serve(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 @pytest.fixture
 def http_files(tmp_path: Path) -> Iterator[tuple[str, list[str]]]:
     """(base URL, the request log) of a server of a folder holding `shards/train-000000.tar` = PAYLOAD."""
@@ -89,7 +79,7 @@ def http_files(tmp_path: Path) -> Iterator[tuple[str, list[str]]]:
     (root / "shards" / "train-000000.tar").write_bytes(PAYLOAD)
     requests: list[str] = []
     handler = type("Handler", (_Counting,), {"requests": requests})
-    for url in _serve(functools.partial(handler, directory=str(root))):  # type: ignore[arg-type]
+    for url in serve_http(functools.partial(handler, directory=str(root))):  # type: ignore[arg-type]
         yield url, requests
 
 
@@ -108,7 +98,7 @@ def s3_store(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[tuple[
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "data-key")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "data-secret")
     monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", "http://127.0.0.1:1")  # the artifact store's: must not be used
-    for url in _serve(handler):
+    for url in serve_http(handler):
         monkeypatch.setenv("ALIGNTOK_DATA_S3_ENDPOINT_URL", url)
         yield objects, requests
 
