@@ -209,6 +209,8 @@ def pipeline(targets: list[str] | None = None, preset: str | None = None, force:
     infra_retries / retry_delay_seconds: retries of infrastructure failures (never of a failing stage)."""
     logger = get_run_logger()
     checkout = REPO
+    if not os.environ.get("MLFLOW_TRACKING_URI"):  # the default registry is the checkout's, not the workspace's
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{checkout / 'mlflow.db'}"
     default_name, run_name = _run_names()
     name = workspace or default_name
     holder = (f"pid {os.getpid()} on {socket.gethostname()}, flow run {run_name}, "
