@@ -3,7 +3,7 @@
 Runs are addressed by explicit run ids through `MlflowClient` (MLflow's fluent "active
 run" is thread-local and easy to leak between stages). The tracking URI comes from
 `MLFLOW_TRACKING_URI`, else a SQLite file in the working directory (the repo root under
-DVC), with artifacts in `mlartifacts/` beside it. Nothing is configured at import.
+DVC); a SQLite registry keeps its artifacts in `mlartifacts/` beside its file. Nothing is configured at import.
 """
 
 from __future__ import annotations
@@ -62,8 +62,9 @@ def experiment_id(mlflow_client: Any, name: str = EXPERIMENT) -> str:
     if found is not None:
         return found.experiment_id
     location = None
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        location = Path("mlartifacts").resolve().as_uri()
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):  # a local registry keeps its artifacts beside its database file
+        location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
     return mlflow_client.create_experiment(name, artifact_location=location)
 
 
