@@ -5,8 +5,8 @@
 #   set -a; . infra/.env; set +a; bash infra/dvc-remote.sh
 #   dvc push            # and `dvc pull` on another machine
 #
-# Needs DVC's S3 support, which `make setup` does not install: pip install 'dvc[s3]' (pinned to the project's
-# DVC: .venv/bin/pip install 'dvc[s3]==3.67.1'). The compose worker's image has it.
+# Needs DVC's S3 support (dvc-s3): `make setup` installs it (the `test` extra: the integration tests run a DVC
+# remote on a local S3 server), and so does the compose worker's image.
 #
 # What goes where:
 #   .dvc/config        (committed, shared): the remote's URL only.
