@@ -65,3 +65,27 @@ def test_stage_cleans_stale_checkpoints_and_starts_over_after_a_corrupt_one(
                                                               f"{key}.safetensors.corrupt", "stale"])
     assert sorted(p.name for p in (folder / "stale").iterdir()) == sorted(stale[:2])  # set aside; the temp file removed
     assert json.loads((folder / f"{key}.json").read_text())["step"] == QUICK_STAGE1["steps"]
+
+
+def test_other_fingerprints_go_to_stale_without_overwriting_what_is_there(tmp_path: Path) -> None:
+    from aligntok.train.checkpoint import STALE, clean_checkpoint_folder
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    current = folder / "00aa.safetensors"
+    for run in ("first", "second"):  # the same older fingerprint trained twice, set aside twice
+        for name in ("11bb.safetensors", "11bb.json"):
+            (folder / name).write_text(run)
+        (folder / "11bb.snapshots").mkdir()
+        (folder / "11bb.snapshots" / "step_000002.safetensors").write_text(run)
+        (folder / "00aa.json").write_text("ours")
+        (folder / "00aa.snapshots").mkdir(exist_ok=True)
+        (folder / ".00aa.safetensors.tmp-123").write_text("interrupted write")
+        moved = clean_checkpoint_folder(current)
+        assert sorted(moved) == [".00aa.safetensors.tmp-123", "11bb.json", "11bb.safetensors", "11bb.snapshots"]
+    assert sorted(p.name for p in folder.iterdir()) == ["00aa.json", "00aa.snapshots", STALE]
+    stale = folder / STALE
+    assert sorted(p.name for p in stale.iterdir()) == [
+        "11bb-1.json", "11bb-1.safetensors", "11bb-1.snapshots", "11bb.json", "11bb.safetensors", "11bb.snapshots"]
+    assert (stale / "11bb.json").read_text() == "first" and (stale / "11bb-1.json").read_text() == "second"
+    assert (stale / "11bb-1.snapshots" / "step_000002.safetensors").read_text() == "second"

@@ -179,7 +179,9 @@ def test_cleaning_sets_other_fingerprints_aside_and_removes_temporaries(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["aaaa.json", "aaaa.safetensors",
                                                           "aaaa.safetensors.corrupt", "notes.txt", STALE]
     kept = {p.name: p.read_text() for p in (tmp_path / STALE).iterdir()}  # moved, with their contents
-    assert kept == {name: name for name in ("bbbb.json", "bbbb.safetensors", "bbbb.safetensors.corrupt")}
+    assert kept == {"bbbb.json": "an older set-aside copy",  # not overwritten: the new ones are numbered, together
+                    **{name.replace("bbbb", "bbbb-1"): name
+                       for name in ("bbbb.json", "bbbb.safetensors", "bbbb.safetensors.corrupt")}}
     assert any("aside" in r.message and "bbbb.safetensors" in r.message and r.levelname == "WARNING"
                for r in caplog.records)
     assert clean_checkpoint_folder(tmp_path / "missing" / "x.safetensors") == []

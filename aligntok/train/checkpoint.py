@@ -203,26 +203,47 @@ STALE = "stale"
 """Sub-folder of a stage's checkpoint folder where checkpoints of other fingerprints are set aside."""
 
 
+def set_aside(paths: list[Path], stale: Path) -> list[Path]:
+    """Move the entries of one fingerprint (`<key>.*`) into `stale/`, under `<key>-N.*` for the first N whose
+    names are all free when some are taken there: nothing set aside earlier is overwritten, and a checkpoint
+    keeps its sidecar's number. Returns the new paths."""
+    key = paths[0].name.partition(".")[0]
+    stale.mkdir(exist_ok=True)
+    tag, n = key, 0
+    while any((stale / (tag + p.name[len(key):])).exists() for p in paths):
+        n += 1
+        tag = f"{key}-{n}"
+    moved = []
+    for path in paths:
+        moved.append(stale / (tag + path.name[len(key):]))
+        os.replace(path, moved[-1])
+    return moved
+
+
 def clean_checkpoint_folder(checkpoint: Path) -> list[str]:
-    """Tidy a stage's checkpoint folder for `checkpoint`: checkpoints and sidecars of other fingerprints (their
-    inputs, params or code changed) and their moved-aside files go to `stale/` (kept, not deleted: they may be
-    a long run's progress), and temporary files of interrupted writes are removed. Says so in one line.
+    """Tidy a stage's checkpoint folder for `checkpoint`: checkpoints, sidecars and snapshot folders of other
+    fingerprints (their inputs, params or code changed) and their moved-aside files go to `stale/` (kept, not
+    deleted: they may be a long run's progress; under `<fingerprint>-N.*` when the name is taken there), and
+    temporary files of interrupted writes are removed. Says so in one line.
     Returns the names it moved or removed."""
     folder, key = checkpoint.parent, checkpoint.stem
     if not folder.is_dir():
         return []
     keep = {checkpoint.name, checkpoint.with_suffix(".json").name}
+    others: dict[str, list[Path]] = {}
     moved, removed = [], []
     for path in sorted(folder.iterdir()):
-        if not path.is_file() or path.name in keep:
+        if path.name in keep or path.name == STALE or path.name.startswith(f"{key}."):
             continue
-        if _TEMP.match(path.name):
+        if path.is_file() and _TEMP.match(path.name):
             path.unlink()
             removed.append(path.name)
-        elif path.suffix in (".safetensors", ".json", CORRUPT_SUFFIX) and not path.name.startswith(f"{key}."):
-            (folder / STALE).mkdir(exist_ok=True)
-            os.replace(path, folder / STALE / path.name)
+        elif (path.is_file() and path.suffix in (".safetensors", ".json", CORRUPT_SUFFIX)) or \
+                (path.is_dir() and path.suffix == ".snapshots"):  # the DiT's kept snapshots of that fingerprint
+            others.setdefault(path.name.partition(".")[0], []).append(path)
             moved.append(path.name)
+    for paths in others.values():
+        set_aside(paths, folder / STALE)
     if moved:
         log.warning("%s: set %d checkpoint files of other fingerprints (their params, inputs or code differ) "
                     "aside in %s: %s; delete them once they are not needed", folder, len(moved), folder / STALE,
@@ -260,15 +281,7 @@ def set_aside_for_retraining(checkpoint: Path, stage: str) -> list[Path]:
     except Exception:  # unreadable: it goes aside all the same
         step = "an unreadable checkpoint"
     stale = folder / STALE
-    stale.mkdir(exist_ok=True)
-    tag, n = key, 0
-    while any((stale / (tag + p.name[len(key):])).exists() for p in ours):
-        n += 1
-        tag = f"{key}-{n}"
-    moved = []
-    for path in ours:
-        moved.append(stale / (tag + path.name[len(key):]))
-        os.replace(path, moved[-1])
+    moved = set_aside(ours, stale)
     log.warning("%s: %s=1, retraining from step 0: set the earlier run (%s) aside in %s: %s", stage, RETRAIN_ENV,
                 step, stale, ", ".join(p.name for p in moved))
     return moved
