@@ -3,7 +3,7 @@
 Every registration and every tagging rewrites a version's description in the registry (what it is, its figures,
 how to load it, where it came from: `version_description`, written by `aligntok.tracking.describe_version`;
 registered models get `MODEL_DESCRIPTIONS`). A pipeline flow run ends (flows/pipeline.py) with `record_run`:
-every version the run registered, and the run's MLflow parent run, get the tags of `RUN_TAGS` (the run commit
+every version the run registered, and the run's MLflow parent run, get the `aligntok.*` tags of `RunRecord` (the run commit
 and branch, the git remote, the source fingerprint, the code commit, the deployment and flow run).
 
 The MLflow calls themselves live in aligntok.tracking; this module decides what they say.
@@ -24,7 +24,6 @@ from aligntok.errors import AligntokError
 RUN_COMMIT, RUN_BRANCH, GIT_REMOTE = "aligntok.run_commit", "aligntok.run_branch", "aligntok.git_remote"
 SOURCE, CODE_COMMIT = "aligntok.source_fingerprint", "aligntok.code_commit"
 DEPLOYMENT, FLOW_RUN, PIPELINE_RUN = "aligntok.deployment", "aligntok.flow_run", "aligntok.pipeline_run_id"
-RUN_TAGS = (RUN_COMMIT, RUN_BRANCH, GIT_REMOTE, SOURCE, CODE_COMMIT, DEPLOYMENT, FLOW_RUN, PIPELINE_RUN)
 
 MODEL_DESCRIPTIONS = {
     "aligntok-tokenizer": "Image tokenizer: a frozen DINOv2 encoder with a small adapter to a compact latent, and a "

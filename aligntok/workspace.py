@@ -155,16 +155,12 @@ def _share_dvc_config(checkout: Path, path: Path) -> None:
 def _restore_results(path: Path, previous: str) -> None:
     """Check out the previous run's dvc.lock, git-tracked outputs and .gitignore files (those that list its
     outputs), as far as they exist in that commit."""
-    ignores = [p for p in git(path, "ls-tree", "-r", "--name-only", previous).splitlines()
-               if p.rsplit("/", 1)[-1] == ".gitignore"]
-    wanted = ["dvc.lock", *git_tracked_outputs(path / "dvc.yaml"), *ignores]
-    present = [p for p in wanted if _exists_in(path, previous, p)]
+    files = git(path, "ls-tree", "-r", "--name-only", previous).splitlines()
+    ignores = [p for p in files if p.rsplit("/", 1)[-1] == ".gitignore"]
+    wanted = ["dvc.lock", *git_tracked_outputs(path / "dvc.yaml")]  # files, or folders (reports/plots)
+    present = [p for p in wanted if any(f == p or f.startswith(p + "/") for f in files)] + ignores
     if present:
         git(path, "checkout", previous, "--", *present)
-
-
-def _exists_in(path: Path, commit: str, file: str) -> bool:
-    return subprocess.run(["git", "cat-file", "-e", f"{commit}:{file}"], cwd=path, capture_output=True).returncode == 0
 
 
 def restore_outputs(workspace: Workspace) -> str:

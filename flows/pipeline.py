@@ -138,10 +138,9 @@ def run_stage(stage: str, repo: str, force: bool, parent_run_id: str | None) -> 
     status = stage_status(stage, output)
     if stage == SNAPSHOT:  # it runs every time: what counts is whether the fingerprint moved
         status = "source unchanged" if before == fingerprint.read_bytes() else "source changed"
-    ran = status == "ran"
+    receipts = stage_receipts(Path(repo), stage) if status == "ran" else []
     return {"stage": stage, "status": status, "seconds": round(seconds, 1),
-            "versions": [f"{r['model']} v{r['version']}" for r in stage_receipts(Path(repo), stage)] if ran else [],
-            "receipts": stage_receipts(Path(repo), stage) if ran else [],
+            "versions": [f"{r['model']} v{r['version']}" for r in receipts], "receipts": receipts,
             "metrics": stage_metrics(Path(repo), stage)}
 
 
@@ -248,7 +247,8 @@ def pipeline(targets: list[str] | None = None, preset: str | None = None, force:
                 except StageFailed as exc:
                     rows.append({"stage": stage, "status": f"failed: {exc.error}"})
                     raise
-            header["source fingerprint"] = work.source_fingerprint() or "none"
+            fingerprint = work.source_fingerprint()
+            header["source fingerprint"] = fingerprint or "none"
             published = publish.with_options(**retrying)(work, run_commit_message(header, rows), git_remote, push)
             header["run commit"] = f"{published['commit']} on {work.branch}"
             header["pushed"] = "; ".join(published["pushed"])
@@ -259,7 +259,7 @@ def pipeline(targets: list[str] | None = None, preset: str | None = None, force:
 
                 record_run(RunRecord(published["commit"], work.branch, work.commit,
                                      ws.git_remote_url(checkout, git_remote) if push else None,
-                                     work.source_fingerprint(), name, run_name, parent), created)
+                                     fingerprint, name, run_name, parent), created)
                 client().set_terminated(parent, "FINISHED")
             if promote and track and any(r["stage"] == "evaluate" and r["status"] == "ran" for r in rows):
                 from aligntok.config import load_params
