@@ -332,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ingest = add("ingest", cmd_ingest,
                  "stage `ingest`: images to WebDataset shards + manifest.parquet + rejected.csv")
-    ingest.add_argument("source", nargs="?", help="fashion-mnist | imagefolder:PATH | webdataset:URL "
+    ingest.add_argument("source", nargs="?", help="fashion-mnist | fashion-mnist-captioned | imagefolder:PATH | webdataset:URL "
                         "(default: data.source)")
     ingest.add_argument("out_dir", help="output folder for shards, manifest and rejected list")
     switches(ingest, register=False)

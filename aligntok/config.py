@@ -324,11 +324,16 @@ class EvaluateConfig(Section):
         return value
 
 
+T2I_PRESET_NAMES = ("FluxDiT-T", "FluxDiT-S", "FluxDiT-B", "FluxDiT-L", "FluxDiT-2B")
+"""The keys of `aligntok.diffusion.t2i_dit.PRESETS_T2I` (tests/test_config.py checks that the two agree)."""
+
+
 class DataConfig(Section):
     """Images to WebDataset shards (`ingest` stage)."""
 
     source: str = "fashion-mnist"
-    """`fashion-mnist`, `imagefolder:<path>` or `webdataset:<url or brace pattern>`."""
+    """`fashion-mnist`, `fashion-mnist-captioned` (tinted, with captions: `aligntok.data.captions`),
+    `imagefolder:<path>` or `webdataset:<url or brace pattern>`."""
     val_source: str | None = None
     """The validation split as a source of its own, in `source`'s syntax (ImageNet's official 50,000-image val
     folder: `imagefolder:/datasets/imagenet/val`): `source` is then all train, this all val, and `val_fraction`
@@ -360,12 +365,16 @@ class DataConfig(Section):
     max_images: int | None = Field(None, ge=1)
     """Keep only the first N inputs of the source, and of `val_source` when set (the tiny preset's subset);
     null = all."""
+    caption_max_chars: int = Field(1000, ge=1)
+    """Longest caption accepted, in characters after stripping; an input with a longer one is rejected."""
 
     @field_validator("source", "val_source")
     @classmethod
     def _known_source(cls, value: str | None) -> str | None:
-        if value is not None and value != "fashion-mnist" and not re.match(r"^(imagefolder|webdataset):.+$", value):
-            raise ValueError("must be 'fashion-mnist', 'imagefolder:<path>' or 'webdataset:<url>'")
+        named = ("fashion-mnist", "fashion-mnist-captioned")
+        if value is not None and value not in named and not re.match(r"^(imagefolder|webdataset):.+$", value):
+            raise ValueError("must be 'fashion-mnist', 'fashion-mnist-captioned', 'imagefolder:<path>' or "
+                             "'webdataset:<url>'")
         return value
 
     @field_validator("formats")
@@ -385,6 +394,9 @@ class ValidateConfig(Section):
     share 1/K: count/mean <= b and mean/count <= b (not max/min, which may reach b**2)."""
     sample_per_shard: int = Field(16, ge=1)
     """Records decoded from every shard to check shape, dtype and value range."""
+    caption_min_chars: int = Field(1, ge=0)
+    """Shortest caption a captioned dataset may hold (characters); the longest is the ingest's
+    `data.caption_max_chars`, read from dataset.json."""
 
 
 class RuntimeConfig(Section):

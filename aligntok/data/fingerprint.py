@@ -7,6 +7,9 @@ reruns ingest and everything after it, an unchanged one writes the same bytes an
 Per source (`data.source`, and `data.val_source` when set), in `aligntok.data.sources`' syntax:
 
 - `fashion-mnist`: the sha256 and size of each of its four `.gz` files (about 30 MB, read whole).
+- `fashion-mnist-captioned`: the same files, and the captioning scheme (`aligntok.data.captions.SCHEME`: its
+  format, palette, garments, templates and held-out pairs) in `captions`, both in its digest: a change to
+  the scheme reruns ingest as new data would.
 - `imagefolder:PATH`: a digest of the listing of every entry that ingest considers (the same walk:
   links to folders are not followed, a folder that cannot be listed is one entry). One line per entry,
   `[relative path, size, mtime_ns, note]` as JSON (so any file name is unambiguous), the note being
@@ -38,8 +41,9 @@ from tqdm import tqdm
 
 from aligntok.config import DataConfig
 from aligntok.data.remote import RemoteError, object_info, s3_client
-from aligntok.data.sources import FASHION_MNIST_FILES, FashionMNIST, IngestError, _local_path, _reason, \
-    _shard_urls, _walk
+from aligntok.data.captions import SCHEME
+from aligntok.data.sources import FASHION_MNIST_FILES, FASHION_MNIST_SOURCES, SOURCE_SYNTAX, FashionMNIST, \
+    IngestError, _local_path, _reason, _shard_urls, _walk
 from aligntok.fileio import sha256_file
 
 FORMAT = "aligntok-source-fingerprint/1"
@@ -64,14 +68,18 @@ def to_json(described: dict[str, Any]) -> str:
 
 def describe(spec: str, cfg: DataConfig, progress: bool = False) -> dict[str, Any]:
     """One source's description: `spec`, `kind`, `file_count`, `total_bytes`, `digest` and the kind's details."""
-    if spec == "fashion-mnist":
-        return _fashion_mnist(spec, Path(cfg.fashion_mnist_dir))
+    if spec in FASHION_MNIST_SOURCES:
+        described = _fashion_mnist(spec, Path(cfg.fashion_mnist_dir))
+        if spec == "fashion-mnist-captioned":
+            captions = SCHEME.describe()
+            described.update(captions=captions, digest=_digest({"files": described["files"], "captions": captions}))
+        return described
     scheme, _, rest = spec.partition(":")
     if scheme == "imagefolder" and rest:
         return _image_folder(spec, Path(rest), progress)
     if scheme == "webdataset" and rest:
         return _webdataset(spec, rest, progress)
-    raise IngestError(f"unknown source {spec!r}: expected 'fashion-mnist', 'imagefolder:<path>' or 'webdataset:<url>'")
+    raise IngestError(f"unknown source {spec!r}: expected {SOURCE_SYNTAX}")
 
 
 def _digest(value: Any) -> str:
@@ -87,7 +95,7 @@ def _fashion_mnist(spec: str, folder: Path) -> dict[str, Any]:
             files[name] = {"sha256": sha256_file(path), "size": path.stat().st_size}
         except OSError as exc:
             raise IngestError(f"{path}: cannot read this Fashion-MNIST file ({_reason(exc)})") from None
-    return {"spec": spec, "kind": "fashion-mnist", "folder": str(folder), "files": files, "file_count": len(files),
+    return {"spec": spec, "kind": spec, "folder": str(folder), "files": files, "file_count": len(files),
             "total_bytes": sum(f["size"] for f in files.values()), "digest": _digest(files)}
 
 

@@ -5,18 +5,30 @@ Outputs in OUT_DIR (a contract: the validate stage reads them):
 - `train-000000.tar`, ..., `val-000000.tar`, ...: shards of at most `shard_max_count` samples
   and `shard_max_bytes` bytes of file (a shard always takes at least one sample). A sample
   is `<key>.cls` (label, ASCII decimal), `<key>.json` ({key, source_path, label, class_name,
-  sha256}) and `<key>.png` or `<key>.jpg` (RGB, resolution²); `key` is the first 16 hex
-  digits of the sha256 of the source bytes. Tar headers are fixed (USTAR, mtime 0,
-  uid/gid 0, user/group `aligntok`, mode 0444), so a re-run writes byte-identical files.
+  sha256}), `<key>.png` or `<key>.jpg` (RGB, resolution²) and, for an input with a caption,
+  `<key>.txt` (the caption, UTF-8); `key` is the first 16 hex digits of the sha256 of the
+  source bytes. A captioned input without a label has no `.cls`, and null `label` and
+  `class_name` in its `.json` (`aligntok.data.shards.NO_LABEL` in the index). Tar headers
+  are fixed (USTAR, mtime 0, uid/gid 0, user/group `aligntok`, mode 0444), so a re-run
+  writes byte-identical files.
 - `train-000000.idx`, ...: each shard's record index (key, offset and size of the image bytes, label;
   `aligntok.data.shards.index_shard`), read back from the written tar, for random access.
-- `manifest.parquet`: one row per accepted image, in shard order (train, then val).
+- `manifest.parquet`: one row per accepted image, in shard order (train, then val); `label` and
+  `class_name` are null for a captioned image without a label.
 - `rejected.csv`: `path,reason`, one row per rejected input, sorted by path, every field
   quoted (a name may hold a comma, quote, `\\r` or `\\n`). A path that is not valid UTF-8
   is rejected (reason `unsupported name`) and written with each undecodable byte as
   `\\xNN` and each backslash doubled: `codecs.escape_decode` gives its bytes back.
 - `dataset.json`: source, classes, resolution, image format, counts, shard names, the records of each
-  shard (`index.records`), params.
+  shard (`index.records`), `captions` (records with a caption per split, `{train: n, val: m}`), params,
+  and for a source whose captions follow a scheme (`fashion-mnist-captioned`) that scheme as
+  `caption_scheme` (`aligntok.data.captions.CaptionScheme.describe`: palette, garments, templates,
+  held-out pairs), so that evaluation reads them from the data.
+
+Captions: an input's caption (`SourceItem.caption`) is stripped and rejected, with the input, when it is
+not valid UTF-8, empty, longer than `caption_max_chars` or holds a control character other than
+whitespace (`aligntok.data.captions.normalise_caption`; the reason starts `caption ...`). An input needs a
+label or a caption: without either it is rejected (`no label`), as before captions existed.
 
 How it runs:
 1. One streaming pass reads every input of the source, in the source's order, and a pool
@@ -25,7 +37,10 @@ How it runs:
    file; only their metadata stays in memory.
 2. Exact duplicates (same sha256) keep the copy with the smallest source path. Each image
    gets its split from a hash of (seed, sha256) and its place from another, so neither
-   depends on enumeration order or on `workers`.
+   depends on enumeration order or on `workers`. An input whose source forces its split
+   (`SourceItem.split`: a held-out caption pair goes to val) goes there instead; with
+   `data.val_source` set, an input forced into the other source's split is rejected
+   (`held out of ...`), so that neither split takes what it must not.
 3. Shards are planned from the exact sizes, then written from the spool by the same pool,
    one shard per task.
 
@@ -74,8 +89,9 @@ from typing import IO, NamedTuple, TypeVar
 from tqdm import tqdm
 
 from aligntok.config import DataConfig
+from aligntok.data.captions import normalise_caption
 from aligntok.data.images import ImagePolicy, ProcessedImage, process_image
-from aligntok.data.shards import ENCODED_EXTENSION, INDEX_FORMAT, index_name, write_index
+from aligntok.data.shards import CAPTION_KEY, ENCODED_EXTENSION, INDEX_FORMAT, index_name, write_index
 from aligntok.data.sources import IngestError, Source, SourceItem, open_source
 from aligntok.locks import LockBusy, LockError, file_lock
 
@@ -111,6 +127,8 @@ class IngestSummary:
     seconds: float
     images_per_s: float
     shards: dict[str, list[Path]]
+    captions: dict[str, int] = field(default_factory=dict)
+    """Accepted records with a caption, per split."""
 
 
 class _Outcome(NamedTuple):
@@ -120,6 +138,22 @@ class _Outcome(NamedTuple):
     label: int | None
     image: ProcessedImage | None
     reason: str | None
+    caption: str | None = None
+    """Normalised."""
+    split: str | None = None
+    """The split the source forces, if any."""
+
+
+class _Copy(NamedTuple):
+    """One accepted copy of an image; the copies of a sha256 sort by (rank, path), the first is kept."""
+
+    rank: int
+    path: str
+    label: int | None
+    source_split: str
+    """The split of the source it came from (`data.val_source`), "" when one source is split by hash."""
+    caption: str | None
+    forced: str | None
 
 
 @dataclass(slots=True)
@@ -127,12 +161,13 @@ class _Record:
     """An accepted image: its metadata and where its encoded bytes sit in the spool."""
 
     source_path: str
-    label: int
+    label: int | None
     image: ProcessedImage  # without the encoded bytes: those live in the spool
     offset: int
     length: int
     split: str = ""
     shard: str = ""
+    caption: str | None = None
 
     @property
     def key(self) -> str:
@@ -145,8 +180,8 @@ class _Collected:
 
     inputs: int = 0
     records: dict[str, _Record] = field(default_factory=dict)
-    copies: dict[str, list[tuple[int, str, int, str]]] = field(default_factory=dict)
-    """sha256 -> every copy as (rank, source path, label, split); the smallest is kept (`_KEEP_FIRST`)."""
+    copies: dict[str, list[_Copy]] = field(default_factory=dict)
+    """sha256 -> every copy; the smallest (rank, path) is kept (`_KEEP_FIRST`)."""
     rejected: list[tuple[str, str]] = field(default_factory=list)
 
 
@@ -192,6 +227,9 @@ def ingest(
         summary.train, summary.val, summary.rejected, summary.seconds,
         summary.images_per_s, len(summary.shards["train"]), len(summary.shards["val"]), out_dir,
     )  # fmt: skip
+    if any(summary.captions.values()):
+        log.info("ingest %s: captions on %d train and %d val records", source, summary.captions["train"],
+                 summary.captions["val"])
     if summary.train + summary.val == 0:
         log.warning("ingest %s: no input was accepted; see %s", source, out_dir / REJECTED)
     return summary
@@ -204,17 +242,20 @@ def _ingest_into(
     collected = _Collected()
     with open(staging / SPOOL, "w+b") as spool:
         for split, src in inputs:
-            _collect(src, split, ImagePolicy.from_config(cfg), pool, spool, progress, limit, collected)
+            _collect(src, split, ImagePolicy.from_config(cfg), cfg.caption_max_chars, pool, spool, progress, limit,
+                     collected)
     records, rejected = _resolve_duplicates(collected)
     classes = _input_classes(inputs, source, cfg)
     records, shard_names = _write_all_shards(records, classes, staging, cfg, pool, progress)
     (staging / SPOOL).unlink()
     counts = _checked_counts(collected.inputs, records, rejected)
+    captions = {split: sum(r.caption is not None for r in records if r.split == split) for split in SPLITS}
+    scheme = next((s.describe() for _, src in inputs if (s := src.caption_scheme()) is not None), None)
     _log_rejections(rejected)
     _write_rejected(rejected, staging / REJECTED)
     _write_manifest(records, classes, staging / MANIFEST)
     _write_dataset_json(source, classes, counts, shard_names, Counter(r.shard for r in records), cfg,
-                        staging / DATASET)
+                        staging / DATASET, captions, scheme)
     _publish(staging, out_dir, [out for names in shard_names.values() for name in names
                                 for out in (name, index_name(name))])
     seconds = time.perf_counter() - start
@@ -223,6 +264,7 @@ def _ingest_into(
         val=counts["val"], rejected=counts["rejected"], seconds=seconds,
         images_per_s=counts["inputs"] / max(seconds, 1e-9),
         shards={split: [out_dir / name for name in names] for split, names in shard_names.items()},
+        captions=captions,
     )  # fmt: skip
 
 
@@ -367,18 +409,23 @@ def _publish(staging: Path, out_dir: Path, shard_names: list[str]) -> None:
 # --- the pass over the source -----------------------------------------------------------------
 
 
-def _process_item(item: SourceItem, policy: ImagePolicy) -> _Outcome:
+def _process_item(item: SourceItem, policy: ImagePolicy, caption_max_chars: int) -> _Outcome:
     """Worker entry point (module level, so spawned workers can unpickle it)."""
     if not _is_utf8(item.source_path):  # no manifest, shard or table could store it as it is
         return _Outcome(item.source_path, item.label, None, UNSUPPORTED_NAME)
     if item.data is None:
         return _Outcome(item.source_path, item.label, None, item.reason or "unreadable")
-    return _Outcome(item.source_path, item.label, process_image(item.data, policy), None)
+    caption = None
+    if item.caption is not None:
+        caption, reason = normalise_caption(item.caption, caption_max_chars)
+        if reason is not None:  # before decoding: a caption costs less to judge than an image
+            return _Outcome(item.source_path, item.label, None, reason)
+    return _Outcome(item.source_path, item.label, process_image(item.data, policy), None, caption, item.split)
 
 
 def _collect(
-    src: Source, split: str | None, policy: ImagePolicy, pool: _Pool, spool: IO[bytes], progress: bool,
-    limit: int | None, collected: _Collected,
+    src: Source, split: str | None, policy: ImagePolicy, caption_max_chars: int, pool: _Pool, spool: IO[bytes],
+    progress: bool, limit: int | None, collected: _Collected,
 ) -> None:  # fmt: skip
     """Run every input of `src` through the policy into `collected`: spool accepted images, group copies
     by sha256. A `split` (a source of its own) goes with each input and prefixes its path, `val:<path>`."""
@@ -386,7 +433,7 @@ def _collect(
     total = src.count()
     if total is not None and limit is not None:
         total = min(total, limit)
-    work = functools.partial(_process_item, policy=policy)
+    work = functools.partial(_process_item, policy=policy, caption_max_chars=caption_max_chars)
     desc = "ingest" if split is None else f"ingest {split}"
     with tqdm(total=total, unit="img", desc=desc, disable=not progress, smoothing=0.1) as bar:
         for outcome in pool.imap(work, items, total):
@@ -398,11 +445,15 @@ def _collect(
 def _add(collected: _Collected, outcome: _Outcome, split: str | None, spool: IO[bytes]) -> None:
     image = outcome.image
     path = outcome.source_path if split is None else f"{split}:{outcome.source_path}"
-    if image is None or image.encoded is None or outcome.label is None:
+    if image is None or image.encoded is None or (outcome.label is None and outcome.caption is None):
         reason = outcome.reason or (image.reason if image is not None else None) or "no label"
         collected.rejected.append((path, reason))
         return
-    copy = (_KEEP_FIRST[split], path, outcome.label, split or "")
+    if split is not None and outcome.split not in (None, split):
+        collected.rejected.append((path, f"held out of {split}: the source puts it in {outcome.split}, and "
+                                         f"data.val_source makes this source {split} only"))
+        return
+    copy = _Copy(_KEEP_FIRST[split], path, outcome.label, split or "", outcome.caption, outcome.split)
     if image.sha256 in collected.records:  # identical bytes give identical output: keep the path only
         collected.copies[image.sha256].append(copy)
         return
@@ -414,13 +465,15 @@ def _add(collected: _Collected, outcome: _Outcome, split: str | None, spool: IO[
 
 
 def _resolve_duplicates(collected: _Collected) -> tuple[list[_Record], list[tuple[str, str]]]:
-    """Keep one copy of each sha256, reject the others: a val source's copy first, then the smallest path."""
+    """Keep one copy of each sha256, reject the others: a val source's copy first, then the smallest path.
+    The kept copy brings its label, caption and split."""
     records, rejected, val_copies = [], list(collected.rejected), 0
     for sha, record in collected.records.items():
-        copies = sorted(collected.copies[sha])
-        (_, record.source_path, record.label, record.split), duplicates = copies[0], copies[1:]
-        rejected.extend((path, f"duplicate of {record.source_path}") for _, path, _, _ in duplicates)
-        val_copies += sum(split != record.split for *_, split in duplicates)
+        kept, *duplicates = sorted(collected.copies[sha], key=lambda copy: (copy.rank, copy.path))
+        record.source_path, record.label, record.caption = kept.path, kept.label, kept.caption
+        record.split = kept.source_split or kept.forced or ""
+        rejected.extend((copy.path, f"duplicate of {record.source_path}") for copy in duplicates)
+        val_copies += sum(copy.source_split != kept.source_split for copy in duplicates)
         records.append(record)
     if len({record.key for record in records}) != len(records):
         raise AssertionError("two different images share a 16-hex-digit key prefix")
@@ -512,7 +565,7 @@ def _write_all_shards(
     tasks: list[_ShardTask] = []
     written: list[_Record] = []
     names: dict[str, list[str]] = {split: [] for split in SPLITS}
-    for record in records:  # a record of a source of its own (data.val_source) came with its split
+    for record in records:  # a record of a source of its own (data.val_source), or a held-out one, has its split
         record.split = record.split or split_of(record.image.sha256, cfg.seed, cfg.val_fraction)
     for split in SPLITS:
         chosen = sorted((r for r in records if r.split == split), key=lambda r: _write_order(r, cfg.seed))
@@ -533,11 +586,21 @@ def _write_all_shards(
 
 
 def _small_entries(record: _Record, classes: list[str]) -> dict[str, bytes]:
+    """`cls` (unless the record has no label), `json` and `txt` (if it has a caption)."""
     meta = {
         "key": record.key, "source_path": record.source_path, "label": record.label,
-        "class_name": classes[record.label], "sha256": record.image.sha256,
+        "class_name": _class_name(record, classes), "sha256": record.image.sha256,
     }  # fmt: skip
-    return {"cls": str(record.label).encode("ascii"), "json": json.dumps(meta).encode("utf-8")}
+    entries = {"json": json.dumps(meta).encode("utf-8")}
+    if record.label is not None:
+        entries["cls"] = str(record.label).encode("ascii")
+    if record.caption is not None:
+        entries[CAPTION_KEY] = record.caption.encode("utf-8")
+    return entries
+
+
+def _class_name(record: _Record, classes: list[str]) -> str | None:
+    return None if record.label is None else classes[record.label]
 
 
 def _write_shard(task: _ShardTask) -> int:
@@ -573,7 +636,7 @@ def _write_manifest(records: list[_Record], classes: list[str], path: Path) -> N
         "source_path": [r.source_path for r in records],
         "split": [r.split for r in records],
         "label": [r.label for r in records],
-        "class_name": [classes[r.label] for r in records],
+        "class_name": [_class_name(r, classes) for r in records],
         "width": [r.image.width for r in records],
         "height": [r.image.height for r in records],
         "mode": [r.image.mode for r in records],
@@ -617,9 +680,9 @@ def _utf8(text: str) -> str:
 
 def _write_dataset_json(
     source: str, classes: list[str], counts: dict[str, int], shards: dict[str, list[str]], records: Counter[str],
-    cfg: DataConfig, path: Path,
+    cfg: DataConfig, path: Path, captions: dict[str, int], caption_scheme: dict | None,
 ) -> None:
-    description = {
+    description: dict = {
         "source": source,
         "classes": classes,
         "resolution": cfg.resolution,
@@ -628,8 +691,11 @@ def _write_dataset_json(
         "shards": shards,
         "index": {"format": INDEX_FORMAT, "records": {split: [records[name] for name in names]
                                                        for split, names in shards.items()}},
+        "captions": captions,
         "params": {**cfg.model_dump(mode="json"), "source": source},  # the source actually ingested
     }
+    if caption_scheme is not None:
+        description["caption_scheme"] = caption_scheme
     path.write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
 
 

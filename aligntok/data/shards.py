@@ -1,14 +1,22 @@
 """The one reader of the project's own shards (what `ingest` writes; `validate`, the training loader and
 `cache_latents` read them).
 
-A shard is a tar of records `<key>.png` (or `.jpg`), `<key>.cls` and `<key>.json`. Records are grouped by
-key exactly as webdataset's loader groups them, so what validation checks is what a WebDataset consumer
-sees. Input shards (`data.source: webdataset:...`) are untrusted and read by the hardened reader in
+A shard is a tar of records, members sorted by extension:
+
+- `<key>.cls`: the class label, ASCII decimal; absent for a record without a label (a captioned image that
+  belongs to no class: img2dataset data), which then needs a `.txt`;
+- `<key>.json`: {key, source_path, label, class_name, sha256} (`label`/`class_name` null without a label);
+- `<key>.png` (or `.jpg`): the image;
+- `<key>.txt`: the caption, UTF-8, stripped (`aligntok.data.captions.normalise_caption`); absent without one.
+
+Records are grouped by key exactly as webdataset's loader groups them, so what validation checks is what a
+WebDataset consumer sees. Input shards (`data.source: webdataset:...`) are untrusted and read by the hardened reader in
 `aligntok.data.sources` instead.
 
 Beside each shard `NAME.tar`, ingest writes its record index `NAME.idx` (`index_shard`): a NumPy `.npy`
 structured array, one row per record in stored order, `key` (bytes), `offset` and `size` (int64: where the
-record's image bytes lie in the tar) and `label` (int64). The random-access reader
+record's image bytes lie in the tar) and `label` (int64; `NO_LABEL`, -1, for a record without one). The
+random-access reader
 (`aligntok.data.reader`) maps the tar and slices `[offset, offset + size)` instead of parsing it.
 """
 
@@ -26,6 +34,11 @@ INDEX_FORMAT = "aligntok-index/1"
 
 ENCODED_EXTENSION = {"png": "png", "jpeg": "jpg"}
 """The entry name of a record's image for each `data.image_format` (what ingest writes)."""
+
+NO_LABEL = -1
+"""The label of a record that has none (a captioned record without `.cls`) in the index and `record_label`."""
+CAPTION_KEY = "txt"
+"""The entry of a record's caption."""
 
 SHARD_IMAGE_KEYS = (*ENCODED_EXTENSION.values(), "jpeg")
 """The entries read as a record's image, in this order: what ingest writes, then `jpeg` (webdataset's other
@@ -67,10 +80,34 @@ def record_image_key(record: dict[str, Any]) -> str:
 
 
 def record_label(record: dict[str, Any]) -> int:
-    """The record's class label (its `.cls` entry); ValueError when it has none."""
+    """The record's class label (its `.cls` entry), `NO_LABEL` for a captioned record without one; ValueError
+    when it has neither."""
     if "cls" not in record:
+        if CAPTION_KEY in record:
+            return NO_LABEL
         raise ValueError("no .cls member")
     return int(record["cls"].decode("ascii").strip())
+
+
+def shard_captions(path: Path) -> dict[str, str]:
+    """Record key -> caption of one shard, from its `.txt` members only (the image data are skipped, not read);
+    records without a caption are left out. ValueError naming the record for a caption that is not UTF-8."""
+    import tarfile
+
+    from webdataset.tariterators import base_plus_ext
+
+    captions: dict[str, str] = {}
+    with tarfile.open(Path(path), "r:") as tar:
+        for member in tar:
+            prefix, ext = base_plus_ext(member.name)
+            if not member.isfile() or prefix is None or ext != CAPTION_KEY:
+                continue
+            data = tar.extractfile(member).read()  # type: ignore[union-attr]
+            try:
+                captions[prefix] = data.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{Path(path).name}: record {prefix!r}: caption is not UTF-8 ({exc})") from None
+    return captions
 
 
 def index_name(shard_name: str) -> str:
@@ -80,8 +117,9 @@ def index_name(shard_name: str) -> str:
 
 def index_shard(path: Path) -> np.ndarray:
     """The record index of one shard, from its tar headers and `.cls` entries (image data are not read):
-    a structured array (n,) of `key`, `offset`, `size`, `label`, records grouped as `iter_records` groups them.
-    ValueError naming the record when one has no image or no label."""
+    a structured array (n,) of `key`, `offset`, `size`, `label`, records grouped as `iter_records` groups them
+    (`label` is `NO_LABEL` for a captioned record without `.cls`).
+    ValueError naming the record when one has no image, or neither a label nor a caption."""
     import tarfile
 
     from webdataset.tariterators import base_plus_ext

@@ -1,10 +1,13 @@
 """Input enumeration: every input of a data source, with its bytes, label and source path.
 
-A source spec (the syntax of `DataConfig.source`) names one of three sources:
+A source spec (the syntax of `DataConfig.source`) names one of four sources:
 
 - `fashion-mnist`: the four idx `.gz` files in `DataConfig.fashion_mnist_dir`; each image
   becomes a binary PGM (`P5`) file in memory, so its sha256 depends on the pixels alone.
   Source paths look like `train-images-idx3-ubyte.gz#12345`.
+- `fashion-mnist-captioned`: the same files and paths; each image is tinted in a palette colour
+  and becomes a binary PPM (`P6`) file with its caption and class label (`aligntok.data.captions`);
+  an image of a held-out (colour, class) pair comes with `split="val"`.
 - `imagefolder:PATH`: one subfolder per class (ImageNet layout); labels are indices of the
   sorted class-folder names. Every non-folder entry under PATH is an input, in sorted
   relative-path order; ones that cannot be images are yielded with a rejection reason
@@ -14,18 +17,30 @@ A source spec (the syntax of `DataConfig.source`) names one of three sources:
   inside PATH, a link to a folder is never followed (it is an input rejected with its
   target, so a class folder that links to a sibling is not counted twice), and a folder
   that cannot be listed is an input rejected with the reason.
+  Captions are sidecar files: `<stem>.txt` beside an image `<stem>.<image extension>`, UTF-8,
+  is that image's caption; such a `.txt` is read with its image (the same link and size
+  rules) and is not an input of its own (a `.txt` without an image still is, rejected by its
+  extension). A captioned image may lie at the root of PATH, outside any class folder: it
+  then has no label (and PATH needs no class folder at all). Top-level folders stay classes
+  whether their images have captions or not, so img2dataset's `files` output (numbered
+  folders) would make its folders classes: read its default `webdataset` output instead.
 - `webdataset:URL`: existing shards: a local folder of `.tar` files, a path, a brace
   pattern, `file://`, `http(s)://` or `s3://` URLs, and nothing else. Shards are read
   here, streamed (tarfile over a local file, or `aligntok.data.remote.open_stream`:
   urllib for HTTP(S), boto3's `get_object` for S3 at `$ALIGNTOK_DATA_S3_ENDPOINT_URL`,
   the key taken literally), never through webdataset's `gopen`, whose `pipe:` URLs and
   `GOPEN_REWRITE` rules run shell commands, nor through a CLI. The image is the first
-  entry named in `SAMPLE_IMAGE_ENTRIES` (`aligntok.data.images`), the label comes from `cls` (or `label`), and the class name from
-  the sample's `json` `class_name` when present, else `str(label)`. A sample with an entry larger than
-  `max_input_bytes` or a label above `max_label` is rejected unread; a shard that cannot be
-  fetched or is not a readable tar stops the ingest with a one-line error naming its URL.
+  entry named in `SAMPLE_IMAGE_ENTRIES` (`aligntok.data.images`), the label comes from
+  `cls` (or `label`), and the class name from the sample's `json` `class_name` when
+  present, else `str(label)`. The `txt` entry (UTF-8) is the caption, as img2dataset
+  writes it; a sample with a caption needs no label (img2dataset writes none), one
+  without still does, and a label that is there must be valid either way. A sample with
+  an entry larger than `max_input_bytes` or a label above `max_label` is rejected
+  unread; a shard that cannot be fetched or is not a readable tar stops the ingest with
+  a one-line error naming its URL.
 
-Sources yield `SourceItem`s lazily, so nothing but the current file is held in memory.
+Sources yield `SourceItem`s lazily, so nothing but the current file is held in memory. Captions come as text
+decoded with `surrogateescape` (`aligntok.data.captions.decode_caption`): ingest judges them, naming what is wrong.
 """
 
 from __future__ import annotations
@@ -47,6 +62,7 @@ import numpy as np
 
 from aligntok.errors import AligntokError
 from aligntok.config import DataConfig
+from aligntok.data import captions as cap
 from aligntok.data.images import IMAGE_EXTENSIONS, SAMPLE_IMAGE_ENTRIES
 from aligntok.data.remote import RemoteError, local_path, open_stream
 
@@ -63,7 +79,9 @@ _ALLOWED_SHARDS = "a local path, file://, http://, https:// or s3://"
 _URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 _KEY_AND_EXTENSION = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's sample key / entry split
 _METADATA_MEMBER = re.compile(r"__[^/]*__($|/)")  # skipped, as webdataset does
-_KEPT_ENTRIES = frozenset({*SAMPLE_IMAGE_ENTRIES, "cls", "label", "json"})
+_KEPT_ENTRIES = frozenset({*SAMPLE_IMAGE_ENTRIES, "cls", "label", "json", "txt"})
+CAPTION_SUFFIX = ".txt"
+"""A caption: a sample's `txt` entry, an image folder's sidecar `<stem>.txt`."""
 _MAX_SAMPLE_ENTRIES = 1_000  # a sample with more entries than this is malformed (bounds the memory per sample)
 
 
@@ -73,12 +91,17 @@ class IngestError(AligntokError, ValueError):
 
 @dataclass(frozen=True, slots=True)
 class SourceItem:
-    """One input. `data` is None when the input is rejected by `reason` before being read."""
+    """One input. `data` is None when the input is rejected by `reason` before being read.
+
+    `caption` is the input's caption as read (None: it has none); an input needs a label or a caption.
+    `split` forces the split it goes to (`train`/`val`; None: the seeded `val_fraction` draw decides)."""
 
     source_path: str
     label: int | None
     data: bytes | None
     reason: str | None = None
+    caption: str | None = None
+    split: str | None = None
 
 
 class Source(Protocol):
@@ -97,17 +120,24 @@ class Source(Protocol):
     def folders(self) -> list[Path]:
         """Local folders the inputs are read from (an output folder must lie outside them)."""
 
+    def caption_scheme(self) -> cap.CaptionScheme | None:
+        """The scheme a source's captions are made by (`aligntok.data.captions`), None for found captions."""
+
+
+FASHION_MNIST_SOURCES = ("fashion-mnist", "fashion-mnist-captioned")
+SOURCE_SYNTAX = "'fashion-mnist', 'fashion-mnist-captioned', 'imagefolder:<path>' or 'webdataset:<url>'"
+
 
 def open_source(spec: str, cfg: DataConfig) -> Source:
     """Parse a source spec and open the source; raises `IngestError` with the spec at fault."""
-    if spec == "fashion-mnist":
-        return FashionMNIST(Path(cfg.fashion_mnist_dir))
+    if spec in FASHION_MNIST_SOURCES:
+        return FashionMNIST(Path(cfg.fashion_mnist_dir), captioned=spec == "fashion-mnist-captioned")
     scheme, _, rest = spec.partition(":")
     if scheme == "imagefolder" and rest:
         return ImageFolder(Path(rest), cfg.max_input_bytes)
     if scheme == "webdataset" and rest:
         return WebDatasetSource(rest, cfg.max_input_bytes, cfg.max_label)
-    raise IngestError(f"unknown source {spec!r}: expected 'fashion-mnist', 'imagefolder:<path>' or 'webdataset:<url>'")
+    raise IngestError(f"unknown source {spec!r}: expected {SOURCE_SYNTAX}")
 
 
 def _reason(exc: OSError) -> str:
@@ -115,11 +145,13 @@ def _reason(exc: OSError) -> str:
 
 
 class FashionMNIST:
-    """The 70,000 Fashion-MNIST images (train then t10k), as 28×28 greyscale PGM files."""
+    """The 70,000 Fashion-MNIST images (train then t10k), as 28×28 greyscale PGM files, or with `captioned` as
+    tinted RGB PPM files with their captions (`aligntok.data.captions`)."""
 
-    def __init__(self, folder: Path) -> None:
-        self.spec = "fashion-mnist"
+    def __init__(self, folder: Path, captioned: bool = False) -> None:
+        self.spec = "fashion-mnist-captioned" if captioned else "fashion-mnist"
         self.folder = folder
+        self.captioned = captioned
         missing = [name for pair in FASHION_MNIST_FILES for name in pair if not (folder / name).is_file()]
         if missing:
             raise IngestError(
@@ -136,15 +168,30 @@ class FashionMNIST:
     def folders(self) -> list[Path]:
         return [self.folder]
 
+    def caption_scheme(self) -> cap.CaptionScheme | None:
+        return cap.SCHEME if self.captioned else None
+
     def __iter__(self) -> Iterator[SourceItem]:
         for images_name, labels_name in FASHION_MNIST_FILES:
             images = _read_idx(self.folder / images_name, ndim=3)  # (N, 28, 28) uint8
             labels = _read_idx(self.folder / labels_name, ndim=1)  # (N,) uint8
             if len(images) != len(labels):
                 raise IngestError(f"{self.folder / labels_name}: {len(labels)} labels for {len(images)} images")
-            header = b"P5\n%d %d\n255\n" % (images.shape[2], images.shape[1])
+            size = b"%d %d\n255\n" % (images.shape[2], images.shape[1])
             for index, (pixels, label) in enumerate(zip(images, labels, strict=True)):
-                yield SourceItem(f"{images_name}#{index}", int(label), header + pixels.tobytes())
+                path = f"{images_name}#{index}"
+                if self.captioned:
+                    yield _captioned_item(path, pixels, int(label), b"P6\n" + size)
+                else:
+                    yield SourceItem(path, int(label), b"P5\n" + size + pixels.tobytes())
+
+
+def _captioned_item(path: str, pixels: np.ndarray, label: int, header: bytes) -> SourceItem:
+    """One captioned Fashion-MNIST input: pixels (28, 28) uint8 tinted by their colour, as a PPM, with its caption."""
+    colour = cap.colour_for(pixels)
+    caption = cap.caption_for(colour, label, cap.template_for(pixels))
+    split = "val" if cap.is_held_out(colour, label) else None
+    return SourceItem(path, label, header + cap.tint(pixels, colour).tobytes(), caption=caption, split=split)
 
 
 def _idx_shape(path: Path) -> tuple[int, ...]:
@@ -172,7 +219,8 @@ def _read_idx(path: Path, ndim: int) -> np.ndarray:
 
 
 class ImageFolder:
-    """An ImageNet-layout folder: `PATH/<class>/**/<file>`; every entry under PATH is an input."""
+    """An ImageNet-layout folder: `PATH/<class>/**/<file>`; every entry under PATH is an input, but for the
+    caption sidecars (`<stem>.txt` beside an image), read with their image."""
 
     def __init__(self, root: Path, max_input_bytes: int) -> None:
         self.spec = f"imagefolder:{root}"
@@ -187,10 +235,13 @@ class ImageFolder:
         except OSError as exc:
             raise IngestError(f"{root}: cannot list the image folder ({_reason(exc)})") from None
         self._classes = sorted(e.name for e in top if _is_folder(e) and not e.name.startswith("."))
-        self._entries = _walk(root, self._real_root)
-        if not self._entries:
+        entries = _walk(root, self._real_root)
+        if not entries:
             raise IngestError(f"{root}: image folder is empty (no files)")
-        if not self._classes:
+        self._sidecars = _sidecars(entries)
+        self._entries = [(path, reason) for path, reason in entries if path not in self._sidecars]
+        captioned_at_root = any("/" not in path and self._sidecar(path) for path, _ in self._entries)
+        if not self._classes and not captioned_at_root:
             links = sorted(e.name for e in top if e.is_symlink() and os.path.isdir(e.path))
             hint = f"; links to folders are not followed ({len(links)}, e.g. {links[0]!r})" if links else ""
             raise IngestError(f"{root}: no class folders; expected one subfolder per class (ImageNet layout){hint}")
@@ -205,6 +256,9 @@ class ImageFolder:
     def folders(self) -> list[Path]:
         return [self.root]
 
+    def caption_scheme(self) -> None:
+        return None
+
     def __iter__(self) -> Iterator[SourceItem]:
         for relative, reason in self._entries:
             yield self._item(relative, reason)
@@ -212,15 +266,49 @@ class ImageFolder:
     def _item(self, relative: str, reason: str | None) -> SourceItem:
         parts = PurePosixPath(relative).parts
         label = self._labels.get(parts[0]) if len(parts) > 1 else None
+        sidecar = self._sidecar(relative)
         if reason is not None:
             return SourceItem(relative, label, None, reason)
-        if label is None:
+        if label is None and not (sidecar and len(parts) == 1):
             return SourceItem(relative, None, None, "not in a class folder")
         suffix = PurePosixPath(relative).suffix
         if suffix.lower().removeprefix(".") not in IMAGE_EXTENSIONS:
             return SourceItem(relative, label, None, f"unsupported extension '{suffix}'")
+        caption = None
+        if sidecar:
+            text, reason = _read_inside(os.path.join(self.root, sidecar), self._real_root, self.max_input_bytes)
+            if text is None:
+                return SourceItem(relative, label, None, f"caption unreadable: {reason} ({sidecar})")
+            caption = cap.decode_caption(text)
         data, reason = _read_inside(os.path.join(self.root, relative), self._real_root, self.max_input_bytes)
-        return SourceItem(relative, label, data, reason)
+        return SourceItem(relative, label, data, reason, caption=caption)
+
+    def _sidecar(self, relative: str) -> str | None:
+        """The caption file of an image entry, None when it has none (or is no image)."""
+        sidecar = _sidecar_of(relative) if _is_image_name(relative) else None
+        return sidecar if sidecar in self._sidecars else None
+
+
+def _is_image_name(relative: str) -> bool:
+    return PurePosixPath(relative).suffix.lower().removeprefix(".") in IMAGE_EXTENSIONS
+
+
+def _sidecar_of(image: str) -> str:
+    """The caption sidecar an image entry would have: `a/b.c.png` -> `a/b.c.txt`."""
+    return image.removesuffix(PurePosixPath(image).suffix) + CAPTION_SUFFIX
+
+
+def _sidecars(entries: list[tuple[str, str | None]]) -> frozenset[str]:
+    """The `.txt` entries that are the caption of an image entry beside them (only plain entries: one with a
+    rejection reason, a link to a folder say, stays an input). Holds the `.txt` paths only, not the listing."""
+    texts = {path for path, reason in entries if reason is None and path.endswith(CAPTION_SUFFIX)}
+    if not texts:
+        return frozenset()
+    used = set()
+    for path, _ in entries:
+        if _is_image_name(path) and (sidecar := _sidecar_of(path)) in texts:
+            used.add(sidecar)
+    return frozenset(used)
 
 
 def _is_folder(entry: os.DirEntry[str]) -> bool:
@@ -335,6 +423,9 @@ class WebDatasetSource:
         local = (_local_path(url) for url in self.urls)
         return sorted({path.parent for path in local if path is not None})
 
+    def caption_scheme(self) -> None:
+        return None
+
     def __iter__(self) -> Iterator[SourceItem]:
         for url in self.urls:
             try:
@@ -355,10 +446,13 @@ class WebDatasetSource:
             keys = ", ".join(sorted(sample.names))
             reason = f"not an image: no {'/'.join(SAMPLE_IMAGE_ENTRIES)} entry (has: {keys})"
             return SourceItem(path, None, None, reason)
-        label, reason = _sample_label(sample.entries, self.max_label)
+        raw_caption = sample.entries.get("txt")
+        caption = None if raw_caption is None else cap.decode_caption(raw_caption)
+        label, reason = _sample_label(sample.entries, self.max_label, required=caption is None)
         if label is not None:
             self._names.setdefault(label, _sample_class_name(sample.entries) or str(label))
-        return SourceItem(path, label, sample.entries[image_key] if reason is None else None, reason)
+        data = sample.entries[image_key] if reason is None else None
+        return SourceItem(path, label, data, reason, caption=caption)
 
 
 def _describe(exc: BaseException) -> str:
@@ -424,10 +518,12 @@ def _add_entry(sample: _Sample, name: str, member: tarfile.TarInfo, tar: tarfile
         sample.entries.clear()
 
 
-def _sample_label(entries: dict[str, bytes], max_label: int) -> tuple[int | None, str | None]:
+def _sample_label(entries: dict[str, bytes], max_label: int, required: bool = True) -> tuple[int | None, str | None]:
+    """(label, None), or (None, why not); a missing label is no fault unless `required` (a sample without a
+    caption). A label that is there but malformed is one either way."""
     raw = entries.get("cls", entries.get("label"))
     if raw is None:
-        return None, "no label: sample has no 'cls' or 'label' entry"
+        return None, "no label: sample has no 'cls' or 'label' entry" if required else None
     try:
         label = int(raw.decode("ascii").strip())
     except (UnicodeDecodeError, ValueError):

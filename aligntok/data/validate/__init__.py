@@ -14,6 +14,15 @@ The dataset directory is the contract written by `aligntok ingest`: WebDataset s
 | splits   | split (train, val)                             | manifest, shard record counts     |
 | shards   | shard listed in dataset.json                   | the shard files                   |
 | samples  | first `sample_per_shard` records of each shard | decoded shard records             |
+| captions | shard record with a caption (`.txt`)           | every shard record's caption      |
+
+A captioned dataset (dataset.json declares captions, or the shards hold some) also gets the caption checks
+(`caption_utf8`, `caption_not_empty`, `caption_length` within [`caption_min_chars`, the ingest's
+`data.caption_max_chars`], `caption_stripped`, `caption_no_control`, `split_caption_count`,
+`labelled_or_captioned`) and, when its captions follow a scheme (dataset.json `caption_scheme`: the captioned
+Fashion-MNIST), `caption_in_scheme`, `caption_matches_label` and `held_out_not_in_train`. A dataset without
+class labels (dataset.json `classes` empty) skips `class_share_balanced`, logged and recorded in the report's
+`skipped` as `skipped: no class labels`.
 
 The package, by concern: `dataset` reads the contract and the shards, `frames` builds the frames,
 `expectations` declares and runs the checks, `report` writes the result. A failed expectation is
@@ -31,7 +40,7 @@ from pathlib import Path
 
 from aligntok.config import ValidateConfig
 from aligntok.data.validate.dataset import DatasetFormatError, load_dataset, manifest_index, scan_shard
-from aligntok.data.validate.expectations import expectation_checks, run_expectations
+from aligntok.data.validate.expectations import expectation_checks, run_expectations, skipped_checks
 from aligntok.data.validate.frames import build_frames, observed_counts
 from aligntok.data.validate.report import ExpectationResult, ValidationReport, format_summary, write_report
 
@@ -52,19 +61,25 @@ def validate_dataset(
     data_dir = Path(data_dir)
     dataset = load_dataset(data_dir)
     index = manifest_index(dataset.manifest)
+    scheme = dataset.caption_scheme
     scans = [
-        scan_shard(data_dir / name, split, cfg.sample_per_shard, index)
+        scan_shard(data_dir / name, split, cfg.sample_per_shard, index, scheme)
         for split, names in dataset.shards.items()
         for name in names
     ]
     frames = build_frames(dataset, scans)
-    results = run_expectations(frames, expectation_checks(dataset, cfg))
+    captioned = any(dataset.declared_captions.values()) or not frames["captions"].empty
+    results = run_expectations(frames, expectation_checks(dataset, cfg, captioned))
+    skipped = skipped_checks(dataset)
+    for name, why in skipped.items():
+        log.info("validate %s: %s %s", data_dir, name, why)
     report = ValidationReport(
         data_dir=str(data_dir),
         success=all(r.success for r in results),
         results=results,
         counts=observed_counts(dataset, frames),
         config=cfg.model_dump(mode="json"),
+        skipped=skipped,
     )
     write_report(report, Path(report_dir) if report_dir is not None else data_dir)
     log.info(

@@ -16,6 +16,10 @@ from aligntok.data.validate.frames import SHARE_DIGITS
 from aligntok.data.validate.report import ExpectationResult, is_missing, json_safe
 
 KEY_PATTERN = r"^[0-9a-f]{16}$"
+NO_CLASS_LABELS = "skipped: no class labels"
+"""Why the class-balance check does not run on a dataset without classes (captions only)."""
+DEFAULT_CAPTION_MAX_CHARS = 1000
+"""`data.caption_max_chars` for a dataset.json written before the key existed."""
 NOT_BLANK_MOSTLY = 0.9
 """A legitimate image can be constant, so `max > min` must hold for this share of samples only."""
 ID_COLUMNS = {
@@ -25,6 +29,7 @@ ID_COLUMNS = {
     "splits": ("split",),
     "shards": ("shard", "error"),
     "samples": ("shard", "key", "error"),
+    "captions": ("shard", "key"),
 }
 """Columns that GX copies into each failing row's description, so a report names the culprit."""
 
@@ -39,15 +44,22 @@ class Check:
     kwargs: dict[str, Any]
 
 
-def expectation_checks(dataset: Dataset, cfg: ValidateConfig) -> list[Check]:
-    """Every expectation, in report order."""
+def expectation_checks(dataset: Dataset, cfg: ValidateConfig, captioned: bool = False) -> list[Check]:
+    """Every expectation, in report order; the caption checks when `captioned` (dataset.json declares captions,
+    or the shards hold some)."""
     return (
         _manifest_checks(dataset)
         + _balance_checks(dataset, cfg)
         + _rejection_checks(dataset, cfg)
         + _shard_checks(dataset)
         + _sample_checks(dataset)
+        + (_caption_checks(dataset, cfg) if captioned else [])
     )
+
+
+def skipped_checks(dataset: Dataset) -> dict[str, str]:
+    """Expectations that do not apply to this dataset: name -> why."""
+    return {} if dataset.classes else {"class_share_balanced": NO_CLASS_LABELS}
 
 
 def _manifest_checks(dataset: Dataset) -> list[Check]:
@@ -58,6 +70,12 @@ def _manifest_checks(dataset: Dataset) -> list[Check]:
         return Check(name, "manifest", gx_class, kwargs)
 
     between, in_set = "ExpectColumnValuesToBeBetween", "ExpectColumnValuesToBeInSet"
+    if dataset.classes:
+        labels = [check("label_in_range", between, column="label", min_value=0, max_value=len(dataset.classes) - 1),
+                  check("class_name_known", in_set, column="class_name", value_set=dataset.classes)]
+    else:  # no classes: no record may name one
+        labels = [check("label_in_range", "ExpectColumnValuesToBeNull", column="label"),
+                  check("class_name_known", "ExpectColumnValuesToBeNull", column="class_name")]
     return [
         check("manifest_columns", "ExpectTableColumnsToMatchSet",
               column_set=list(MANIFEST_COLUMNS), exact_match=False),
@@ -67,8 +85,7 @@ def _manifest_checks(dataset: Dataset) -> list[Check]:
         check("key_format", "ExpectColumnValuesToMatchRegex", column="key", regex=KEY_PATTERN),
         check("sha256_unique", "ExpectColumnValuesToBeUnique", column="sha256"),
         check("split_in_set", in_set, column="split", value_set=list(SPLITS)),
-        check("label_in_range", between, column="label", min_value=0, max_value=len(dataset.classes) - 1),
-        check("class_name_known", in_set, column="class_name", value_set=dataset.classes),
+        *labels,
         check("class_name_matches_label", "ExpectColumnPairValuesToBeEqual", column_A="class_name",
               column_B="expected_class_name", ignore_row_if="either_value_is_missing"),
         check("width_min_side", between, column="width", min_value=params["min_side"]),
@@ -79,6 +96,8 @@ def _manifest_checks(dataset: Dataset) -> list[Check]:
 
 
 def _balance_checks(dataset: Dataset, cfg: ValidateConfig) -> list[Check]:
+    if not dataset.classes:  # `skipped_checks` says so
+        return []
     k, b = len(dataset.classes), cfg.max_class_imbalance
     bounds = {"min_value": round(1 / (k * b), SHARE_DIGITS), "max_value": round(b / k, SHARE_DIGITS)}
     between = "ExpectColumnValuesToBeBetween"
@@ -140,6 +159,36 @@ def _sample_checks(dataset: Dataset) -> list[Check]:
               column_B="manifest_shard", ignore_row_if=missing),
         check("sample_json_consistent", in_set, column="json_consistent", value_set=[True]),
     ]  # fmt: skip
+
+
+def _caption_checks(dataset: Dataset, cfg: ValidateConfig) -> list[Check]:
+    """The caption rules of ingest (`aligntok.data.captions.normalise_caption`) on every stored caption, the caption
+    counts dataset.json declares, and for captions that follow a scheme: each parses, names the record's class,
+    and no held-out pair is in train."""
+    max_chars = int(dataset.meta["params"].get("caption_max_chars", DEFAULT_CAPTION_MAX_CHARS))
+
+    def check(name: str, gx_class: str, **kwargs: Any) -> Check:
+        return Check(name, "captions", gx_class, kwargs)
+
+    between, in_set = "ExpectColumnValuesToBeBetween", "ExpectColumnValuesToBeInSet"
+    checks = [
+        Check("labelled_or_captioned", "manifest", in_set, {"column": "labelled_or_captioned", "value_set": [True]}),
+        Check("split_caption_count", "splits", "ExpectColumnPairValuesToBeEqual",
+              {"column_A": "captions", "column_B": "declared_captions", "ignore_row_if": "either_value_is_missing"}),
+        check("caption_utf8", in_set, column="utf8", value_set=[True]),
+        check("caption_not_empty", between, column="chars", min_value=1),
+        check("caption_length", between, column="chars", min_value=cfg.caption_min_chars, max_value=max_chars),
+        check("caption_stripped", in_set, column="stripped", value_set=[True]),
+        check("caption_no_control", in_set, column="control", value_set=[False]),
+    ]  # fmt: skip
+    if dataset.caption_scheme is not None:
+        checks += [
+            check("caption_in_scheme", in_set, column="in_scheme", value_set=[True]),
+            check("caption_matches_label", "ExpectColumnPairValuesToBeEqual", column_A="caption_label",
+                  column_B="label", ignore_row_if="either_value_is_missing"),
+            check("held_out_not_in_train", in_set, column="held_out_in_train", value_set=[False]),
+        ]  # fmt: skip
+    return checks
 
 
 def run_expectations(frames: dict[str, pd.DataFrame], checks: list[Check]) -> list[ExpectationResult]:

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from aligntok.data.validate.dataset import SAMPLE_COLUMNS, SHARD_COLUMNS, SPLITS, Dataset, ShardScan
+from aligntok.data.validate.dataset import CAPTION_COLUMNS, SAMPLE_COLUMNS, SHARD_COLUMNS, SPLITS, Dataset, ShardScan
 
 SHARE_DIGITS = 12
 """Shares and their bounds are rounded so that an exact-boundary share is not lost to float error."""
@@ -16,8 +16,9 @@ SHARE_DIGITS = 12
 
 def build_frames(dataset: Dataset, scans: list[ShardScan]) -> dict[str, pd.DataFrame]:
     """Every frame the expectations run on, by name."""
+    captions = _captions_frame(scans)
     return {
-        "manifest": _manifest_frame(dataset),
+        "manifest": _manifest_frame(dataset, set(captions["key"])),
         "classes": _classes_frame(dataset),
         "rejected": dataset.rejected,
         "totals": _totals_frame(dataset),
@@ -26,16 +27,20 @@ def build_frames(dataset: Dataset, scans: list[ShardScan]) -> dict[str, pd.DataF
             [{c: getattr(s, c) for c in SHARD_COLUMNS} for s in scans], columns=list(SHARD_COLUMNS)
         ),
         "samples": _samples_frame(scans),
+        "captions": captions,
     }
 
 
-def _manifest_frame(dataset: Dataset) -> pd.DataFrame:
-    """The manifest plus `pixels` (original width*height) and the class name its label implies."""
+def _manifest_frame(dataset: Dataset, captioned: set[str]) -> pd.DataFrame:
+    """The manifest plus `pixels` (original width*height), the class name its label implies, and whether each
+    record has a label or a caption (`captioned`: the keys of the shard records with one)."""
     frame = dataset.manifest.copy()
     if {"width", "height"} <= set(frame.columns):
         frame["pixels"] = frame["width"] * frame["height"]
     if "label" in frame.columns:
         frame["expected_class_name"] = [_class_name(dataset.classes, v) for v in frame["label"]]
+    if {"label", "key"} <= set(frame.columns):
+        frame["labelled_or_captioned"] = frame["label"].notna() | frame["key"].isin(captioned)
     return frame
 
 
@@ -95,8 +100,17 @@ def _splits_frame(dataset: Dataset, scans: list[ShardScan]) -> pd.DataFrame:
             # null (not checked) for a split that may be empty
             "required_manifest_rows": manifest_rows if required else None,
             "shard_records": sum(s.records or 0 for s in own) if known else None,
+            "captions": sum(len(s.captions) for s in own) if known else None,
+            "declared_captions": dataset.declared_captions[split],
         })  # fmt: skip
     return pd.DataFrame(rows)
+
+
+def _captions_frame(scans: list[ShardScan]) -> pd.DataFrame:
+    frame = pd.DataFrame([row for s in scans for row in s.captions], columns=list(CAPTION_COLUMNS))
+    for column in ("chars", "label", "caption_label"):
+        frame[column] = pd.to_numeric(frame[column], errors="coerce").astype("float64")
+    return frame
 
 
 def _samples_frame(scans: list[ShardScan]) -> pd.DataFrame:
@@ -122,5 +136,6 @@ def observed_counts(dataset: Dataset, frames: dict[str, pd.DataFrame]) -> dict[s
             },
             "shards": len(frames["shards"]),
             "sampled_records": len(frames["samples"]),
+            "captions": {split: int((frames["captions"]["split"] == split).sum()) for split in SPLITS},
         },
     }

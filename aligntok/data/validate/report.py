@@ -7,7 +7,7 @@ import json
 import math
 import os
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,8 @@ class ValidationReport:
     counts: dict[str, Any]
     """`declared` (dataset.json counts) and `observed` (rows, records) numbers."""
     config: dict[str, Any]
+    skipped: dict[str, str] = field(default_factory=dict)
+    """Expectations that do not apply to this dataset, with why (`class_share_balanced`: no class labels)."""
 
     @property
     def failed(self) -> list[str]:
@@ -50,6 +52,7 @@ class ValidationReport:
                 "success": self.success,
                 "data_dir": self.data_dir,
                 "failed": self.failed,
+                "skipped": self.skipped,
                 "counts": self.counts,
                 "config": self.config,
                 "results": [asdict(r) for r in self.results],
@@ -70,6 +73,7 @@ def format_summary(report: ValidationReport) -> str:
             f"{status}  {r.name:<{width}}  observed: {_render_observed(r.observed)}"
             f"  [{r.frame}: {r.expectation_type} {expected}]"
         )
+    lines += [f"SKIP  {name:<{width}}  {why}" for name, why in report.skipped.items()]
     if report.failed:
         lines.append("failed: " + ", ".join(report.failed))
     return "\n".join(lines)
