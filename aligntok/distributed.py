@@ -6,7 +6,8 @@ Every stage that runs torch asks `placed(runtime)` for a `Placement` and does ev
 - the device: `auto` is `cuda:LOCAL_RANK` where CUDA exists, else the CPU; `cuda` without a visible GPU
   fails before any work (`check_device`, one line); on CUDA, TF32 matmuls and convolutions are on;
 - the process group: NCCL on CUDA, gloo on the CPU, created from torchrun's variables (`RANK`,
-  `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`) when `WORLD_SIZE` > 1, destroyed when the stage ends;
+  `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`) when `WORLD_SIZE` > 1 by the first stage of the process, and
+  kept until the process exits (a second rendezvous on the same port could reach a peer's closing store);
 - precision: bf16 autocast on CUDA (`runtime.autocast: auto`), parameters and optimiser state in float32;
 - data: `to_device` moves a CPU batch (pinned, non-blocking on CUDA). Random draws stay on the CPU
   generators of `aligntok.data.loader.step_generator`, so a step's global batch is a pure function of
@@ -20,6 +21,7 @@ With one process every collective is the identity, so the same code is the singl
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import logging
@@ -256,8 +258,10 @@ class Placement:
 def placed(cfg: RuntimeConfig) -> Iterator[Placement]:
     """This process's `Placement` for one stage: device set, process group joined (when launched as one
     of several ranks), and on success a barrier before the stage returns, so no rank leaves while rank 0
-    still writes. A process group this call created is destroyed when the stage returns (after an error it
-    ends with the process); one that exists is reused."""
+    still writes. The process group is created by the first call and reused by later stages of the same
+    process; it is destroyed when the process exits. Destroying it after each stage would race: rank 1 could
+    start the next rendezvous on MASTER_PORT while rank 0's store of the last one is still closing, and
+    its connection would then be cut ("Failed to recv, got 0 bytes")."""
     from aligntok.runtime import autocast_dtype
 
     info = dist_info()
@@ -266,20 +270,22 @@ def placed(cfg: RuntimeConfig) -> Iterator[Placement]:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for float32 matmuls and convolutions
         torch.backends.cudnn.allow_tf32 = True
-    created = False
     if info.world_size > 1 and not torch.distributed.is_initialized():
         if not torch.distributed.is_available():
             raise DeviceError(f"WORLD_SIZE={info.world_size}, but this torch build has no torch.distributed")
         backend = "nccl" if device.type == "cuda" else "gloo"
         torch.distributed.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.collective_timeout_s),
                                              **({"device_id": device} if device.type == "cuda" else {}))
-        created = True
+        atexit.register(_destroy_process_group)
         log.info("rank %d/%d joined the %s process group on %s", info.rank, info.world_size, backend, device)
     place = Placement(device=device, rank=dist_info().rank, world_size=dist_info().world_size,
                       local_rank=info.local_rank, autocast_dtype=autocast_dtype(cfg, device))
     yield place  # on an exception the group is left to end with the process: the peers see it go only after
     place.barrier()  # this rank has recorded its error (`aligntok.launch`), so the launcher reports the cause
-    if created and torch.distributed.is_initialized():
+
+
+def _destroy_process_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
 
