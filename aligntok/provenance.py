@@ -33,6 +33,9 @@ MODEL_DESCRIPTIONS = {
                              "aligned ones are compared with. pyfunc ops: encode, decode.",
     "aligntok-dit": "Class-conditional LightningDiT trained with flow matching on the tokenizer's latents; carries its "
                     "tokenizer and latent statistics. pyfunc op: sample (class labels -> images).",
+    "aligntok-t2i": "Text-to-image FLUX-style DiT (double- then single-stream blocks) trained with flow matching on a "
+                    "tokenizer's latents, conditioned on a frozen text encoder; one version per tokenizer "
+                    "(alias = the tokenizer stage). pyfunc op: prompts -> images.",
 }
 """The registry's description of each registered model (shown in the MLflow UI)."""
 

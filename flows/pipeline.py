@@ -261,13 +261,14 @@ def pipeline(targets: list[str] | None = None, preset: str | None = None, force:
                                      ws.git_remote_url(checkout, git_remote) if push else None,
                                      fingerprint, name, run_name, parent), created)
                 client().set_terminated(parent, "FINISHED")
-            if promote and track and any(r["stage"] == "evaluate" and r["status"] == "ran" for r in rows):
+            if promote and track and any(r["stage"] in ("evaluate", "evaluate_t2i") and r["status"] == "ran"
+                                      for r in rows):
                 from aligntok.config import load_params
 
                 candidates = load_params(work.path / "params.yaml").promote.pipeline_candidates
                 promotions = promote_candidates(work.path, candidates)
             elif promote:
-                promotions = [{"outcome": "skipped", "message": "evaluate did not run in this flow run"
+                promotions = [{"outcome": "skipped", "message": "neither evaluate nor evaluate_t2i ran in this flow run"
                                + ("" if track else " (tracking off)")}]
             header["outcome"] = "completed"
     finally:

@@ -29,7 +29,7 @@ def write(tmp_path: Path, data: object) -> Path:
 def test_repo_params_load_and_match_defaults_keys() -> None:
     params = load_params(REPO / "params.yaml")
     assert params.encoder.source == "embedded:dinov2_vits14"
-    assert params.data.source == "fashion-mnist"
+    assert params.data.source == "fashion-mnist-captioned"  # the default run trains the text-to-image branch too
     # params.yaml spells out every key (DVC tracks keys by name).
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     resolved = params.to_dict()

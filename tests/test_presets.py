@@ -17,8 +17,8 @@ def test_paper_preset_spells_out_every_section_and_every_row_key() -> None:
     raw = yaml.safe_load(PAPER.read_text())
     default = Params().to_dict()
     assert set(raw) == set(default), f"left at the embedded default: {sorted(set(default) - set(raw))}"
-    for section in (*TOKENIZER_STAGE_SECTIONS, "cache_latents", "dit", "train_dit", "sample", "evaluate", "promote",
-                    "runtime"):
+    for section in (*TOKENIZER_STAGE_SECTIONS, "cache_latents", "dit", "train_dit", "sample", "evaluate", "text", "t2i",
+                    "train_t2i", "evaluate_t2i", "promote", "runtime"):
         missing = set(default[section]) - set(raw[section])
         assert not missing, f"{section}: {sorted(missing)} fall back to the embedded default"
 

@@ -21,24 +21,26 @@ from aligntok.tokenizer.api import Tokenizer, download, load_weights, read_descr
 WEIGHTS, CONFIG, FORMAT = "dit.safetensors", "dit.json", "aligntok-dit/1"
 
 
-def resolve_folder(source: str | Path) -> Path:
-    """A DiT folder from a folder or a `models:/` / `runs:/` URI (pyfunc artifacts are re-assembled)."""
+def resolve_folder(source: str | Path, weights: str = WEIGHTS, config: str = CONFIG, kind: str = "DiT") -> Path:
+    """A model folder (`weights`, `config`, stats.json, tokenizer/) from a folder or a `models:/` / `runs:/` URI
+    (pyfunc artifacts are re-assembled); `kind` names the model in the error. The text-to-image models use it too."""
     text = str(source)
     if text.startswith(("models:/", "runs:/")):
-        return assemble_folder(download(text))
+        return assemble_folder(download(text), weights, config)
     folder = Path(text)
-    if not (folder / CONFIG).is_file():
-        raise FileNotFoundError(f"{source}: not a DiT folder (needs {WEIGHTS}, {CONFIG}, stats.json, tokenizer/)")
+    if not (folder / config).is_file():
+        raise FileNotFoundError(f"{source}: not a {kind} folder (needs {weights}, {config}, stats.json, tokenizer/)")
     return folder
 
 
-def assemble_folder(artifacts: Path) -> Path:
-    """A registered model's artifacts folder (files by their own names) -> the DiT folder layout."""
-    if (artifacts / CONFIG).is_file() and (artifacts / "tokenizer" / "tokenizer.json").is_file():
+def assemble_folder(artifacts: Path, weights: str = WEIGHTS, config: str = CONFIG) -> Path:
+    """A registered model's artifacts folder (files by their own names) -> the model folder layout (in a subfolder
+    named after the weights file)."""
+    if (artifacts / config).is_file() and (artifacts / "tokenizer" / "tokenizer.json").is_file():
         return artifacts
-    folder = artifacts / "dit"
+    folder = artifacts / Path(weights).stem
     (folder / "tokenizer").mkdir(parents=True, exist_ok=True)
-    for target in (WEIGHTS, CONFIG, "stats.json", "tokenizer/tokenizer.safetensors", "tokenizer/tokenizer.json"):
+    for target in (weights, config, "stats.json", "tokenizer/tokenizer.safetensors", "tokenizer/tokenizer.json"):
         source = artifacts / Path(target).name
         if not source.is_file():
             raise AligntokError(f"{artifacts}: the registered model lacks {Path(target).name}")
