@@ -15,7 +15,8 @@ from conftest import REPO
 
 COMMANDS = {"config", "encoder", "snapshot", "ingest", "validate", "align_latent", "align_perceptual",
             "refine_decoder", "vae_baseline", "cache_latents", "train_dit", "fid_reference", "evaluate", "sample",
-            "encode", "decode", "study", "promote", "rollback", "lineage"}
+            "encode", "decode", "study", "promote", "rollback", "lineage",
+            "text_features", "t2i_latents", "train_t2i", "evaluate_t2i"}
 
 
 def run_module(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:

@@ -7,6 +7,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import yaml
 
 from conftest import REPO
 from aligntok.errors import AligntokError
@@ -30,7 +31,11 @@ def test_targets_bring_what_they_depend_on_and_unknown_ones_are_named() -> None:
     assert select_stages(REPO, ["validate"]) == ["snapshot", "ingest", "validate"]
     dit = select_stages(REPO, ["train_dit"])
     assert dit[-1] == "train_dit" and "refine_decoder" in dit and "vae_baseline" not in dit  # via ${cache_latents...}
-    assert select_stages(REPO, None)[-1] == "evaluate"
+    everything = select_stages(REPO, None)
+    assert set(everything) == set(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
+    assert everything.index("train_dit") < everything.index("evaluate")
+    assert everything.index("train_t2i") < everything.index("evaluate_t2i")
+    assert everything.index("refine_decoder") < everything.index("t2i_latents")
     with pytest.raises(ValueError, match=r"unknown stages \['trian_dit'\]"):
         select_stages(REPO, ["trian_dit"])
 

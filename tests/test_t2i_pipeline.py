@@ -227,3 +227,34 @@ def test_a_dataset_without_captions_skips_every_t2i_stage(params: Params, tmp_pa
                                             tokenizers=tmp_path / "tok", out=tmp_path / "t2i"), progress=False)
     assert result == {"skipped": summary["skipped"]}
     assert json.loads((tmp_path / "t2i" / "skipped.json").read_text())["skipped"] == summary["skipped"]
+
+
+def _train_t2i_as_a_rank(raw: dict, root: str, out: str) -> dict:
+    """train_t2i of the vae_baseline model (no registry), as one rank of a spawned group."""
+    from aligntok.diffusion.t2i_train import T2IPaths, run_train_t2i
+
+    params = parse_params({**raw, "t2i": {**raw["t2i"], "tokenizers": ["vae_baseline"]}})
+    base, folder = Path(root), Path(out)
+    return run_train_t2i(params, T2IPaths(latents=base / "latents", text=base / "text", tokenizers=base / "tokenizer",
+                                          out=folder / "t2i", checkpoints=folder / "ckpt"),
+                         register=False, progress=False)
+
+
+def test_two_processes_train_the_one_process_weights(branch: dict, tmp_path: Path) -> None:
+    """The global batch of every step is drawn on the CPU and sliced by rank, so 2 gloo ranks of 4 samples each
+    train the weights that one process of 8 does (up to float32 reduction order)."""
+    from safetensors.torch import load_file
+
+    from ranks import spawn_ranks
+
+    two = spawn_ranks(_train_t2i_as_a_rank, 2, TINY, str(branch["root"]), str(tmp_path / "two"))
+    one = spawn_ranks(_train_t2i_as_a_rank, 1, TINY, str(branch["root"]), str(tmp_path / "one"))[0]
+    assert two[0]["vae_baseline"]["world_size"] == 2.0 and one["vae_baseline"]["world_size"] == 1.0
+    assert two[0]["vae_baseline"]["final_loss"] == pytest.approx(one["vae_baseline"]["final_loss"], rel=1e-4)
+    assert not (tmp_path / "two" / "t2i" / "vae_baseline" / "receipt.json").exists()
+    a = load_file(tmp_path / "one" / "t2i" / "vae_baseline" / "t2i.safetensors")
+    b = load_file(tmp_path / "two" / "t2i" / "vae_baseline" / "t2i.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        scale = max(a[key].abs().max().item(), 1e-6)
+        assert (a[key] - b[key]).abs().max().item() / scale < 1e-3, key

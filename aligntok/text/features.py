@@ -9,7 +9,7 @@ caption and a map from each record key to its row:
 - `tokens.npy` (U, L, d) float16, `mask.npy` (U, L) bool, `pooled.npy` (U, d) float32: mapped, not loaded,
   by `TextFeatureSet`, so a trainer's memory does not grow with the caption count.
 
-At LAION scale U is about the record count: 1M captions x 77 tokens x 4,096 (T5-XXL) in float16 is ~650 GB,
+At LAION scale U is about the record count: 1M captions x 77 tokens x 4,096 (T5-XXL) in float16 is ~630 GB,
 which is why large text-to-image runs encode text on the fly instead; at MiniLM's 16 x 384 it is ~12 GB.
 """
 
