@@ -53,7 +53,7 @@ test-all: setup  ## every test, slow ones included
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
 
 study: setup  ## the small-scale study (dvc exp run per tokenizer variant) -> reports/study.md
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/aligntok study
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/aligntok study --seeds 0 1 2 --extra-seeds 0
 
 bench: setup  ## (after make run) peers -> reports/benchmarks.md/.json, pipeline overhead, ingest/evaluation throughput, latent reads, the data path at scale
 	$(BIN)/python benchmarks/peers.py

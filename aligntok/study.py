@@ -11,10 +11,15 @@ Each variant is a set of `dvc exp run -S key=value` overrides of `params.yaml` (
 | e_vavae  | a VA-VAE-style VAE: the same VAE plus the VF loss aligning its latent to the frozen encoder |
 | f_random | the three-stage tokenizer on a randomly initialised encoder of the same architecture |
 
-Every variant trains the diffusion model with the same budget and seed; the tokenizer stages they share
-are not retrained (DVC's run cache restores them: (a)-(c) start from the same stage 1). `evaluate` measures
-only the variant's tokenizer, and gFID at every diffusion snapshot (`train_dit.snapshot_steps`) as well as
-at the end. Results land in `reports/study/<variant>.json`; `reports/study.md` is generated from them.
+Every variant runs at each seed of `SEEDS` (0, 1, 2) with the same diffusion budget: seed s is the diffusion
+and evaluation seed and, for s > 0, offsets the seeds of the tokenizer rows the variant trains, so the spread
+covers both trainings. The tokenizer stages variants share are not retrained (DVC's run cache restores them:
+(a)-(c) start from the same stage 1 at each seed). Each run is `dvc exp run ... evaluate`: `evaluate` measures
+only the variant's tokenizer, and gFID at every diffusion snapshot (`train_dit.snapshot_steps`) as well as at
+the end; the text-to-image stages are not run. Results land in `reports/study/<variant>-seed<s>.json` with
+their overrides, command, wall and CPU time; a result is rerun only when missing or run with other overrides.
+`reports/study.md` is generated from them: each figure as the mean over seeds with an interval (every seed's
+value and its 95% bootstrap interval from `evaluate`), and each claim called only when the intervals are apart.
 """
 
 from __future__ import annotations
@@ -22,12 +27,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import resource
 import shutil
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -72,10 +78,41 @@ STUDY_SIZE = {
 }
 
 
-def variant_overrides(variant: Variant, seed: int, size: dict[str, Any]) -> dict[str, Any]:
-    """Every `-S` override of one run: the study size, the variant's rows, the diffusion seed."""
-    return {**size, "cache_latents.tokenizer": variant.tokenizer, "evaluate.tokenizers": [variant.tokenizer],
-            "train_dit.seed": seed, "evaluate.seed": seed, **variant.overrides}
+TRAINS = {
+    # The tokenizer rows each variant's tokenizer is trained through (its `start_from` chain).
+    "align_latent": ("align_latent",),
+    "align_perceptual": ("align_latent", "align_perceptual"),
+    "refine_decoder": ("align_latent", "align_perceptual", "refine_decoder"),
+    "vae_baseline": ("vae_baseline",),
+}
+
+TOKENIZER_SEED_STRIDE = 10
+"""Study seed s > 0 offsets the seed of every tokenizer row the variant trains by s x this (seed 0 leaves the
+rows as in `params.yaml`, so its tokenizers are the default pipeline's and come from DVC's run cache)."""
+
+TARGET = "evaluate"
+"""The stage each study run reproduces with its upstream: the text-to-image stages are not part of the study."""
+
+
+def variant_overrides(variant: Variant, seed: int, size: dict[str, Any],
+                      row_seeds: dict[str, int] | None = None) -> dict[str, Any]:
+    """Every `-S` override of one run: the study size, the variant's rows, and the seed: the diffusion and
+    evaluation seed, and for s > 0 the seeds of the tokenizer rows the variant trains (`row_seeds`: their
+    seeds in params.yaml; default: read from the repository's params.yaml)."""
+    overrides = {**size, "cache_latents.tokenizer": variant.tokenizer, "evaluate.tokenizers": [variant.tokenizer],
+                 "train_dit.seed": seed, "evaluate.seed": seed}
+    if seed > 0:
+        rows = row_seeds if row_seeds is not None else default_row_seeds()
+        overrides |= {f"{row}.seed": rows[row] + TOKENIZER_SEED_STRIDE * seed for row in TRAINS[variant.tokenizer]}
+    return overrides | variant.overrides
+
+
+def default_row_seeds(params_file: Path | None = None) -> dict[str, int]:
+    """The seed of each tokenizer row in params.yaml (the repository's by default)."""
+    from aligntok.config import load_params
+
+    params = load_params(params_file or Path(__file__).resolve().parents[1] / "params.yaml")
+    return {row: params.stage(row).seed for row in TRAINS}
 
 
 def _set_args(overrides: dict[str, Any]) -> list[str]:
@@ -85,15 +122,26 @@ def _set_args(overrides: dict[str, Any]) -> list[str]:
     return args
 
 
+def study_command(name: str, overrides: dict[str, Any]) -> list[str]:
+    """The `dvc exp run` of one variant and seed. No --force: stages whose inputs are unchanged are skipped or
+    restored from DVC's run cache."""
+    return ["dvc", "exp", "run", "--name", name, *_set_args(overrides), TARGET]
+
+
+def _children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_variant(variant: Variant, seed: int, size: dict[str, Any], results: Path, repo: Path) -> dict[str, Any]:
-    """`dvc exp run` one variant in the workspace and keep its metrics; params.yaml and dvc.lock are restored
-    afterwards (the experiment itself stays in DVC's experiment refs)."""
+    """`dvc exp run` one variant in the workspace and keep its metrics, its wall and CPU time and the command;
+    params.yaml and dvc.lock are restored afterwards (the experiment itself stays in DVC's experiment refs)."""
     saved = {path: path.read_text() for path in (repo / "params.yaml", repo / "dvc.lock") if path.is_file()}
     name = f"study-{variant.name}-seed{seed}"
-    # No --force: stages whose inputs are unchanged are skipped or restored from DVC's run cache.
-    command = ["dvc", "exp", "run", "--name", name, *_set_args(variant_overrides(variant, seed, size))]
+    overrides = variant_overrides(variant, seed, size, default_row_seeds(repo / "params.yaml"))
+    command = study_command(name, overrides)
     log.info("%s: %s", name, " ".join(command))
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _children_cpu_seconds()
     try:
         done = subprocess.run(command, cwd=repo, check=False)
         if done.returncode != 0:
@@ -106,7 +154,8 @@ def run_variant(variant: Variant, seed: int, size: dict[str, Any], results: Path
             path.write_text(text)
         subprocess.run(["git", "reset", "-q", "--", *map(str, saved)], cwd=repo, check=False)  # dvc staged them
     record = {"variant": variant.name, "label": variant.label, "seed": seed, "experiment": name,
-              "overrides": variant_overrides(variant, seed, size), "wall_seconds": time.perf_counter() - start,
+              "overrides": overrides, "command": " ".join(command), "wall_seconds": time.perf_counter() - start,
+              "cpu_seconds": _children_cpu_seconds() - cpu,
               "metrics": metrics, "evaluate_run_id": protocol.get("mlflow_run_id"),
               "protocol": {k: protocol[k] for k in ("rfid", "gfid", "linear_probe", "inception") if k in protocol}}
     results.mkdir(parents=True, exist_ok=True)
@@ -114,25 +163,48 @@ def run_variant(variant: Variant, seed: int, size: dict[str, Any], results: Path
     return record
 
 
+SEEDS = (0, 1, 2)
+"""The study's default seeds (tokenizer and diffusion) of every variant."""
+
+
+def stale_result(path: Path, overrides: dict[str, Any]) -> str | None:
+    """Why the result at `path` cannot stand for a run with `overrides` (missing, or run with other
+    overrides), or None when it can."""
+    if not path.is_file():
+        return "not run yet"
+    recorded = json.loads(path.read_text()).get("overrides")
+    if recorded != json.loads(json.dumps(overrides)):
+        changed = sorted(k for k in set(recorded or {}) | set(overrides)
+                         if (recorded or {}).get(k) != json.loads(json.dumps(overrides.get(k))))
+        return f"run with other overrides ({', '.join(changed)})"
+    return None
+
+
 def run_study(repo: Path, variants: list[str] | None = None, seeds: list[int] | None = None,
-              extra_seeds_for: str = "a_full", extra_seeds: int = 1, size: dict[str, Any] | None = None,
+              extra_seeds_for: str = "a_full", extra_seeds: int = 0, size: dict[str, Any] | None = None,
               results: Path | None = None, report: Path | None = None) -> Path:
-    """Run the variants (skipping those already in `results`), then write the report and restore outputs."""
+    """Run what is missing of the variants x seeds (a result in `results` run with the same overrides is kept),
+    then write the report and restore outputs."""
     chosen = [v for v in VARIANTS if variants is None or v.name in variants]
     if variants and (unknown := set(variants) - {v.name for v in VARIANTS}):
         raise AligntokError(f"unknown study variants {sorted(unknown)}; known: {[v.name for v in VARIANTS]}")
     results, report = results or repo / "reports" / "study", report or repo / "reports" / "study.md"
-    seeds = seeds or [0]
-    # Every variant once first, the extra seeds (the noise estimate) last; the report is rewritten after
-    # each run, so an interrupted study still reports what it measured, and a rerun skips what is done.
-    plan = [(v, s) for v in chosen for s in seeds]
+    seeds, size = list(seeds or SEEDS), size or STUDY_SIZE
+    row_seeds = default_row_seeds(repo / "params.yaml")
+    # Seed by seed over the variants (every variant at the first seed before any at the second); the report is
+    # rewritten after each run, so an interrupted study still reports what it measured, and a rerun runs only
+    # what is missing or was run with other overrides.
+    plan = [(v, s) for s in seeds for v in chosen]
     plan += [(v, max(seeds) + 1 + i) for v in chosen if v.name == extra_seeds_for for i in range(extra_seeds)]
     try:
         for variant, seed in plan:
-            if (results / f"{variant.name}-seed{seed}.json").is_file():
+            path = results / f"{variant.name}-seed{seed}.json"
+            why = stale_result(path, variant_overrides(variant, seed, size, row_seeds))
+            if why is None:
                 log.info("%s seed %d: already in %s, not rerun", variant.name, seed, results)
                 continue
-            run_variant(variant, seed, size or STUDY_SIZE, results, repo)
+            log.info("%s seed %d: %s; running it", variant.name, seed, why)
+            run_variant(variant, seed, size, results, repo)
             write_report(results, report)
     finally:
         subprocess.run(["dvc", "checkout", "--quiet"], cwd=repo, check=False)  # outputs back to params.yaml's
@@ -148,31 +220,87 @@ def load_results(results: Path) -> dict[str, list[dict[str, Any]]]:
     return by_variant
 
 
+@dataclass(frozen=True)
+class Figure:
+    """One figure of one variant over its seeds: the mean, the values and the interval a verdict reads."""
+
+    mean: float
+    values: list[float]
+    interval: tuple[float, float] | None
+    """The union of every seed's value and its 95% bootstrap interval (`<key>_ci_lo`/`_hi` in metrics.json);
+    without intervals, the range of the seeds' values when there are two or more, else the fallback."""
+
+
+def figure(rows: list[dict[str, Any]], key: str,
+           fallback: Callable[[float, dict[str, Any]], tuple[float, float]] | None = None) -> Figure | None:
+    """`key` of every seed's metrics row (None when no row has it)."""
+    rows = [r for r in rows if r.get(key) is not None]
+    if not rows:
+        return None
+    values = [float(r[key]) for r in rows]
+    bounds = [(float(r[f"{key}_ci_lo"]), float(r[f"{key}_ci_hi"])) for r in rows
+              if r.get(f"{key}_ci_lo") is not None and r.get(f"{key}_ci_hi") is not None]
+    interval: tuple[float, float] | None = None
+    if bounds:
+        interval = (min(values + [lo for lo, _ in bounds]), max(values + [hi for _, hi in bounds]))
+    elif fallback is not None:
+        ends = [fallback(v, r) for v, r in zip(values, rows)]
+        interval = (min(lo for lo, _ in ends), max(hi for _, hi in ends))
+    elif len(values) > 1:
+        interval = (min(values), max(values))
+    return Figure(mean=sum(values) / len(values), values=values, interval=interval)
+
+
+TOKENIZER_FIGURES = ("rfid", "rkid", "psnr", "ssim", "lp_top1")
+DIFFUSION_FIGURES = ("gfid_cfg", "gfid_nocfg", "gkid_cfg", "gkid_nocfg", "precision_cfg", "recall_cfg")
+
+
+def _binomial(n: int) -> Callable[[float, dict[str, Any]], tuple[float, float]]:
+    """Two binomial standard errors of a top-1 accuracy on n images (records without a bootstrap interval)."""
+    def ends(p: float, _: dict[str, Any]) -> tuple[float, float]:
+        half = 2 * math.sqrt(max(p * (1 - p), 1e-4) / n)
+        return p - half, p + half
+    return ends
+
+
+def _two_sem(key: str) -> Callable[[float, dict[str, Any]], tuple[float, float]]:
+    """Two standard errors of a per-image mean (records without a bootstrap interval)."""
+    def ends(value: float, row: dict[str, Any]) -> tuple[float, float]:
+        half = 2 * float(row.get(f"{key}_sem", 0.0))
+        return value - half, value + half
+    return ends
+
+
 def _summary(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per variant: tokenizer metrics (seed-independent), diffusion metrics as mean over seeds + spread."""
-    tokenizer = next(iter(records[0]["metrics"]["tokenizer"].values()))
-    diffusion: dict[str, list[float]] = {}
-    for record in records:
-        d = record["metrics"]["diffusion"]
-        for key in ("gfid_cfg", "gfid_nocfg", "precision_cfg", "recall_cfg"):
-            diffusion.setdefault(key, []).append(d[key])
-        for step, values in d.get("by_step", {}).items():
-            for key in ("gfid_cfg", "gfid_nocfg"):
-                diffusion.setdefault(f"{key}@{step}", []).append(values[key])
-    probe_val = records[0].get("overrides", {}).get("evaluate.probe_val_images", 500)
-    return {"tokenizer": tokenizer, "end_step": int(records[0]["metrics"]["diffusion"]["train_steps"]),
-            "probe_val": int(probe_val),
-            "diffusion": {k: (sum(v) / len(v), (max(v) - min(v)) if len(v) > 1 else None, v)
-                                                  for k, v in diffusion.items()},
+    """Per variant: every figure over its seeds, the training length, its seeds, runs and cost."""
+    tokenizer = [next(iter(r["metrics"]["tokenizer"].values())) for r in records]
+    diffusion = [r["metrics"]["diffusion"] for r in records]
+    probe_val = int(records[0].get("overrides", {}).get("evaluate.probe_val_images", 500))
+    fallbacks = {"lp_top1": _binomial(probe_val), "psnr": _two_sem("psnr"), "ssim": _two_sem("ssim")}
+    figures = {k: figure(tokenizer, k, fallbacks.get(k)) for k in TOKENIZER_FIGURES}
+    figures |= {k: figure(diffusion, k) for k in DIFFUSION_FIGURES}
+    steps = sorted({step for d in diffusion for step in d.get("by_step", {})}, key=int)
+    for step in steps:
+        rows = [d.get("by_step", {}).get(step, {}) for d in diffusion]
+        figures |= {f"{k}@{step}": figure(rows, k) for k in ("gfid_cfg", "gfid_nocfg")}
+    return {"figures": {k: v for k, v in figures.items() if v is not None},
+            "end_step": int(diffusion[0]["train_steps"]), "steps": steps,
             "seeds": [r["seed"] for r in records], "runs": [r["evaluate_run_id"] for r in records],
-            "wall": sum(r["wall_seconds"] for r in records)}
+            "wall": sum(r["wall_seconds"] for r in records),
+            "cpu": sum(r.get("cpu_seconds", math.nan) for r in records)}
 
 
-def compare(a: float, b: float, noise: float, lower_is_better: bool) -> str:
-    """'a better' / 'b better' / 'tie (within noise)' for two figures and a noise scale."""
-    if abs(a - b) <= noise:
-        return "tie (within noise)"
-    return "holds" if (a < b) == lower_is_better else "does not hold"
+def compare(a: Figure, b: Figure, lower_is_better: bool) -> str:
+    """The verdict on "a is better than b": 'holds' / 'does not hold' when their intervals are apart,
+    'tie (intervals overlap)' when they overlap, and not called when either has no interval."""
+    if a.interval is None or b.interval is None:
+        return "not called (no interval)"
+    (a_lo, a_hi), (b_lo, b_hi) = a.interval, b.interval
+    if a_hi < b_lo:
+        return "holds" if lower_is_better else "does not hold"
+    if b_hi < a_lo:
+        return "does not hold" if lower_is_better else "holds"
+    return "tie (intervals overlap)"
 
 
 def write_report(results: Path, report: Path) -> Path:
@@ -196,77 +324,67 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
+def _cell(f: Figure | None, digits: int = 2, scale: float = 1.0, unit: str = "") -> str:
+    """'mean [lo, hi]' (the interval a verdict reads), or the mean alone."""
+    if f is None:
+        return "—"
+    text = f"{f.mean * scale:.{digits}f}{unit}"
+    if f.interval is not None:
+        text += f" [{f.interval[0] * scale:.{digits}f}, {f.interval[1] * scale:.{digits}f}]"
+    return text
+
+
 def _table(data: dict[str, Any]) -> list[str]:
-    steps = sorted({k.split("@")[1] for d in data.values() for k in d["diffusion"] if "@" in k}, key=int)
-    head = ["variant", "rFID", "PSNR", "SSIM", "LP top-1"]
-    head += [f"gFID cfg @{s}" for s in steps] + ["gFID cfg (end)"]
+    steps = sorted({s for d in data.values() for s in d["steps"]}, key=int)
+    head = ["variant", "rFID", "rKID x1e3", "PSNR", "SSIM", "LP top-1"]
+    head += [f"gFID cfg @{s}" for s in steps] + ["gFID cfg (end)", "gKID cfg x1e3"]
     head += [f"gFID no-cfg @{s}" for s in steps] + ["gFID no-cfg (end)", "precision", "recall", "seeds"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     label = {v.name: v.label for v in VARIANTS}
     for name, d in data.items():
-        t, g = d["tokenizer"], d["diffusion"]
-
-        def gfid(key: str) -> str:
-            mean, spread, _ = g.get(key, (None, None, None))
-            return _fmt(mean) + (f" ± {spread / 2:.2f}" if spread else "")
-
-        cells = [label.get(name, name), _fmt(t["rfid"]), _fmt(t["psnr"]), _fmt(t["ssim"], 4),
-                 f"{100 * t['lp_top1']:.1f}%"]
-        cells += [gfid(f"gfid_cfg@{s}") for s in steps] + [gfid("gfid_cfg")]
-        cells += [gfid(f"gfid_nocfg@{s}") for s in steps] + [gfid("gfid_nocfg")]
-        cells += [_fmt(g["precision_cfg"][0], 3), _fmt(g["recall_cfg"][0], 3), ",".join(map(str, d["seeds"]))]
+        f = d["figures"]
+        cells = [label.get(name, name), _cell(f.get("rfid")), _cell(f.get("rkid"), 2, 1e3), _cell(f.get("psnr")),
+                 _cell(f.get("ssim"), 4), _cell(f.get("lp_top1"), 1, 100, "%")]
+        cells += [_cell(f.get(f"gfid_cfg@{s}")) for s in steps] + [_cell(f.get("gfid_cfg")),
+                                                                   _cell(f.get("gkid_cfg"), 2, 1e3)]
+        cells += [_cell(f.get(f"gfid_nocfg@{s}")) for s in steps] + [_cell(f.get("gfid_nocfg"))]
+        cells += [_cell(f.get("precision_cfg"), 3), _cell(f.get("recall_cfg"), 3), ",".join(map(str, d["seeds"]))]
         rows.append("| " + " | ".join(cells) + " |")
-    return rows + ["", "± is half the range over diffusion seeds where a variant ran with more than one."]
-
-
-def _lp_noise(p: float, n: int) -> float:
-    """Two binomial standard errors of a top-1 accuracy on n images."""
-    return 2 * math.sqrt(max(p * (1 - p), 1e-4) / n)
+    return rows + ["", "Each figure is the mean over the variant's seeds; in brackets, the interval its verdicts read: "
+                   "the union over seeds of the seed's value and its 95% bootstrap interval over images or samples "
+                   "(records without one: the range over seeds; LP: two binomial standard errors; PSNR, SSIM: two "
+                   "standard errors of the per-image mean)."]
 
 
 def _claims(data: dict[str, Any]) -> list[str]:
-    """Each of the paper's claims, judged on the measured numbers with an explicit noise scale."""
-    out = ["## The paper's claims at this scale", ""]
-    # Conservative: the widest seed-to-seed range at any measured training length, with or without guidance
-    # (with two seeds, the range at one length alone can be small by chance).
-    spreads = {k: s for d in data.values() for k, (_, s, _) in d["diffusion"].items() if k.startswith("gfid") and s}
-    gfid_noise = max(spreads.values()) if spreads else None
-    widest = max(spreads, key=spreads.get) if spreads else None
-    seeds = max(len(d["seeds"]) for d in data.values())
-    out.append(f"gFID noise scale: {_fmt(gfid_noise)}, the widest range over {seeds} diffusion seeds of one variant "
-               f"at any measured training length (`{widest}`); a difference within it is a tie" if gfid_noise else
-               "gFID noise scale: unknown (one seed per variant): gFID differences are reported but not called wins.")
+    """Each of the paper's claims, judged on the measured intervals: a difference inside them is a tie."""
+    out = ["## The paper's claims at this scale", "",
+           "A claim holds when the two variants' intervals (the table's brackets) do not overlap; when they "
+           "overlap it is a tie, and without an interval it is not called.", ""]
 
-    def lp(name: str) -> float | None:
-        return data[name]["tokenizer"]["lp_top1"] if name in data else None
+    def fig(name: str, key: str) -> Figure | None:
+        return data[name]["figures"].get(key) if name in data else None
 
-    def gf(name: str, key: str = "gfid_cfg") -> float | None:
-        return data[name]["diffusion"][key][0] if name in data and key in data[name]["diffusion"] else None
-
-    def claim(text: str, a: float | None, b: float | None, noise: float | None, lower: bool, fmt: str) -> str:
+    def claim(text: str, x: str, y: str, key: str, lower: bool, scale: float = 1.0, unit: str = "",
+              digits: int = 2) -> str:
+        a, b = fig(x, key), fig(y, key)
         if a is None or b is None:
-            return f"- {text}: not measured (a variant is missing)."
-        verdict = compare(a, b, noise, lower) if noise is not None else "not called (no noise estimate)"
-        return f"- {text}: {fmt.format(a)} vs {fmt.format(b)} — **{verdict}**"
+            return f"- {text}: not measured (a variant or its `{key}` is missing)."
+        return (f"- {text}: {a.mean * scale:.{digits}f}{unit} vs {b.mean * scale:.{digits}f}{unit} — "
+                f"**{compare(a, b, lower)}**")
 
-    pairs_lp = [("a_full", "e_vavae", "latent LP (a) > (e)"), ("e_vavae", "d_vae", "latent LP (e) > (d)"),
-                ("a_full", "c_no_sp", "latent LP (a) > (c): w_sp keeps the semantics"),
-                ("a_full", "f_random", "latent LP (a) > (f): the pretrained encoder matters")]
-    for x, y, text in pairs_lp:
-        noise = _lp_noise(lp(x), data[x]["probe_val"]) if lp(x) is not None else None
-        out.append(claim(text, lp(x), lp(y), noise, False, "{:.1%}"))
-    for x, y, text in [("a_full", "e_vavae", "gFID (a) < (e)"), ("e_vavae", "d_vae", "gFID (e) < (d)"),
-                       ("a_full", "f_random", "gFID (a) < (f)")]:
-        out.append(claim(text + " (with guidance, end of training)", gf(x), gf(y), gfid_noise, True, "{:.2f}"))
-        out.append(claim(text + " (without guidance)", gf(x, "gfid_nocfg"), gf(y, "gfid_nocfg"), gfid_noise, True,
-                         "{:.2f}"))
-    if "a_full" in data and "b_stage1" in data:
-        ta, tb = data["a_full"]["tokenizer"], data["b_stage1"]["tokenizer"]
-        out.append(claim("reconstruction (a) better than (b): PSNR", ta["psnr"], tb["psnr"],
-                         2 * max(ta.get("psnr_sem", 0.0), tb.get("psnr_sem", 0.0)), False, "{:.2f} dB"))
-        out.append(claim("reconstruction (a) better than (b): rFID", ta["rfid"], tb["rfid"], None, True, "{:.2f}"))
-    out += ["", "LP noise: two binomial standard errors on the validation images; PSNR noise: two standard errors "
-            "of the per-image mean. rFID differences are reported without a noise estimate."]
+    for x, y, text in [("a_full", "e_vavae", "latent LP (a) > (e)"), ("e_vavae", "d_vae", "latent LP (e) > (d)"),
+                       ("a_full", "c_no_sp", "latent LP (a) > (c): w_sp keeps the semantics"),
+                       ("a_full", "f_random", "latent LP (a) > (f): the pretrained encoder matters")]:
+        out.append(claim(text, x, y, "lp_top1", False, 100, "%", 1))
+    for x, y, text in [("a_full", "e_vavae", "(a) < (e)"), ("e_vavae", "d_vae", "(e) < (d)"),
+                       ("a_full", "f_random", "(a) < (f)")]:
+        out.append(claim(f"gFID {text} (with guidance, end of training)", x, y, "gfid_cfg", True))
+        out.append(claim(f"gFID {text} (without guidance)", x, y, "gfid_nocfg", True))
+        out.append(claim(f"gKID {text} (with guidance, x1e3)", x, y, "gkid_cfg", True, 1e3))
+    out.append(claim("reconstruction (a) better than (b): PSNR", "a_full", "b_stage1", "psnr", False, unit=" dB"))
+    out.append(claim("reconstruction (a) better than (b): rFID", "a_full", "b_stage1", "rfid", True))
+    out.append(claim("reconstruction (a) better than (b): rKID (x1e3)", "a_full", "b_stage1", "rkid", True, 1e3))
     return out
 
 
@@ -279,8 +397,8 @@ def _convergence(data: dict[str, Any], report: Path) -> list[str]:
 
     figure, axis = plt.subplots(figsize=(6, 4))
     for name, d in data.items():
-        points = sorted((int(k.split("@")[1]), v[0]) for k, v in d["diffusion"].items() if k.startswith("gfid_cfg@"))
-        points.append((d["end_step"], d["diffusion"]["gfid_cfg"][0]))
+        points = sorted((int(k.split("@")[1]), v.mean) for k, v in d["figures"].items() if k.startswith("gfid_cfg@"))
+        points.append((d["end_step"], d["figures"]["gfid_cfg"].mean))
         axis.plot(*zip(*points), marker="o", label=name)
     axis.set_xlabel("diffusion training steps")
     axis.set_ylabel("gFID (with guidance)")
@@ -293,11 +411,18 @@ def _convergence(data: dict[str, Any], report: Path) -> list[str]:
 
 
 def _provenance(results: Path) -> list[str]:
-    out = ["## Provenance", "", "| variant | seed | experiment | MLflow evaluate run | wall time |", "|---|---|---|---|---|"]
+    out = ["## Provenance and cost", "",
+           "| variant | seed | experiment | MLflow evaluate run | wall time | CPU time |", "|---|---|---|---|---|---|"]
+    wall = cpu = 0.0
     for name, records in load_results(results).items():
         for r in records:
+            seconds = r.get("cpu_seconds")
             out.append(f"| {name} | {r['seed']} | `{r['experiment']}` | `{r['evaluate_run_id']}` | "
-                       f"{r['wall_seconds'] / 60:.1f} min |")
+                       f"{r['wall_seconds'] / 60:.1f} min | {_fmt(None if seconds is None else seconds / 60, 1)} min |")
+            wall, cpu = wall + r["wall_seconds"], cpu + (seconds or 0.0)
+    out += ["", f"In all: {wall / 3600:.2f} h wall, {cpu / 3600:.2f} h CPU (the CPU time of `dvc exp run` and its "
+            "stages; a run restored from DVC's run cache costs little of either). Each run's command is in its JSON "
+            "(`command`): `dvc exp run --name study-<variant>-seed<s> -S key=value ... evaluate`."]
     protocol = next(iter(load_results(results).values()))[0]["protocol"]
     out += ["", "Protocol: " + "; ".join(f"{k}: {v}" for k, v in protocol.items() if isinstance(v, str))]
     return out
