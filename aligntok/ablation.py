@@ -10,8 +10,9 @@ stage-1 tokenizer, and measures along the way (snapshots of the EMA model at `sn
 - the **drift** from stage 1: linear CKA and the relative change of the latent, and the linear CKA of the
   encoder's pooled features (`aligntok.eval.cka`), on the first `drift_images` validation images;
 - the reconstruction PSNR on the same images;
-- at the `gfid_at` snapshots, the **downstream gFID**: a latent cache of the snapshot, a DiT trained on it for
-  `dit_steps` (the study's budget) and gFID with guidance against the `fid_reference` stage's features.
+- at the `gfid_at` snapshots, the **downstream gFID** and gKID (with their bootstrap intervals, as `evaluate`):
+  a latent cache of the snapshot, a DiT trained on it for `dit_steps` (the study's budget), sampled with and
+  without guidance against the `fid_reference` stage's features.
 
     python -m aligntok.ablation                      # the four arms at the default size, then the report
     python -m aligntok.ablation --arms wsp1_lr1 wsp0_lr1 --steps 400
@@ -200,7 +201,7 @@ def downstream_gfid(ws: Workspace, arm: Arm, step: int, size: AblationSize, prog
     from aligntok.diffusion.api import DiffusionModel
     from aligntok.diffusion.latents import cache_latents
     from aligntok.diffusion.train import DiTPaths, run_train_dit
-    from aligntok.eval.evaluate import SampleFeatures, fd
+    from aligntok.eval.evaluate import SampleFeatures, fd, kid_and_intervals
     from aligntok.eval.fd_encoder import EncoderFeatures
     from aligntok.eval.inception import InceptionFeatures
     from aligntok.eval.reference import load_reference
@@ -220,9 +221,11 @@ def downstream_gfid(ws: Workspace, arm: Arm, step: int, size: AblationSize, prog
         cfg, progress)
     out = {}
     for suffix, scale in (("cfg", params.sample.cfg_scale), ("nocfg", 1.0)):
-        stats = samples.get(params.sample.steps, scale, cfg.gen_samples)
+        stats = samples.get(params.sample.steps, scale, cfg.gen_samples, keep_all=True)
         assert stats is not None  # one process: rank 0
         out[f"gfid_{suffix}"] = fd(stats[0], ref["train"])
+        out |= kid_and_intervals(f"gfid_{suffix}", f"gkid_{suffix}", stats[0], ref["train"], out[f"gfid_{suffix}"],
+                                 cfg.seed)
     return out | {"dit_steps": float(size.dit_steps), "cache_images": float(size.cache_images),
                   "gen_samples": float(cfg.gen_samples)}
 
@@ -285,6 +288,15 @@ def load_records(results: Path) -> dict[str, dict[str, Any]]:
     return records
 
 
+def _with_interval(figures: dict[str, float], key: str, scale: float = 1.0) -> str:
+    if key not in figures:
+        return "—"
+    text = f"{scale * figures[key]:.2f}"
+    if f"{key}_ci_lo" in figures:
+        text += f" [{scale * figures[f'{key}_ci_lo']:.2f}, {scale * figures[f'{key}_ci_hi']:.2f}]"
+    return text
+
+
 def _binomial_half(p: float, n: float) -> float:
     """Two binomial standard errors of a top-1 accuracy on n images."""
     return 2 * math.sqrt(max(p * (1 - p), 1e-4) / max(n, 1.0))
@@ -314,7 +326,7 @@ def write_report(results: Path, report: Path) -> Path:
              f"features) and the reconstruction PSNR; at steps {size['gfid_at']}, gFID of a DiT trained for "
              f"{size['dit_steps']} steps on {size['cache_images']} cached images ({size['gen_samples']} samples).", "",
              "| arm | w_sp | encoder lr | step | LP top-1 | latent CKA | latent rel. change | encoder CKA | PSNR | "
-             "gFID cfg | gFID no-cfg |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "gFID cfg [95%] | gFID no-cfg | gKID cfg x1e3 |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, record in records.items():
         arm = record["arm"]
         for step, point in sorted(record["points"].items(), key=lambda kv: int(kv[0])):
@@ -322,7 +334,8 @@ def write_report(results: Path, report: Path) -> Path:
             lines.append(f"| {name} | {arm['w_sp']:g} | {arm['encoder_lr_scale']:g}x | {step} | "
                          f"{100 * point['lp_top1']:.1f}% | {point['latent_cka']:.3f} | "
                          f"{point['latent_relative_change']:.3f} | {point['encoder_cka']:.3f} | {point['psnr']:.2f} | "
-                         f"{g.get('gfid_cfg', math.nan):.2f} | {g.get('gfid_nocfg', math.nan):.2f} |")
+                         f"{_with_interval(g, 'gfid_cfg')} | {g.get('gfid_nocfg', math.nan):.2f} | "
+                         f"{_with_interval(g, 'gkid_cfg', 1e3)} |")
     lines += ["", "## w_sp keeps the latent's semantics (the paper: LP 35% with it, 9.5% without)", ""]
     for ratio in sorted({r["arm"]["encoder_lr_scale"] for r in records.values()}):
         pair = {r["arm"]["w_sp"]: r for r in records.values() if r["arm"]["encoder_lr_scale"] == ratio}
