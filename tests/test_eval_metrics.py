@@ -174,6 +174,7 @@ def test_probe_separates_separable_classes_and_not_random_labels() -> None:
     result = linear_probe(x_train, y_train, x_val, y_val, C=1.0, max_iter=200)
     assert result.top1 > 0.98
     assert (result.n_train, result.n_val, result.dim, result.classes, result.converged) == (400, 200, 16, 4, True)
+    assert result.correct.shape == (200,) and result.correct.dtype == bool and result.correct.mean() == result.top1
     noise = linear_probe(x_train, rng.integers(0, classes, 400), x_val, rng.integers(0, classes, 200))
     assert abs(noise.top1 - 1 / classes) < 0.1  # chance: 0.25, std ~0.03 at 200 samples
 

@@ -84,18 +84,39 @@ def _finite(values: dict) -> bool:
     return all(isinstance(v, float) and math.isfinite(v) for v in values.values())
 
 
+INTERVALS = {"tokenizer": ("rfid", "rkid", "psnr", "ssim", "lp_top1"),
+             "diffusion": ("gfid_cfg", "gfid_nocfg", "gkid_cfg", "gkid_nocfg")}
+"""The figures that carry a bootstrap interval (`<figure>_ci_lo`, `<figure>_ci_hi`)."""
+
+
+def _assert_brackets(values: dict, figure: str) -> None:
+    low, high = values[f"{figure}_ci_lo"], values[f"{figure}_ci_hi"]
+    assert low <= values[figure] <= high, (figure, low, values[figure], high)
+
+
 def test_metrics_json_holds_every_metric(evaluated: dict) -> None:
     written = json.loads(evaluated["paths"].metrics.read_text())
     assert written == json.loads(json.dumps(evaluated["metrics"]))
     for stage in TOKENIZER_STAGES:
-        assert set(written["tokenizer"][stage]) == {"rfid", "psnr", "ssim", "fd_dinov2", "lp_top1", "psnr_sem", "ssim_sem"}, stage
-        assert _finite(written["tokenizer"][stage])
-        assert written["tokenizer"][stage]["rfid"] > 0 and 0 <= written["tokenizer"][stage]["lp_top1"] <= 1
+        tok = written["tokenizer"][stage]
+        assert set(tok) == {"rfid", "psnr", "ssim", "fd_dinov2", "lp_top1", "psnr_sem", "ssim_sem", "rkid", "rkid_std",
+                            *(f"{k}_ci_{end}" for k in INTERVALS["tokenizer"] for end in ("lo", "hi"))}, stage
+        assert _finite(tok)
+        assert tok["rfid"] > 0 and 0 <= tok["lp_top1"] <= 1
+        assert tok["rkid"] > 0 and tok["rkid_std"] >= 0  # 6 poor reconstructions: far from their originals
+        for figure in INTERVALS["tokenizer"]:
+            _assert_brackets(tok, figure)
+        assert tok["rfid_ci_lo"] < tok["rfid_ci_hi"] and tok["psnr_ci_lo"] < tok["psnr_ci_hi"]
+        assert 0 <= tok["lp_top1_ci_lo"] and tok["lp_top1_ci_hi"] <= 1
     assert set(written["reference"]) == {"lp_top1_pixels", "lp_top1_encoder"}
     diffusion = written["diffusion"]
     for key in ("gfid_cfg", "gfid_nocfg", "precision_cfg", "recall_cfg", "precision_nocfg", "recall_nocfg",
-                "fd_dinov2_cfg", "fd_dinov2_nocfg"):
+                "fd_dinov2_cfg", "fd_dinov2_nocfg", "gkid_cfg", "gkid_nocfg", "gkid_cfg_std", "gkid_nocfg_std",
+                *(f"{k}_ci_{end}" for k in INTERVALS["diffusion"] for end in ("lo", "hi"))):
         assert key in diffusion and math.isfinite(diffusion[key]), key
+    for figure in INTERVALS["diffusion"]:
+        _assert_brackets(diffusion, figure)
+    assert diffusion["gkid_cfg_std"] > 0  # 6 of the 16 reference vectors per subset: the subsets differ
     assert 0 <= diffusion["precision_cfg"] <= 1 and 0 <= diffusion["recall_cfg"] <= 1
     assert set(diffusion["by_step"]) == {"3"} and diffusion["train_steps"] == 4.0  # the step-3 snapshot
     assert math.isfinite(diffusion["by_step"]["3"]["gfid_cfg"])
@@ -128,6 +149,10 @@ def test_rfid_matches_an_independent_computation_on_the_same_images(evaluated: d
     expected = float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
     got = evaluated["metrics"]["tokenizer"]["align_latent"]["rfid"]
     assert got == pytest.approx(expected, rel=2e-2)
+    from torchmetrics.image.kid import poly_mmd  # 6 of each: KID's subsets are all of both sets
+
+    kid = float(poly_mmd(torch.from_numpy(ref), torch.from_numpy(feats)))
+    assert evaluated["metrics"]["tokenizer"]["align_latent"]["rkid"] == pytest.approx(kid, rel=2e-2)
 
 
 def test_plots_and_grids_are_written(evaluated: dict, params: Params) -> None:
@@ -146,6 +171,9 @@ def test_plots_and_grids_are_written(evaluated: dict, params: Params) -> None:
     protocol = json.loads((paths.out / "protocol.json").read_text())
     assert "no classification head" in protocol["inception_score"]
     assert protocol["inception"]["resize"]
+    assert (protocol["kid_subsets"], protocol["kid_subset_size"]) == (100, 1000)
+    assert (protocol["bootstrap_level"], protocol["bootstrap_resamples"]) == (0.95, 200)
+    assert "shifted by the bootstrap bias estimate" in protocol["bootstrap"]
 
 
 def test_registered_versions_carry_their_evaluation_as_tags(evaluated: dict) -> None:
@@ -160,8 +188,12 @@ def test_registered_versions_carry_their_evaluation_as_tags(evaluated: dict) -> 
     assert float(baseline.tags["eval_lp_top1"]) == pytest.approx(metrics["tokenizer"]["vae_baseline"]["lp_top1"])
     dit = client.search_model_versions("name='aligntok-dit'")[0]
     assert float(dit.tags["eval_gfid_cfg"]) == pytest.approx(metrics["diffusion"]["gfid_cfg"], rel=1e-5)
+    assert float(stage3.tags["eval_rkid"]) == pytest.approx(metrics["tokenizer"]["refine_decoder"]["rkid"], rel=1e-5)
+    assert float(dit.tags["eval_gkid_cfg_ci_hi"]) == pytest.approx(metrics["diffusion"]["gkid_cfg_ci_hi"], rel=1e-5)
     logged = client.get_run(dit.tags["eval_run_id"]).data.metrics  # snapshot gFIDs flattened, not dropped
     assert logged["diffusion.step3.gfid_cfg"] == pytest.approx(metrics["diffusion"]["by_step"]["3"]["gfid_cfg"])
+    assert logged["diffusion.gkid_nocfg"] == pytest.approx(metrics["diffusion"]["gkid_nocfg"])
+    assert logged["refine_decoder.rfid_ci_lo"] == pytest.approx(metrics["tokenizer"]["refine_decoder"]["rfid_ci_lo"])
 
 
 def test_a_reference_built_for_other_counts_is_refused(evaluated: dict, params: Params) -> None:

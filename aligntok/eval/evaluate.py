@@ -2,11 +2,20 @@
 
 The reference features come from the `fid_reference` stage (`aligntok.eval.reference`, cached by DVC).
 `evaluate` measures, with every count, the resize and the network recorded beside the numbers:
-- each tokenizer stage and the VAE baseline: rFID, PSNR, SSIM, FD_dinov2 of reconstructions, and the
-  linear-probe top-1 of the pooled latent (plus the probe on raw pixels and raw encoder features);
-- the diffusion model: gFID with and without guidance, precision and recall (k = 3), FD_dinov2, and gFID
-  against the number of sampling steps and the guidance scale (DVC plots).
+- each tokenizer stage and the VAE baseline: rFID and rKID, PSNR, SSIM, FD_dinov2 of reconstructions, and
+  the linear-probe top-1 of the pooled latent (plus the probe on raw pixels and raw encoder features);
+- the diffusion model: gFID and gKID with and without guidance, precision and recall (k = 3), FD_dinov2, and
+  gFID against the number of sampling steps and the guidance scale (DVC plots).
 There is no Inception Score: the FID network here has no classification head.
+
+KID (`aligntok.eval.kid`) is computed on the Inception vectors FID uses, against the same references; unlike
+FID it is unbiased, so it does not drift with the image counts. Beside PSNR, SSIM, rFID, rKID, the probe's
+top-1, gFID and gKID stand 95% bootstrap intervals over the evaluated images (`aligntok.eval.bootstrap`,
+flat `<figure>_ci_lo` / `<figure>_ci_hi` keys, seeded by `evaluate.seed`): the per-image scores and the
+probe's per-image correctness are resampled for the means, the reconstructions' or samples' Inception
+vectors (the reference held fixed) for FID and KID, the FID interval shifted by the bootstrap's bias
+estimate. They run on rank 0 over the rows folded in batch order, so they are the one-process figures too;
+they need every vector kept (`FEATURES_KEPT`), and are left out, with a warning, where that is not so.
 
 Across ranks (`aligntok.eval.stream`): batch i of every pass (reconstructions, probe features, generated
 samples) runs on rank i mod W, and rank 0 folds the features and per-image scores in batch order, round by
@@ -37,13 +46,15 @@ from aligntok.config import PRDC_NEIGHBOURS, EvaluateConfig, Params
 from aligntok.data.loader import load_split, require_validated
 from aligntok.data.reader import EncodedImages
 from aligntok.distributed import Placement, placed
-from aligntok.eval.fid import FEATURES_KEPT, FeatureAccumulator, FeatureStats, fid_from_features, frechet_distance, \
-    low_rank_cheaper
+from aligntok.eval.bootstrap import LEVEL, MEAN_RESAMPLES, RESAMPLES, Interval, bootstrap_ci, ci_keys
+from aligntok.eval.fid import FEATURES_KEPT, FeatureAccumulator, FeatureStats, fid_from_features, fid_resampler, \
+    frechet_distance, low_rank_cheaper
 from aligntok.eval.fd_encoder import EncoderFeatures
-from aligntok.eval.inception import InceptionFeatures
+from aligntok.eval.inception import FEATURE_DIM, InceptionFeatures
+from aligntok.eval.kid import KID_SUBSET_SIZE, KID_SUBSETS, kid, kid_resampler
 from aligntok.eval.reference import batch_at, batch_count, batches, check_counts, load_reference
 from aligntok.eval.prdc import precision_recall
-from aligntok.eval.probe import PIXEL_SIDE, linear_probe, pixel_features
+from aligntok.eval.probe import BLAS_THREADS, PIXEL_SIDE, linear_probe, pixel_features
 from aligntok.eval.stream import Rows, stream_batches
 from aligntok.fileio import atomic_write_text
 
@@ -51,6 +62,9 @@ log = logging.getLogger(__name__)
 
 SNAPSHOTS = "snapshots"
 """Folder inside the DiT folder with EMA weights at `train_dit.snapshot_steps` (`step_NNNNNN.safetensors`)."""
+BOOTSTRAP_MAX_ROWS = FEATURES_KEPT
+"""Evaluated sets beyond this many vectors get no FID/KID interval: a resample costs a (U, U) eigendecomposition
+(U ~ 0.63 N distinct rows), about 1 s at N = 2048, 200 times over."""
 
 
 # -------------------------------------------------------------------------------------------- tokenizers
@@ -61,6 +75,54 @@ def fd(stats: FeatureStats, ref: FeatureStats) -> float:
     if stats.features is not None and ref.features is not None and low_rank_cheaper(stats.n, ref.n, stats.dim):
         return float(fid_from_features(stats.features, ref.features.astype(np.float64)))
     return float(frechet_distance(stats.mu, stats.sigma, ref.mu, ref.sigma))
+
+
+def _mean(rows: np.ndarray) -> float:
+    return float(rows.mean())
+
+
+def mean_interval(values: np.ndarray, seed: int) -> Interval:
+    """Bootstrap interval of the mean of per-image values (N,) over the images."""
+    return bootstrap_ci(_mean, np.asarray(values, dtype=np.float64), resamples=MEAN_RESAMPLES, seed=seed)
+
+
+def kid_and_intervals(fid_key: str, kid_key: str, stats: FeatureStats, ref: FeatureStats, fid: float,
+                      seed: int) -> dict[str, float]:
+    """KID of evaluated Inception vectors (N, 2048) against a reference's (M, 2048) (`kid_key`, `{kid_key}_std`)
+    and the bootstrap intervals over the N evaluated rows of the FD (`fid`, its point estimate) and the KID
+    (`{fid_key}_ci_lo`, ...). Only the vectors can give these: {} (with a warning) where either set's are not
+    all kept, no interval where N > `BOOTSTRAP_MAX_ROWS`. BLAS runs on `BLAS_THREADS` thread(s): the (U, U)
+    eigendecompositions are small, and on 2 busy cores one thread did the defaults' 200 resamples 5-15x faster."""
+    from threadpoolctl import threadpool_limits
+
+    if stats.features is None or ref.features is None:
+        log.warning("%s: no %s and no intervals: the Inception vectors are kept only up to %d (evaluated %d, "
+                    "reference %d)", stats.source, kid_key, FEATURES_KEPT, stats.n, ref.n)
+        return {}
+    start = time.perf_counter()
+    x, y = stats.features.astype(np.float64), ref.features.astype(np.float64)  # (N, D), (M, D)
+    with threadpool_limits(limits=BLAS_THREADS, user_api="blas"):
+        got = kid(x, y, seed=seed)
+        out = {kid_key: got.mean, f"{kid_key}_std": got.std}
+        if len(x) > BOOTSTRAP_MAX_ROWS:
+            log.warning("%s: no %s / %s intervals: %d vectors, bootstrapped up to %d", stats.source, fid_key,
+                        kid_key, len(x), BOOTSTRAP_MAX_ROWS)
+            return out
+        rows = np.arange(len(x))
+        out |= ci_keys(fid_key, bootstrap_ci(fid_resampler(x, y), rows, seed=seed, point=fid))
+        out |= ci_keys(kid_key, bootstrap_ci(kid_resampler(x, y), rows, seed=seed))
+    log.debug("%s: KID and bootstrap intervals in %.2f s", stats.source, time.perf_counter() - start)
+    return out
+
+
+def _with_ci(metrics: dict[str, float], key: str, digits: int) -> str:
+    """`12.34 [11.02, 13.80]`, or the figure alone where it has no interval; `-` where it is absent."""
+    if key not in metrics:
+        return "-"
+    text = f"{metrics[key]:.{digits}f}"
+    if f"{key}_ci_lo" in metrics:
+        text += f" [{metrics[f'{key}_ci_lo']:.{digits}f}, {metrics[f'{key}_ci_hi']:.{digits}f}]"
+    return text
 
 
 def evaluate_counts(cfg: EvaluateConfig) -> list[tuple[str, str, int]]:
@@ -139,8 +201,10 @@ def evaluate_tokenizer(name: str, folder: Path, val: EncodedImages, probe: Probe
     if key not in probe_cache:
         train_x = pooled_latents(tokenizer, probe.train, len(probe.train), size, place, progress, f"{name}: probe")
         val_x = pooled_latents(tokenizer, probe.val, len(probe.val), size, place, progress, f"{name}: probe val")
-        probe_cache[key] = None if train_x is None else {
-            "lp_top1": linear_probe(train_x, probe.train.labels.numpy(), val_x, probe.val.labels.numpy()).top1}
+        probe_cache[key] = None
+        if train_x is not None:
+            result = linear_probe(train_x, probe.train.labels.numpy(), val_x, probe.val.labels.numpy())
+            probe_cache[key] = {"lp_top1": result.top1, **ci_keys("lp_top1", mean_interval(result.correct, cfg.seed))}
     if not place.is_main:
         return None
     per_image = {k: found[k].tensor.double() for k in ("psnr", "ssim")}  # (N,) each
@@ -149,12 +213,16 @@ def evaluate_tokenizer(name: str, folder: Path, val: EncodedImages, probe: Probe
     metrics = {"rfid": fd(recon, ref["val"]), "psnr": float(per_image["psnr"].mean()),
                "ssim": float(per_image["ssim"].mean()), "fd_dinov2": fd(recon_encoder, ref["val_encoder"]),
                **{f"{k}_sem": float(v.std() / len(v) ** 0.5) for k, v in per_image.items()}}
+    metrics |= kid_and_intervals("rfid", "rkid", recon, ref["val"], metrics["rfid"], cfg.seed)
+    for k, v in per_image.items():  # the same draws of the same images for every tokenizer: paired
+        metrics |= ci_keys(k, mean_interval(v.numpy(), cfg.seed))
     originals = next(batches(val, GRID, GRID))  # top row: originals; bottom row: their reconstructions
     _save_grid(torch.cat([originals, found["shown"].tensor.float() / 255]), out_dir / f"recon_{name}.png",
                len(originals))
     metrics |= probe_cache[key] or {}
-    log.info("%s: rFID %.2f, PSNR %.2f dB, SSIM %.4f, FD_dinov2 %.3f, latent LP %.1f%%", name, metrics["rfid"],
-             metrics["psnr"], metrics["ssim"], metrics["fd_dinov2"], 100 * metrics["lp_top1"])
+    log.info("%s: rFID %s, rKID %s, PSNR %s dB, SSIM %s, FD_dinov2 %.3f, latent LP %.1f%%", name,
+             _with_ci(metrics, "rfid", 2), _with_ci(metrics, "rkid", 4), _with_ci(metrics, "psnr", 2),
+             _with_ci(metrics, "ssim", 4), metrics["fd_dinov2"], 100 * metrics["lp_top1"])
     return metrics
 
 
@@ -261,6 +329,8 @@ def evaluate_diffusion(dit_dir: Path, ref: dict[str, Any], inception: InceptionF
         pr = precision_recall(ref["train"].features, feats.features, k=PRDC_NEIGHBOURS)
         metrics |= {f"gfid_{suffix}": fd(feats, ref["train"]), f"precision_{suffix}": pr.precision,
                     f"recall_{suffix}": pr.recall, f"fd_dinov2_{suffix}": fd(enc, ref["train_encoder"])}
+        metrics |= kid_and_intervals(f"gfid_{suffix}", f"gkid_{suffix}", feats, ref["train"],
+                                     metrics[f"gfid_{suffix}"], cfg.seed)
         _save_grid(shown.float() / 255, out_dir / f"samples_{suffix}.png", len(samples.model.classes))
     rows_steps = [{"steps": n, "gfid": gfid(n, scale, cfg.sweep_samples)} for n in sorted(set(cfg.steps_sweep))]
     rows_cfg = [{"cfg_scale": g, "gfid": gfid(steps, g, cfg.sweep_samples)} for g in sorted(set(cfg.cfg_sweep))]
@@ -285,8 +355,10 @@ def evaluate_diffusion(dit_dir: Path, ref: dict[str, Any], inception: InceptionF
                      "gfid_nocfg": metrics["gfid_nocfg"]})
         _write_csv(plots_dir / "gfid_vs_train_steps.csv", rows)
     metrics["sampling_seconds"] = samples.seconds
-    log.info("diffusion: gFID %.2f with guidance %.1f, %.2f without; precision %.3f, recall %.3f",
-             metrics["gfid_cfg"], scale, metrics["gfid_nocfg"], metrics["precision_cfg"], metrics["recall_cfg"])
+    log.info("diffusion: gFID %s (gKID %s) with guidance %.1f, %s (%s) without; precision %.3f, recall %.3f",
+             _with_ci(metrics, "gfid_cfg", 2), _with_ci(metrics, "gkid_cfg", 4), scale,
+             _with_ci(metrics, "gfid_nocfg", 2), _with_ci(metrics, "gkid_nocfg", 4), metrics["precision_cfg"],
+             metrics["recall_cfg"])
     return metrics
 
 
@@ -356,6 +428,22 @@ def _evaluate(params: Params, paths: EvalPaths, register: bool, progress: bool,
         "rfid": f"first {cfg.recon_images} validation images vs their reconstructions",
         "gfid": f"{cfg.gen_samples} samples (labels cycling over the classes, seed {cfg.seed}) vs the first "
                 f"{cfg.reference_images} training images; sweeps at {cfg.sweep_samples} samples",
+        "kid": f"unbiased MMD^2 with the kernel (x.y / {FEATURE_DIM} + 1)^3 on the rFID / gFID Inception vectors "
+               f"against the same references: rkid, gkid_* the mean and *_std the standard deviation (ddof 0) "
+               f"over {KID_SUBSETS} subsets of min({KID_SUBSET_SIZE}, the smaller set) vectors of each set, seed "
+               f"{cfg.seed}; where both sets are no larger than that, every subset is all of both and the std "
+               f"is 0 (the intervals give the sampling noise)",
+        "kid_subsets": KID_SUBSETS, "kid_subset_size": KID_SUBSET_SIZE,
+        "bootstrap": f"{LEVEL:.0%} intervals (*_ci_lo, *_ci_hi) over the evaluated images, seed {cfg.seed}, the "
+                     f"same draws for every tokenizer (paired): percentile intervals of the mean over "
+                     f"{MEAN_RESAMPLES} resamples of the per-image PSNR and SSIM and of the probe's per-image "
+                     f"correctness (lp_top1); over {RESAMPLES} resamples of the reconstructions' or samples' "
+                     f"Inception vectors for rfid, rkid, gfid_*, gkid_*, the reference held fixed (its own noise "
+                     f"is not in the interval). FID's resamples hold ~63% distinct vectors and are biased upwards: "
+                     f"its interval is shifted by the bootstrap bias estimate, an interval for FID's expectation "
+                     f"at this count that errs wide; KID's leave out pairs of a repeated vector (plain "
+                     f"percentile). Left out where the vectors are not all kept (> {FEATURES_KEPT})",
+        "bootstrap_level": LEVEL, "bootstrap_resamples": RESAMPLES, "bootstrap_mean_resamples": MEAN_RESAMPLES,
         "precision_recall": f"k={PRDC_NEIGHBOURS} nearest-neighbour manifolds on Inception features, against the same "
                             f"{cfg.reference_images} training images",
         "linear_probe": f"logistic regression on standardised mean-pooled features, {cfg.probe_train_images} "

@@ -8,7 +8,8 @@ symmetric PSD matrix S1^(1/2) S2 S1^(1/2): two symmetric eigendecompositions (`e
 negatives clipped to 0. This is the value scipy's `sqrtm(S1 @ S2)` trace gives (the pytorch-fid formula),
 about 3x faster, and it stays real when the covariances are singular (fewer samples than dimensions).
 With the features at hand and fewer samples than dimensions, `fid_from_features` gets the same trace as
-the nuclear norm of the (n1, n2) cross-Gram matrix, without any D x D decomposition.
+the nuclear norm of the (n1, n2) cross-Gram matrix, without any D x D decomposition; `fid_resampler`
+gets the FD of resampled rows (the bootstrap) from Gram matrices computed once.
 
 `FeatureAccumulator` streams feature batches into the mean and covariance (float64), so a set of any size
 costs one D x D matrix; it keeps the vectors themselves only up to a bound (`FEATURES_KEPT`, or more where
@@ -18,7 +19,7 @@ precision/recall needs them).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -174,6 +175,55 @@ def fid_from_features(a: np.ndarray, b: np.ndarray) -> float:
     trace1, trace2 = (ca * ca).sum() / (n1 - 1), (cb * cb).sum() / (n2 - 1)  # tr(S1), tr(S2)
     diff = mu1 - mu2
     return float(diff @ diff + trace1 + trace2 - 2.0 * covmean)
+
+
+def fid_resampler(a: np.ndarray, b: np.ndarray) -> Callable[[np.ndarray], float]:
+    """The Fréchet distance of the rows `a[rows]` (any K >= 2 row indices, repeats allowed) against all of b,
+    for the bootstrap: a (N1, D), b (N2, D).
+
+    Everything a resample needs is a function of inner products computed once. With A = a - mu1 and
+    B = b - mu2 the centred sets and m the resampled rows' mean of A: |m + mu1 - mu2|^2 and tr(S1) come from
+    A A^T (N1, N1), and tr((S1 S2)^(1/2)) is the sum of the square roots of the eigenvalues of
+    P H[rows, rows] P / ((K-1)(N2-1)), H = (A B^T)(A B^T)^T (N1, N1), P the centring matrix (the squared
+    singular values of `fid_from_features`' cross matrix; a constant shift of a cancels in P, and centring
+    first keeps the large common part out of H's rounding). Each call then costs one (U, U) `eigvalsh`, U the
+    distinct rows drawn, whatever D and N2; `rows = arange(N1)` gives `fid_from_features(a, b)`.
+    """
+    a, b = _as_matrix(a, "a"), _as_matrix(b, "b")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"feature dims differ: a {a.shape}, b {b.shape}")
+    mu1, mu2 = a.mean(axis=0), b.mean(axis=0)  # (D,)
+    ca, cb = a - mu1, b - mu2  # (N1, D), (N2, D)
+    shift, n2 = mu1 - mu2, len(b)  # (D,)
+    trace2 = float((cb * cb).sum()) / (n2 - 1)
+    inner = ca @ ca.T  # (N1, N1)
+    towards = ca @ shift  # (N1,)
+    cross = ca @ cb.T  # (N1, N2)
+    gram = cross @ cross.T  # (N1, N1)
+
+    def fid(rows: np.ndarray) -> float:
+        rows = np.asarray(rows)
+        if rows.ndim != 1 or len(rows) < 2:
+            raise ValueError(f"rows: expected K >= 2 row indices, got shape {rows.shape}")
+        # The distinct rows u, drawn w times each: the K x K matrices with repeated rows have the same nonzero
+        # eigenvalues as these (U, U) ones, and no zero eigenvalue per repeat whose rounding the square root
+        # would magnify (sqrt(1e-16 lambda_max) each).
+        u, w = np.unique(rows, return_counts=True)  # (U,), (U,)
+        w, k = w.astype(np.float64), len(rows)
+        mean_sq = w @ inner[np.ix_(u, u)] @ w / k**2  # |m|^2
+        trace1 = (w @ np.diag(inner)[u] - k * mean_sq) / (k - 1)
+        h = gram[np.ix_(u, u)]  # (U, U)
+        hw = h @ w / k  # (U,)
+        centred = h - hw[:, None] - hw[None, :] + w @ hw / k  # (U, U): rows centred on the resampled mean
+        root = np.sqrt(w)
+        eig = np.linalg.eigvalsh(root[:, None] * centred * root[None, :])  # (U,)
+        # Centring leaves one zero eigenvalue (along sqrt(w)): below the rounding floor, taken as exactly 0.
+        eig[eig <= eig.max() * len(eig) * np.finfo(np.float64).eps] = 0.0
+        covmean = float(np.sqrt(eig).sum()) / np.sqrt((k - 1) * (n2 - 1))
+        diff_sq = mean_sq + 2.0 * (w @ towards[u]) / k + shift @ shift  # |m + mu1 - mu2|^2
+        return float(diff_sq + trace1 + trace2 - 2.0 * covmean)
+
+    return fid
 
 
 class FeatureAccumulator:

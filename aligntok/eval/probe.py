@@ -9,7 +9,7 @@ features) whatever the image resolution.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -36,6 +36,9 @@ class ProbeResult:
     classes: int
     converged: bool
     """False when L-BFGS stopped at `max_iter` before its tolerance."""
+    correct: np.ndarray | None = field(default=None, repr=False, compare=False)  # (n_val,) bool
+    """Whether each validation sample's predicted class is its label, in the order given (`top1` is their
+    mean): what a bootstrap of `top1` over the validation images resamples."""
 
 
 def pooled_latent(latent: torch.Tensor) -> torch.Tensor:
@@ -74,7 +77,7 @@ def _check(x: np.ndarray, y: np.ndarray, name: str) -> tuple[np.ndarray, np.ndar
 
 def linear_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
                  C: float = C, max_iter: int = MAX_ITER, blas_threads: int | None = BLAS_THREADS) -> ProbeResult:
-    """Fit on train (N, D) / (N,), report top-1 on val (M, D) / (M,).
+    """Fit on train (N, D) / (N,), report top-1 on val (M, D) / (M,), with each val sample's correctness.
 
     Args:
         C: inverse L2 strength of sklearn's `LogisticRegression`.
@@ -97,7 +100,7 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, va
     with threadpool_limits(limits=blas_threads, user_api="blas"), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
         clf.fit(scaler.transform(train_x), train_y)
-        top1 = float((clf.predict(scaler.transform(val_x)) == val_y).mean())
+        correct = clf.predict(scaler.transform(val_x)) == val_y  # (M,) bool
     converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
-    return ProbeResult(top1=top1, n_train=len(train_x), n_val=len(val_x), dim=train_x.shape[1],
-                       classes=len(clf.classes_), converged=converged)
+    return ProbeResult(top1=float(correct.mean()), n_train=len(train_x), n_val=len(val_x), dim=train_x.shape[1],
+                       classes=len(clf.classes_), converged=converged, correct=correct)

@@ -369,23 +369,32 @@ class StageResult:
     receipt: dict[str, Any] | None
 
 
+SNAPSHOTS = "snapshots"
+"""Folder inside a stage's output with the model at each of `run_tokenizer_stage`'s `snapshots` steps, each a
+tokenizer folder (`step_NNNNNN/`) that `Tokenizer.load` reads."""
+
+
 def run_tokenizer_stage(stage: str, params: Params, paths: StagePaths, register: bool = True,
-                        progress: bool = True) -> StageResult:
+                        progress: bool = True, snapshots: tuple[int, ...] = ()) -> StageResult:
     """Train one stage (resuming from its checkpoint if one matches), evaluate, save, register.
 
     Runs on `runtime.device`, as one of several ranks when launched so (`aligntok.distributed`): each rank
     trains on its slice of every global batch, and rank 0 alone checkpoints, logs, writes the outputs and
-    registers; the other ranks return metrics {} and no receipt."""
+    registers; the other ranks return metrics {} and no receipt. `snapshots`: steps at which rank 0 also saves
+    the model (its EMA when the row keeps one) to `<out>/snapshots/step_NNNNNN/` (the w_sp ablation,
+    `aligntok.ablation`, reads them; no DVC stage uses them)."""
     cfg = params.stage(stage)
     if paths.validation is not None:
         require_validated(paths.validation)
+    if bad := [s for s in snapshots if not 0 < s <= cfg.steps]:
+        raise ConfigError(f"{stage}: snapshot steps {bad} are outside 1..{stage}.steps={cfg.steps}")
     with placed(params.runtime) as place:
         place.check_split(cfg.batch_size, f"{stage}.batch_size")
-        return _train_tokenizer(stage, params, paths, register, progress, place)
+        return _train_tokenizer(stage, params, paths, register, progress, place, tuple(sorted(set(snapshots))))
 
 
 def _train_tokenizer(stage: str, params: Params, paths: StagePaths, register: bool, progress: bool,
-                     place: Placement) -> StageResult:
+                     place: Placement, snapshots: tuple[int, ...] = ()) -> StageResult:
     cfg, fast = params.stage(stage), params.runtime
     torch.manual_seed(cfg.seed)
     model, encoder_desc = build_stage_model(stage, params, paths)
@@ -427,12 +436,19 @@ def _train_tokenizer(stage: str, params: Params, paths: StagePaths, register: bo
     with training_stage(stage, inputs, paths.checkpoints, place, _tracked_params(stage, params) if register else None) \
             as scaffold:
         grid_images = val.batch(torch.arange(min(8, len(val))))[0]
+
+        def snapshot(step: int) -> None:
+            if step in snapshots:
+                save_tokenizer_folder(paths.out / SNAPSHOTS / f"step_{step:06d}", modules.get("ema", model),
+                                      _description(stage, params, paths, encoder_desc, {"steps": float(step)},
+                                                   perceptual))
+
         result = run_loop(
-            settings=LoopSettings.from_schedule(cfg, stage), state=state, objective=objective,
-            batches=lambda step: _nhwc_batch(loader(step), fast.channels_last),
+            settings=LoopSettings.from_schedule(cfg, stage, extra_checkpoints=snapshots), state=state,
+            objective=objective, batches=lambda step: _nhwc_batch(loader(step), fast.channels_last),
             checkpoint=scaffold.checkpoint, sidecar=scaffold.sidecar,
-            on_log=_Logger(scaffold.run, model, grid_images, cfg.image_every), place=place, progress=progress,
-            prefetch=fast.prefetch,
+            on_log=_Logger(scaffold.run, model, grid_images, cfg.image_every), on_checkpoint=snapshot, place=place,
+            progress=progress, prefetch=fast.prefetch,
         )
         loader.close()
         final = modules.get("ema", model)
@@ -508,23 +524,29 @@ def _tracked_params(stage: str, params: Params) -> dict[str, Any]:
     return logged | {"data.resolution": params.data.resolution}
 
 
-def _finish(stage: str, params: Params, paths: StagePaths, model: nn.Module, encoder_desc: EncoderDescription,
-            metrics: dict[str, float], scaffold: TrainingStage, perceptual: PerceptualLoss | None) -> StageResult:
-    """Rank 0: the tokenizer folder, the metrics file and, when tracked, the registered version and receipt."""
+def _description(stage: str, params: Params, paths: StagePaths, encoder_desc: EncoderDescription,
+                 metrics: dict[str, float], perceptual: PerceptualLoss | None) -> dict[str, Any]:
+    """The tokenizer.json of a model this stage saves (the stage's output or one of its snapshots)."""
     from aligntok.tracking import git_commit
 
-    run = scaffold.run
-
     row = params.stage(stage)
-    manifest_sha = sha256_file(paths.data / "manifest.parquet")
-    description = {
+    return {
         "kind": row.kind, "stage": stage, "alias": stage_alias(stage, row),
         "tokenizer": params.tokenizer.model_dump(mode="json"),
         "latent": params.latent.model_dump(mode="json"), "encoder": encoder_desc.to_dict(),
         "resolution": params.data.resolution, "metrics": metrics,
         "perceptual_loss": perceptual.name if perceptual is not None else None,
-        "manifest_sha256": manifest_sha, "git_commit": git_commit(),
+        "manifest_sha256": sha256_file(paths.data / "manifest.parquet"), "git_commit": git_commit(),
     }
+
+
+def _finish(stage: str, params: Params, paths: StagePaths, model: nn.Module, encoder_desc: EncoderDescription,
+            metrics: dict[str, float], scaffold: TrainingStage, perceptual: PerceptualLoss | None) -> StageResult:
+    """Rank 0: the tokenizer folder, the metrics file and, when tracked, the registered version and receipt."""
+    run = scaffold.run
+    row = params.stage(stage)
+    description = _description(stage, params, paths, encoder_desc, metrics, perceptual)
+    manifest_sha = description["manifest_sha256"]
     save_tokenizer_folder(paths.out, model, description)
     metrics_path = paths.metrics or paths.out / "metrics.json"
     atomic_write_text(metrics_path, json.dumps({stage: metrics}, indent=2) + "\n")

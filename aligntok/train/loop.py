@@ -130,7 +130,8 @@ def run_loop(
     `place.device`): a pure function of the step, which is what makes a resumed run identical to an
     uninterrupted one, and what lets `prefetch` > 0 build the next batches on a background thread
     (`aligntok.runtime.Prefetcher`) without changing any of them. `place`: this process's placement
-    (default: one process on the CPU); `on_log` and `on_checkpoint` run on rank 0 only.
+    (default: one process on the CPU); `on_log` and `on_checkpoint` run on rank 0 only, `on_checkpoint(step)`
+    just before each checkpoint is written, so a snapshot it saves is not lost to a kill between the two.
     """
     place = place or Placement()
     model, optimizers = state.modules["model"], state.optimizers
@@ -171,9 +172,9 @@ def run_loop(
                     on_log(state.step, logs)
             if place.is_main and (state.step % settings.checkpoint_every == 0 or state.step == settings.steps
                                   or state.step in settings.extra_checkpoints):
-                save_checkpoint(checkpoint, state, {"stage": settings.name, "logs": logs, **sidecar()})
-                if on_checkpoint:
+                if on_checkpoint:  # first: what it keeps (snapshots) is never behind the checkpoint a rerun resumes
                     on_checkpoint(state.step)
+                save_checkpoint(checkpoint, state, {"stage": settings.name, "logs": logs, **sidecar()})
     finally:
         upcoming.close()
     bar.close()
