@@ -12,7 +12,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := false
 
-.PHONY: setup system-packages run test test-slow test-all study bench deploy serve clean-venv help
+.PHONY: setup system-packages run test test-slow test-all study ablation bench deploy serve clean-venv help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -54,6 +54,9 @@ test-all: setup  ## every test, slow ones included
 
 study: setup  ## the small-scale study (dvc exp run per tokenizer variant) -> reports/study.md
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/aligntok study --seeds 0 1 2 --extra-seeds 0
+
+ablation: setup  ## (after make run) the w_sp ablation run long -> reports/ablation_wsp.md (resumes; hours on 2 cores)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m aligntok.ablation
 
 bench: setup  ## (after make run) peers -> reports/benchmarks.md/.json, pipeline overhead, ingest/evaluation throughput, latent reads, the data path at scale
 	$(BIN)/python benchmarks/peers.py

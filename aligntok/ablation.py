@@ -334,7 +334,7 @@ def write_report(results: Path, report: Path) -> Path:
             lines.append(f"| {name} | {arm['w_sp']:g} | {arm['encoder_lr_scale']:g}x | {step} | "
                          f"{100 * point['lp_top1']:.1f}% | {point['latent_cka']:.3f} | "
                          f"{point['latent_relative_change']:.3f} | {point['encoder_cka']:.3f} | {point['psnr']:.2f} | "
-                         f"{_with_interval(g, 'gfid_cfg')} | {g.get('gfid_nocfg', math.nan):.2f} | "
+                         f"{_with_interval(g, 'gfid_cfg')} | {_with_interval(g, 'gfid_nocfg')} | "
                          f"{_with_interval(g, 'gkid_cfg', 1e3)} |")
     lines += ["", "## w_sp keeps the latent's semantics (the paper: LP 35% with it, 9.5% without)", ""]
     for ratio in sorted({r["arm"]["encoder_lr_scale"] for r in records.values()}):
