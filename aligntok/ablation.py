@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from aligntok.errors import AligntokError
+from aligntok.eval.bootstrap import with_interval
 from aligntok.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -288,15 +289,6 @@ def load_records(results: Path) -> dict[str, dict[str, Any]]:
     return records
 
 
-def _with_interval(figures: dict[str, float], key: str, scale: float = 1.0) -> str:
-    if key not in figures:
-        return "—"
-    text = f"{scale * figures[key]:.2f}"
-    if f"{key}_ci_lo" in figures:
-        text += f" [{scale * figures[f'{key}_ci_lo']:.2f}, {scale * figures[f'{key}_ci_hi']:.2f}]"
-    return text
-
-
 def _binomial_half(p: float, n: float) -> float:
     """Two binomial standard errors of a top-1 accuracy on n images."""
     return 2 * math.sqrt(max(p * (1 - p), 1e-4) / max(n, 1.0))
@@ -334,8 +326,8 @@ def write_report(results: Path, report: Path) -> Path:
             lines.append(f"| {name} | {arm['w_sp']:g} | {arm['encoder_lr_scale']:g}x | {step} | "
                          f"{100 * point['lp_top1']:.1f}% | {point['latent_cka']:.3f} | "
                          f"{point['latent_relative_change']:.3f} | {point['encoder_cka']:.3f} | {point['psnr']:.2f} | "
-                         f"{_with_interval(g, 'gfid_cfg')} | {_with_interval(g, 'gfid_nocfg')} | "
-                         f"{_with_interval(g, 'gkid_cfg', 1e3)} |")
+                         f"{with_interval(g, 'gfid_cfg', missing='—')} | {with_interval(g, 'gfid_nocfg', missing='—')} | "
+                         f"{with_interval(g, 'gkid_cfg', scale=1e3, missing='—')} |")
     lines += ["", "## w_sp keeps the latent's semantics (the paper: LP 35% with it, 9.5% without)", ""]
     for ratio in sorted({r["arm"]["encoder_lr_scale"] for r in records.values()}):
         pair = {r["arm"]["w_sp"]: r for r in records.values() if r["arm"]["encoder_lr_scale"] == ratio}

@@ -172,10 +172,9 @@ def stale_result(path: Path, overrides: dict[str, Any]) -> str | None:
     overrides), or None when it can."""
     if not path.is_file():
         return "not run yet"
-    recorded = json.loads(path.read_text()).get("overrides")
-    if recorded != json.loads(json.dumps(overrides)):
-        changed = sorted(k for k in set(recorded or {}) | set(overrides)
-                         if (recorded or {}).get(k) != json.loads(json.dumps(overrides.get(k))))
+    recorded = json.loads(path.read_text()).get("overrides") or {}
+    wanted = json.loads(json.dumps(overrides))  # as the record holds them: tuples as lists
+    if changed := sorted(k for k in recorded.keys() | wanted.keys() if recorded.get(k) != wanted.get(k)):
         return f"run with other overrides ({', '.join(changed)})"
     return None
 

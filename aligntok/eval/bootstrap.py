@@ -88,3 +88,15 @@ def bootstrap_ci(statistic: Callable[..., float], rows: Any, reference: Any = No
 def ci_keys(name: str, interval: Interval) -> dict[str, float]:
     """`{name}_ci_lo`, `{name}_ci_hi`: flat float keys beside the figure, as DVC metrics show them."""
     return {f"{name}_ci_lo": interval.low, f"{name}_ci_hi": interval.high}
+
+
+def with_interval(metrics: dict[str, float], key: str, digits: int = 2, scale: float = 1.0,
+                  missing: str = "-") -> str:
+    """`12.34 [11.02, 13.80]` (the figure x `scale` and its `ci_keys` interval), the figure alone where it has
+    no interval, `missing` where it is absent."""
+    if key not in metrics:
+        return missing
+    text = f"{scale * metrics[key]:.{digits}f}"
+    if f"{key}_ci_lo" in metrics:
+        text += f" [{scale * metrics[f'{key}_ci_lo']:.{digits}f}, {scale * metrics[f'{key}_ci_hi']:.{digits}f}]"
+    return text

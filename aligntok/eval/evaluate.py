@@ -46,7 +46,7 @@ from aligntok.config import PRDC_NEIGHBOURS, EvaluateConfig, Params
 from aligntok.data.loader import load_split, require_validated
 from aligntok.data.reader import EncodedImages
 from aligntok.distributed import Placement, placed
-from aligntok.eval.bootstrap import LEVEL, MEAN_RESAMPLES, RESAMPLES, Interval, bootstrap_ci, ci_keys
+from aligntok.eval.bootstrap import LEVEL, MEAN_RESAMPLES, RESAMPLES, Interval, bootstrap_ci, ci_keys, with_interval
 from aligntok.eval.fid import FEATURES_KEPT, FeatureAccumulator, FeatureStats, fid_from_features, fid_resampler, \
     frechet_distance, low_rank_cheaper
 from aligntok.eval.fd_encoder import EncoderFeatures
@@ -113,16 +113,6 @@ def kid_and_intervals(fid_key: str, kid_key: str, stats: FeatureStats, ref: Feat
         out |= ci_keys(kid_key, bootstrap_ci(kid_resampler(x, y), rows, seed=seed))
     log.debug("%s: KID and bootstrap intervals in %.2f s", stats.source, time.perf_counter() - start)
     return out
-
-
-def _with_ci(metrics: dict[str, float], key: str, digits: int) -> str:
-    """`12.34 [11.02, 13.80]`, or the figure alone where it has no interval; `-` where it is absent."""
-    if key not in metrics:
-        return "-"
-    text = f"{metrics[key]:.{digits}f}"
-    if f"{key}_ci_lo" in metrics:
-        text += f" [{metrics[f'{key}_ci_lo']:.{digits}f}, {metrics[f'{key}_ci_hi']:.{digits}f}]"
-    return text
 
 
 def evaluate_counts(cfg: EvaluateConfig) -> list[tuple[str, str, int]]:
@@ -221,8 +211,8 @@ def evaluate_tokenizer(name: str, folder: Path, val: EncodedImages, probe: Probe
                len(originals))
     metrics |= probe_cache[key] or {}
     log.info("%s: rFID %s, rKID %s, PSNR %s dB, SSIM %s, FD_dinov2 %.3f, latent LP %.1f%%", name,
-             _with_ci(metrics, "rfid", 2), _with_ci(metrics, "rkid", 4), _with_ci(metrics, "psnr", 2),
-             _with_ci(metrics, "ssim", 4), metrics["fd_dinov2"], 100 * metrics["lp_top1"])
+             with_interval(metrics, "rfid", 2), with_interval(metrics, "rkid", 4), with_interval(metrics, "psnr", 2),
+             with_interval(metrics, "ssim", 4), metrics["fd_dinov2"], 100 * metrics["lp_top1"])
     return metrics
 
 
@@ -356,8 +346,8 @@ def evaluate_diffusion(dit_dir: Path, ref: dict[str, Any], inception: InceptionF
         _write_csv(plots_dir / "gfid_vs_train_steps.csv", rows)
     metrics["sampling_seconds"] = samples.seconds
     log.info("diffusion: gFID %s (gKID %s) with guidance %.1f, %s (%s) without; precision %.3f, recall %.3f",
-             _with_ci(metrics, "gfid_cfg", 2), _with_ci(metrics, "gkid_cfg", 4), scale,
-             _with_ci(metrics, "gfid_nocfg", 2), _with_ci(metrics, "gkid_nocfg", 4), metrics["precision_cfg"],
+             with_interval(metrics, "gfid_cfg", 2), with_interval(metrics, "gkid_cfg", 4), scale,
+             with_interval(metrics, "gfid_nocfg", 2), with_interval(metrics, "gkid_nocfg", 4), metrics["precision_cfg"],
              metrics["recall_cfg"])
     return metrics
 
