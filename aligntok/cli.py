@@ -483,14 +483,16 @@ def build_parser() -> argparse.ArgumentParser:
     switches(evaluate, register=True)
 
     study = add("study", cmd_study,
-                "the small-scale study: tokenizer variants (a)-(f) as `dvc exp run`s with one diffusion budget, "
-                "then reports/study.md (variants already in --results are not rerun)")
+                "the small-scale study: tokenizer variants (a)-(f) as `dvc exp run`s, each at every seed "
+                "(tokenizer and diffusion), then reports/study.md with verdicts from the confidence intervals "
+                "(a variant and seed already in --results with the same overrides is not rerun)")
     study.add_argument("--variants", nargs="*", metavar="NAME",
                        help="a_full b_stage1 c_no_sp d_vae e_vavae f_random (default: all)")
-    study.add_argument("--seeds", type=int, nargs="*", default=[0], help="diffusion seeds of every variant "
-                       "(default: 0)")
-    study.add_argument("--extra-seeds", type=int, default=1,
-                       help="more diffusion seeds for a_full, to measure seed noise (default: 1)")
+    study.add_argument("--seeds", type=int, nargs="*", default=None, help="seeds of every variant: seed s > 0 "
+                       "offsets the seeds of the tokenizer rows the variant trains and the diffusion seed "
+                       "(default: 0 1 2)")
+    study.add_argument("--extra-seeds", type=int, default=0,
+                       help="more seeds for a_full only, after the others (default: 0)")
     study.add_argument("--results", default="reports/study", help="one JSON per variant and seed")
     study.add_argument("--report", default="reports/study.md", help="the generated report")
     study.add_argument("--report-only", action="store_true", help="only regenerate the report from --results")
