@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,24 +32,35 @@ def test_peer_benchmarks_quick_run_writes_consistent_reports(tmp_path: Path) -> 
 
 
 def test_gpu_check_runs_on_cpu_at_tiny_size(tmp_path: Path) -> None:
+    from aligntok.config import load_params
+    from aligntok.diffusion.t2i_dit import count_parameters
+
     result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--tiny"], capture_output=True,
-                            text=True, timeout=600)
+                            text=True, timeout=600, env={**os.environ, "GPU_CHECK_OUT": str(tmp_path)})
     assert result.returncode == 0, result.stderr[-3000:]
-    figures = json.loads((REPO / "benchmarks" / "out" / "gpu_check.json").read_text())
+    figures = json.loads((tmp_path / "gpu_check.json").read_text())
     assert figures["preset"] == "LightningDiT-T/1" and figures["dtype"] == "torch.float32"
     for stage in ("align_latent", "align_perceptual", "refine_decoder"):
         assert figures[f"tokenizer_train_{stage}_images_per_s"] > 0
     assert figures["dit_train_samples_per_s"] > 0 and 0 < figures["dit_mfu"] < 1
     assert abs(figures["dit_train_ratio"] - figures["dit_train_samples_per_s"] / figures["dit_train_peer_samples_per_s"]) < 1e-9
     assert "MFU" in result.stdout and "sampling" in result.stdout
-    # then every stage's own code, a few steps at the preset's shapes (here the tiny preset's, on the CPU)
-    stages = json.loads((REPO / "benchmarks" / "out" / "gpu_stages.json").read_text())
-    assert stages["preset"] == "tiny.yaml"
+    # the text-to-image DiT: FLOPs counted, so its MFU is a fraction
+    assert figures["t2i_train_samples_per_s"] > 0 and figures["t2i_sampling_images_per_s"] > 0
+    assert figures["t2i_tflop_per_sample"] > 0 and 0 < figures["t2i_mfu"] < 1
+    tiny = load_params(REPO / "configs" / "tiny.yaml")
+    assert figures["t2i_parameters"] == count_parameters("FluxDiT-T", tiny.latent.channels,
+                                                         tiny.encoder.image_size // 14, text_width=384)
+    # every stage's own code first, a few steps at the preset's shapes (here the tiny preset's, on the CPU)
+    stages = json.loads((tmp_path / "gpu_stages.json").read_text())
+    assert stages["preset"] == "tiny.yaml" and stages["stand_in_weights"] is False
     for stage in ("align_latent", "align_perceptual", "refine_decoder", "vae_baseline", "cache_latents",
-                  "train_dit", "fid_reference", "evaluate"):
+                  "train_dit", "fid_reference", "evaluate", "text_features", "t2i_latents", "train_t2i",
+                  "evaluate_t2i"):
         assert stages[f"{stage}_seconds"] > 0, stage
         assert f"stage {stage}" in result.stdout, stage
     assert stages["train_dit_seconds_per_step"] > 0 and stages["evaluate_gfid_cfg"] > 0
+    assert stages["train_t2i_seconds_per_step"] > 0 and stages["evaluate_t2i_models"] == 2
 
 
 def test_data_path_benchmark_quick_run_reports_both_peers_at_each_size(tmp_path: Path) -> None:
