@@ -8,7 +8,7 @@
 #   bash benchmarks/gpu_check.sh --tiny     # CPU smoke run at tiny size
 # On a machine without the weight wheels (a GPU box that receives at most 64 MiB and reaches no network): run
 # `python benchmarks/device_bundle.py pack .gpu` here and download the Python packages that box lacks as wheels
-# into .whl/ (docs/gpu.md); send .gpu and .whl along. This script then installs the wheels and unpacks the
+# into .whl/ (see docs/distributed.md); send .gpu and .whl along. This script then installs the wheels and unpacks the
 # random-weight stand-ins of the FID Inception and the text encoder under a temporary folder.
 set -euo pipefail
 cd "$(dirname "$0")/.."
