@@ -304,6 +304,16 @@ def verdict(with_sp: dict[str, float], without: dict[str, float]) -> str:
     return "holds" if a > b else "does not hold"
 
 
+def gfid_verdict(with_sp: dict[str, float], without: dict[str, float], key: str = "gfid_cfg") -> str:
+    """'holds' when w_sp = 1 gives the lower gFID with the two bootstrap intervals apart, 'does not hold' when
+    it is higher likewise, else a tie."""
+    if with_sp[f"{key}_ci_hi"] < without[f"{key}_ci_lo"]:
+        return "holds"
+    if without[f"{key}_ci_hi"] < with_sp[f"{key}_ci_lo"]:
+        return "does not hold"
+    return "tie (intervals overlap)"
+
+
 def write_report(results: Path, report: Path) -> Path:
     records = load_records(results)
     if not records:
@@ -342,8 +352,14 @@ def write_report(results: Path, report: Path) -> Path:
         lines.append(f"- encoder lr {ratio:g}x, step {end}: LP {100 * a['lp_top1']:.1f}% with w_sp vs "
                      f"{100 * b['lp_top1']:.1f}% without (latent CKA to stage 1: {a['latent_cka']:.3f} vs "
                      f"{b['latent_cka']:.3f}) — **{verdict(a, b)}**")
-    lines += ["", "Intervals: two binomial standard errors of each probe's top-1; the claim holds when the difference "
-              "exceeds both.", "", f"![LP and drift against stage-2 steps]({_plot(records, report).name})", "",
+        for step in sorted(set(pair[1.0]["gfid"]) & set(pair[0.0]["gfid"]), key=int):
+            ga, gb = pair[1.0]["gfid"][step], pair[0.0]["gfid"][step]
+            lines.append(f"- encoder lr {ratio:g}x, step {step}, downstream gFID with guidance: "
+                         f"{with_interval(ga, 'gfid_cfg')} with w_sp vs {with_interval(gb, 'gfid_cfg')} without — "
+                         f"**{gfid_verdict(ga, gb)}**")
+    lines += ["", "Intervals: two binomial standard errors of each probe's top-1, the claim holding when the difference "
+              "exceeds both; for gFID the 95% bootstrap intervals over the generated samples, the claim holding "
+              "when they are apart.", "", f"![LP and drift against stage-2 steps]({_plot(records, report).name})", "",
               "| arm | wall | CPU |", "|---|---|---|"]
     for name, record in records.items():
         lines.append(f"| {name} | {record['seconds']['wall'] / 60:.1f} min | {record['seconds']['cpu'] / 60:.1f} min |")

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from aligntok.ablation import ARMS, AblationSize, Workspace, run_ablation, verdict, write_report
+from aligntok.ablation import ARMS, AblationSize, Workspace, gfid_verdict, run_ablation, verdict, write_report
 from aligntok.config import ConfigError, parse_params
 from aligntok.eval.cka import linear_cka, relative_change
 from aligntok.tokenizer.api import Tokenizer
@@ -137,6 +137,15 @@ def test_the_verdict_needs_a_difference_beyond_both_intervals() -> None:
         "tie (intervals overlap)"
     assert verdict({"lp_top1": 0.30, "lp_val_images": 500}, {"lp_top1": 0.70, "lp_val_images": 500}) == \
         "does not hold"
+
+
+def test_the_gfid_verdict_needs_the_bootstrap_intervals_apart() -> None:
+    def g(lo: float, hi: float) -> dict[str, float]:
+        return {"gfid_cfg": (lo + hi) / 2, "gfid_cfg_ci_lo": lo, "gfid_cfg_ci_hi": hi}
+
+    assert gfid_verdict(g(140, 150), g(160, 170)) == "holds"
+    assert gfid_verdict(g(140, 161), g(160, 170)) == "tie (intervals overlap)"
+    assert gfid_verdict(g(180, 190), g(160, 170)) == "does not hold"
 
 
 def test_the_report_needs_results(tmp_path: Path) -> None:
