@@ -306,12 +306,13 @@ def verdict(with_sp: dict[str, float], without: dict[str, float]) -> str:
 
 def gfid_verdict(with_sp: dict[str, float], without: dict[str, float], key: str = "gfid_cfg") -> str:
     """'holds' when w_sp = 1 gives the lower gFID with the two bootstrap intervals apart, 'does not hold' when
-    it is higher likewise, else a tie."""
-    if with_sp[f"{key}_ci_hi"] < without[f"{key}_ci_lo"]:
-        return "holds"
-    if without[f"{key}_ci_hi"] < with_sp[f"{key}_ci_lo"]:
-        return "does not hold"
-    return "tie (intervals overlap)"
+    it is higher likewise, else a tie: the study's `compare` on the two intervals."""
+    from aligntok.study import Figure, compare
+
+    def figure(g: dict[str, float]) -> Figure:
+        return Figure(mean=g[key], values=[g[key]], interval=(g[f"{key}_ci_lo"], g[f"{key}_ci_hi"]))
+
+    return compare(figure(with_sp), figure(without), lower_is_better=True)
 
 
 def write_report(results: Path, report: Path) -> Path:
