@@ -24,6 +24,7 @@ value and its 95% bootstrap interval from `evaluate`), and each claim called onl
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -128,6 +129,14 @@ def study_command(name: str, overrides: dict[str, Any]) -> list[str]:
     return ["dvc", "exp", "run", "--name", name, *_set_args(overrides), TARGET]
 
 
+def params_digest(params: Path) -> str:
+    """SHA-256 of params.yaml's values (canonical JSON, so that comments and layout do not count): a result
+    stands only for the base params.yaml it was run on, since a changed default (the data source, a stage's
+    size) changes every variant although the study's overrides stay the same."""
+    values = yaml.safe_load(params.read_text())
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def _children_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
@@ -138,6 +147,7 @@ def run_variant(variant: Variant, seed: int, size: dict[str, Any], results: Path
     params.yaml and dvc.lock are restored afterwards (the experiment itself stays in DVC's experiment refs)."""
     saved = {path: path.read_text() for path in (repo / "params.yaml", repo / "dvc.lock") if path.is_file()}
     name = f"study-{variant.name}-seed{seed}"
+    base = params_digest(repo / "params.yaml")
     overrides = variant_overrides(variant, seed, size, default_row_seeds(repo / "params.yaml"))
     command = study_command(name, overrides)
     log.info("%s: %s", name, " ".join(command))
@@ -154,7 +164,7 @@ def run_variant(variant: Variant, seed: int, size: dict[str, Any], results: Path
             path.write_text(text)
         subprocess.run(["git", "reset", "-q", "--", *map(str, saved)], cwd=repo, check=False)  # dvc staged them
     record = {"variant": variant.name, "label": variant.label, "seed": seed, "experiment": name,
-              "overrides": overrides, "command": " ".join(command), "wall_seconds": time.perf_counter() - start,
+              "overrides": overrides, "params_sha256": base, "command": " ".join(command), "wall_seconds": time.perf_counter() - start,
               "cpu_seconds": _children_cpu_seconds() - cpu,
               "metrics": metrics, "evaluate_run_id": protocol.get("mlflow_run_id"),
               "protocol": {k: protocol[k] for k in ("rfid", "gfid", "linear_probe", "inception") if k in protocol}}
@@ -167,12 +177,17 @@ SEEDS = (0, 1, 2)
 """The study's default seeds (tokenizer and diffusion) of every variant."""
 
 
-def stale_result(path: Path, overrides: dict[str, Any]) -> str | None:
-    """Why the result at `path` cannot stand for a run with `overrides` (missing, or run with other
-    overrides), or None when it can."""
+def stale_result(path: Path, overrides: dict[str, Any], params_sha256: str | None = None) -> str | None:
+    """Why the result at `path` cannot stand for a run with `overrides` on the params.yaml of digest
+    `params_sha256` (missing, run on another params.yaml, or run with other overrides), or None when it can.
+    Without `params_sha256` only the overrides are compared."""
     if not path.is_file():
         return "not run yet"
-    recorded = json.loads(path.read_text()).get("overrides") or {}
+    record = json.loads(path.read_text())
+    if params_sha256 is not None and record.get("params_sha256") != params_sha256:
+        return ("run on another params.yaml" if record.get("params_sha256") else
+                "run before results recorded their params.yaml")
+    recorded = record.get("overrides") or {}
     wanted = json.loads(json.dumps(overrides))  # as the record holds them: tuples as lists
     if changed := sorted(k for k in recorded.keys() | wanted.keys() if recorded.get(k) != wanted.get(k)):
         return f"run with other overrides ({', '.join(changed)})"
@@ -189,7 +204,7 @@ def run_study(repo: Path, variants: list[str] | None = None, seeds: list[int] | 
         raise AligntokError(f"unknown study variants {sorted(unknown)}; known: {[v.name for v in VARIANTS]}")
     results, report = results or repo / "reports" / "study", report or repo / "reports" / "study.md"
     seeds, size = list(seeds or SEEDS), size or STUDY_SIZE
-    row_seeds = default_row_seeds(repo / "params.yaml")
+    row_seeds, base = default_row_seeds(repo / "params.yaml"), params_digest(repo / "params.yaml")
     # Seed by seed over the variants (every variant at the first seed before any at the second); the report is
     # rewritten after each run, so an interrupted study still reports what it measured, and a rerun runs only
     # what is missing or was run with other overrides.
@@ -198,7 +213,7 @@ def run_study(repo: Path, variants: list[str] | None = None, seeds: list[int] | 
     try:
         for variant, seed in plan:
             path = results / f"{variant.name}-seed{seed}.json"
-            why = stale_result(path, variant_overrides(variant, seed, size, row_seeds))
+            why = stale_result(path, variant_overrides(variant, seed, size, row_seeds), base)
             if why is None:
                 log.info("%s seed %d: already in %s, not rerun", variant.name, seed, results)
                 continue

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from aligntok.config import load_params
 import aligntok.study as study
@@ -123,6 +124,25 @@ def test_a_result_stands_only_for_the_overrides_it_was_run_with(tmp_path: Path) 
         "run with other overrides (train_dit.steps)"
 
 
+def test_a_result_stands_only_for_the_params_yaml_it_was_run_on(tmp_path: Path) -> None:
+    """A changed default (here the data source) makes every result stale although the overrides match."""
+    params = tmp_path / "params.yaml"
+    params.write_text((REPO / "params.yaml").read_text())
+    base = study.params_digest(params)
+    params.write_text("# a comment does not count\n" + params.read_text())
+    assert study.params_digest(params) == base
+    path = tmp_path / "a_full-seed0.json"
+    overrides = {"train_dit.steps": 500}
+    path.write_text(json.dumps({"overrides": overrides}))
+    assert stale_result(path, overrides, base) == "run before results recorded their params.yaml"
+    path.write_text(json.dumps({"overrides": overrides, "params_sha256": base}))
+    assert stale_result(path, overrides, base) is None
+    values = yaml.safe_load(params.read_text())
+    values["data"]["source"] = "somewhere-else"
+    params.write_text(yaml.safe_dump(values))
+    assert stale_result(path, overrides, study.params_digest(params)) == "run on another params.yaml"
+
+
 def test_the_study_runs_only_what_is_missing_or_stale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """run_study's plan: variants x seeds, the results already run with the same overrides kept."""
     results = tmp_path / "results"
@@ -131,7 +151,8 @@ def test_the_study_runs_only_what_is_missing_or_stale(tmp_path: Path, monkeypatc
     rows = study.default_row_seeds(REPO / "params.yaml")
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
     a, d = (next(v for v in VARIANTS if v.name == n) for n in ("a_full", "d_vae"))
-    (results / "a_full-seed0.json").write_text(json.dumps({"overrides": variant_overrides(a, 0, size, rows)}))
+    (results / "a_full-seed0.json").write_text(json.dumps({"overrides": variant_overrides(a, 0, size, rows),
+                                                          "params_sha256": study.params_digest(REPO / "params.yaml")}))
     (results / "d_vae-seed0.json").write_text(json.dumps({"overrides": {"train_dit.steps": 5}}))  # stale
     ran: list[tuple[str, int]] = []
     monkeypatch.setattr(study, "run_variant", lambda v, s, *_: ran.append((v.name, s)))
