@@ -44,6 +44,7 @@ import torch
 from aligntok.errors import AligntokError
 from aligntok.eval.bootstrap import with_interval
 from aligntok.fileio import atomic_write_text
+from aligntok.lineage import code_digest
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,7 @@ def train_arm(ws: Workspace, arm: Arm, size: AblationSize, progress: bool) -> No
                        previous=ws.stage1, checkpoints=ws.scratch / "checkpoints" / arm.name,
                        validation=ws.validation)
     run_tokenizer_stage(STAGE, arm_params(ws.repo, arm, size), paths, register=False, progress=progress,
-                        snapshots=size.snapshots)
+                        snapshots=size.snapshots, code=code_digest(STAGE))
 
 
 # ------------------------------------------------------------------------------------------------ measures
@@ -214,7 +215,7 @@ def downstream_gfid(ws: Workspace, arm: Arm, step: int, size: AblationSize, prog
     cache_latents(folder, ws.data, work / "latents", params.cache_latents, progress=progress, runtime=params.runtime)
     run_train_dit(params, DiTPaths(latents=work / "latents", tokenizer=folder, out=work / "dit",
                                    checkpoints=ws.scratch / "checkpoints" / f"{arm.name}_dit_{step:06d}"),
-                  register=False, progress=progress)
+                  register=False, progress=progress, code=code_digest("train_dit"))
     fast, cfg = params.runtime, params.evaluate
     ref = load_reference(ws.repo / "data" / "fid_reference", cfg)
     samples = SampleFeatures(DiffusionModel.load(work / "dit"), InceptionFeatures(

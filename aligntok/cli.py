@@ -129,6 +129,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_train_tokenizer(args: argparse.Namespace) -> int:
     params = _compute_params(args)
+    from aligntok.lineage import code_digest
     from aligntok.tokenizer.stages import StagePaths, run_tokenizer_stage
 
     start_from = params.stage(args.command).start_from
@@ -139,7 +140,7 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> int:
                        metrics=Path(args.metrics) if args.metrics else None,
                        validation=Path(args.validation))
     result = run_tokenizer_stage(args.command, params, paths, register=not args.no_register,
-                                 progress=not args.no_progress)
+                                 progress=not args.no_progress, code=code_digest(args.command))
     _print_result({args.command: result.metrics, "receipt": result.receipt})
     return 0
 
@@ -172,10 +173,12 @@ def cmd_cache_latents(args: argparse.Namespace) -> int:
 def cmd_train_dit(args: argparse.Namespace) -> int:
     params = _compute_params(args)
     from aligntok.diffusion.train import DiTPaths, run_train_dit
+    from aligntok.lineage import code_digest
 
     paths = DiTPaths(latents=Path(args.latents), tokenizer=Path(args.tokenizer), out=Path(args.out),
                      checkpoints=Path(args.checkpoints), metrics=Path(args.metrics) if args.metrics else None)
-    metrics = run_train_dit(params, paths, register=not args.no_register, progress=not args.no_progress)
+    metrics = run_train_dit(params, paths, register=not args.no_register, progress=not args.no_progress,
+                            code=code_digest("train_dit"))
     _print_result({"train_dit": metrics})
     return 0
 
@@ -203,12 +206,13 @@ def cmd_t2i_latents(args: argparse.Namespace) -> int:
 def cmd_train_t2i(args: argparse.Namespace) -> int:
     params = _compute_params(args)
     from aligntok.diffusion.t2i_train import T2IPaths, run_train_t2i
+    from aligntok.lineage import code_digest
 
     paths = T2IPaths(latents=Path(args.latents), text=Path(args.text), tokenizers=Path(args.tokenizers),
                      out=Path(args.out), checkpoints=Path(args.checkpoints),
                      metrics=Path(args.metrics) if args.metrics else None)
     _print_result({"train_t2i": run_train_t2i(params, paths, register=not args.no_register,
-                                              progress=not args.no_progress)})
+                                              progress=not args.no_progress, code=code_digest("train_t2i"))})
     return 0
 
 

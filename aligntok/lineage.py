@@ -1,16 +1,17 @@
 """Which source files a pipeline stage runs: the aligntok-internal import closure of its command.
 
-`python -m aligntok <command>` runs `aligntok/__main__.py`, then `aligntok/cli.py`, then the
-command's handler, which imports its library modules lazily (inside the function). `stage_code`
-follows those imports statically with `ast` (nothing is imported but the CLI parser, to find the
-handler): the module-level imports of `cli.py`, the imports inside the handler and the `cli.py`
-helpers it calls, then every aligntok import of every module reached, at module level or inside
-functions, since a lazy import is code the stage may run. Package `__init__.py` files count (importing
-`aligntok.a.b` runs them), and so does a sibling file a module ships by name
-(`Path(__file__).with_name("pyfunc.py")`, the MLflow model code).
+`python -m aligntok <command>` runs `aligntok/__main__.py`, then `aligntok/cli.py` (its module-level
+imports), then the command's handler, which imports the library modules the command runs lazily. Those
+entry modules are declared here, in `STAGE_ENTRY` (command -> modules); the CLI computes a stage's
+`code_digest` from it and the lineage test checks it against the handlers' own imports, so the library
+never imports the CLI. `stage_code` follows imports statically with `ast` (nothing is imported): every
+aligntok import of every module reached, at module level or inside functions, since a lazy import is code
+the stage may run. Package `__init__.py` files count (importing `aligntok.a.b` runs them), and so does a
+sibling file a module ships by name (`Path(__file__).with_name("pyfunc.py")`, the MLflow model code).
 
 Uses:
-- `code_digest(command)`: sha256 over those files, so a checkpoint fingerprint changes with the code;
+- `code_digest(command)`: sha256 over those files' code (not their docstrings, comments or layout), so a
+  checkpoint fingerprint changes with what the stage runs and a comment edit keeps its checkpoint;
 - `undeclared_code(dvc.yaml)`: per DVC stage, the files its `deps` do not cover (tests/test_lineage.py).
 """
 
@@ -26,7 +27,29 @@ from aligntok import dag
 
 PACKAGE = "aligntok"
 ENTRY_FILES = ("aligntok/__main__.py", "aligntok/cli.py")
-"""Run by every `python -m aligntok <command>`; cli.py's own imports are followed per handler only."""
+"""Run by every `python -m aligntok <command>`; of cli.py only its module-level imports are followed."""
+
+_TOKENIZER_STAGE = ("aligntok.tokenizer.stages", "aligntok.runtime", "aligntok.lineage")
+STAGE_ENTRY: dict[str, tuple[str, ...]] = {
+    "encoder": ("aligntok.encoder.sources", "aligntok.runtime"),
+    "snapshot": ("aligntok.data.fingerprint", "aligntok.fileio"),
+    "ingest": ("aligntok.data.ingest",),
+    "validate": ("aligntok.data.validate",),
+    "align_latent": _TOKENIZER_STAGE,
+    "align_perceptual": _TOKENIZER_STAGE,
+    "refine_decoder": _TOKENIZER_STAGE,
+    "vae_baseline": _TOKENIZER_STAGE,
+    "cache_latents": ("aligntok.diffusion.latents", "aligntok.runtime"),
+    "train_dit": ("aligntok.diffusion.train", "aligntok.runtime", "aligntok.lineage"),
+    "fid_reference": ("aligntok.eval.reference", "aligntok.runtime"),
+    "evaluate": ("aligntok.eval.evaluate", "aligntok.runtime"),
+    "text_features": ("aligntok.text.features", "aligntok.distributed", "aligntok.runtime"),
+    "t2i_latents": ("aligntok.diffusion.t2i_latents", "aligntok.runtime"),
+    "train_t2i": ("aligntok.diffusion.t2i_train", "aligntok.runtime", "aligntok.lineage"),
+    "evaluate_t2i": ("aligntok.eval.t2i", "aligntok.runtime"),
+}
+"""Pipeline command -> the aligntok modules its CLI handler imports (the training commands also compute their
+code digest, hence `aligntok.lineage`). tests/test_lineage.py checks each against its handler's imports."""
 
 
 def package_root() -> Path:
@@ -103,51 +126,47 @@ def _closure(modules: set[str], root: Path, seen: set[Path]) -> set[Path]:
     return files
 
 
-def command_handler(command: str) -> str:
-    """Name of the `aligntok/cli.py` function that runs `aligntok <command>`."""
-    import argparse
-
-    from aligntok.cli import build_parser
-
-    parser = build_parser()
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    if command not in commands:
-        raise ValueError(f"unknown aligntok command {command!r}; known: {sorted(commands)}")
-    return commands[command].get_default("handler").__name__
-
-
-def _handler_imports(cli_tree: ast.Module, handler: str) -> set[str]:
-    """Imports at cli.py's module level, inside `handler`, and inside the cli.py functions it calls."""
-    functions = {n.name: n for n in cli_tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
-    found = _imports(cli_tree.body, f"{PACKAGE}.cli", False)
-    todo, done = [handler], set()
-    while todo:
-        name = todo.pop()
-        if name in done or name not in functions:
-            continue
-        done.add(name)
-        body = list(ast.walk(functions[name]))
-        found |= _imports(body, f"{PACKAGE}.cli", False)
-        todo.extend(n.id for n in body if isinstance(n, ast.Name) and n.id in functions)
-    return found
+def _entry_imports(cli: Path) -> set[str]:
+    """The aligntok modules cli.py imports at module level (run by every command)."""
+    return _imports(ast.parse(cli.read_text(), filename=str(cli)).body, f"{PACKAGE}.cli", False)
 
 
 def stage_code(command: str, root: Path | None = None) -> list[str]:
     """Repo-relative paths (sorted) of every aligntok source file that `python -m aligntok <command>` may run."""
+    if command not in STAGE_ENTRY:
+        raise ValueError(f"no entry modules declared for aligntok command {command!r} (aligntok.lineage."
+                         f"STAGE_ENTRY); known: {sorted(STAGE_ENTRY)}")
     root = Path(root) if root is not None else package_root()
-    cli = root / PACKAGE / "cli.py"
     entry = {root / f for f in ENTRY_FILES}
-    modules = _handler_imports(ast.parse(cli.read_text(), filename=str(cli)), command_handler(command))
+    modules = _entry_imports(root / PACKAGE / "cli.py") | set(STAGE_ENTRY[command])
     files = _closure(modules | {PACKAGE}, root, entry)
     return sorted(f.relative_to(root).as_posix() for f in files)
 
 
+def _without_docstrings(tree: ast.AST) -> ast.AST:
+    """`tree` with the docstring of its module, classes and functions removed (a body keeps a `pass`)."""
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) \
+                    and isinstance(first.value.value, str):
+                node.body = node.body[1:] or [ast.Pass()]
+    return tree
+
+
+def source_code(path: Path) -> bytes:
+    """What of a Python file runs: its syntax tree without docstrings, comments, blank lines or positions."""
+    tree = _without_docstrings(ast.parse(path.read_text(), filename=str(path)))
+    return ast.dump(tree, include_attributes=False).encode()
+
+
 def code_digest(command: str, root: Path | None = None) -> str:
-    """sha256 (hex) over the paths and bytes of `stage_code(command)`: changes when any of them does."""
+    """sha256 (hex) over the paths and code (`source_code`) of `stage_code(command)`: changes when what any
+    of them runs does, not when a comment or docstring does."""
     root = Path(root) if root is not None else package_root()
     digest = hashlib.sha256()
     for relative in stage_code(command, root):
-        data = (root / relative).read_bytes()
+        data = source_code(root / relative)
         digest.update(f"{relative}\0{len(data)}\0".encode())
         digest.update(data)
     return digest.hexdigest()
@@ -168,13 +187,8 @@ def aligntok_command(cmd: str | list[str], commands: Iterable[str]) -> str | Non
 
 
 def stage_commands(dvc_yaml: Path | str) -> dict[str, str]:
-    """DVC stage -> the aligntok command its `cmd` runs, for every stage that runs one."""
-    import argparse
-
-    from aligntok.cli import build_parser
-
-    parser = build_parser()
-    known = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    """DVC stage -> the pipeline command (a `STAGE_ENTRY` key) its `cmd` runs, for every stage that runs one."""
+    known = set(STAGE_ENTRY)
     found = {name: aligntok_command(stage.get("cmd", ""), known) for name, stage in dag.stages(dvc_yaml).items()}
     return {name: command for name, command in found.items() if command is not None}
 

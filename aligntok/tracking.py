@@ -20,6 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from aligntok.errors import AligntokError
+from aligntok.model_card import MODEL_DESCRIPTIONS, version_description
+
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "aligntok"
@@ -28,6 +31,10 @@ PARENT_RUN_ENV = "ALIGNTOK_PARENT_RUN_ID"
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+class LineageError(AligntokError):
+    """A model reference names no version of the registry."""
 
 
 class TrackingUnavailable(ConnectionError):
@@ -253,9 +260,7 @@ def set_run_tags(run_id: str, tags: dict[str, str]) -> None:
 
 def describe_version(model: str, version: str, mlflow_client: Any = None) -> None:
     """Write the registry descriptions of `model` (if it has none) and of its `version` (from its tags now):
-    what it is, its figures, how to load it, where it came from (aligntok.provenance)."""
-    from aligntok.provenance import MODEL_DESCRIPTIONS, version_description
-
+    what it is, its figures, how to load it, where it came from (aligntok.model_card)."""
     mlflow_client = mlflow_client or client()
     if not mlflow_client.get_registered_model(model).description and model in MODEL_DESCRIPTIONS:
         mlflow_client.update_registered_model(model, description=MODEL_DESCRIPTIONS[model])
@@ -266,10 +271,8 @@ def describe_version(model: str, version: str, mlflow_client: Any = None) -> Non
 
 def model_version(model: str, *, alias: str | None = None, number: str | None = None) -> tuple[Any, Any]:
     """The registry version `model@alias` or `model/number`, and the MLflow run that logged it (or None).
-    A name, alias or version the registry lacks raises `aligntok.provenance.LineageError`."""
+    A name, alias or version the registry lacks raises `LineageError`."""
     from mlflow.exceptions import MlflowException
-
-    from aligntok.provenance import LineageError
 
     mlflow_client = client()
     ref = f"{model}@{alias}" if alias else f"{model}/{number}"

@@ -65,3 +65,29 @@ def test_config_out_writes_a_complete_params_file_that_loads_to_the_preset(tmp_p
     assert set(written) == set(Params().to_dict())  # every section spelled out, for DVC to read
     assert load_params(out) == load_params(REPO / "configs" / "tiny.yaml")
     assert written["data"]["max_images"] == 600 and written["align_latent"]["steps"] == 6
+
+
+@pytest.mark.parametrize(("command", "module", "function", "args"), [
+    ("align_latent", "aligntok.tokenizer.stages", "run_tokenizer_stage",
+     ["--data", "d", "--encoder", "e", "--out", "o"]),
+    ("train_dit", "aligntok.diffusion.train", "run_train_dit", ["--latents", "l", "--tokenizer", "t", "--out", "o"]),
+    ("train_t2i", "aligntok.diffusion.t2i_train", "run_train_t2i",
+     ["--latents", "l", "--text", "t", "--tokenizers", "k", "--out", "o"]),
+])
+def test_the_cli_passes_each_training_stage_its_code_digest(command: str, module: str, function: str,
+                                                            args: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The library takes the code digest of its checkpoint fingerprint from the CLI (it never imports the CLI)."""
+    import importlib
+
+    from aligntok.lineage import code_digest
+
+    seen: dict[str, str] = {}
+
+    def capture(*_args: object, code: str = "", **_kwargs: object) -> object:
+        seen["code"] = code
+        raise SystemExit(0)
+
+    monkeypatch.setattr(importlib.import_module(module), function, capture)
+    with pytest.raises(SystemExit):
+        main(["--params", str(REPO / "params.yaml"), command, *args])
+    assert seen["code"] == code_digest(command) and len(seen["code"]) == 64

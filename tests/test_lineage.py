@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import ast
 import shutil
 from pathlib import Path
@@ -9,8 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from aligntok.lineage import _imports, aligntok_command, code_digest, covered, stage_code, stage_commands, \
-    undeclared_code
+import aligntok.cli as cli
+from aligntok.lineage import STAGE_ENTRY, _imports, _module_file, _module_name, aligntok_command, code_digest, \
+    covered, stage_code, stage_commands, undeclared_code
 
 from conftest import REPO
 
@@ -19,12 +21,74 @@ COMMON = {"aligntok/__init__.py", "aligntok/__main__.py", "aligntok/cli.py", "al
 STAGES = stage_commands(DVC_YAML)  # read at collection: a stage added later is checked too
 
 
+CLI_COMMANDS = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
 def test_every_stage_that_runs_aligntok_is_checked() -> None:
     names = yaml.safe_load(DVC_YAML.read_text())["stages"]
     assert {"encoder", "snapshot", "ingest", "validate", "align_latent", "align_perceptual", "refine_decoder",
             "vae_baseline", "cache_latents", "train_dit"} <= set(STAGES)
     running = {name for name, stage in names.items() if "aligntok" in str(stage.get("cmd", ""))}
     assert running == set(STAGES), f"stages whose aligntok command was not recognised: {running - set(STAGES)}"
+    by_cli = {name: aligntok_command(stage.get("cmd", ""), CLI_COMMANDS) for name, stage in names.items()}
+    assert {n: c for n, c in by_cli.items() if c is not None} == STAGES  # every command DVC runs has an entry
+
+
+def _handler_imports(handler: str) -> set[str]:
+    """The aligntok modules a cli.py handler imports, and the cli.py functions it calls (read with ast)."""
+    tree = ast.parse((REPO / "aligntok" / "cli.py").read_text())
+    functions = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+    found, todo, done = set(), [handler], set()
+    while todo:
+        name = todo.pop()
+        if name in done or name not in functions:
+            continue
+        done.add(name)
+        body = list(ast.walk(functions[name]))
+        found |= _imports(body, "aligntok.cli", False)
+        todo.extend(n.id for n in body if isinstance(n, ast.Name) and n.id in functions)
+    return {m for m in found if _module_file(m, REPO) is not None}
+
+
+@pytest.mark.parametrize("command", sorted(STAGE_ENTRY))
+def test_the_entry_table_covers_what_the_cli_handler_imports(command: str) -> None:
+    """STAGE_ENTRY is the lineage's word for what a command runs; the CLI's handler may import no module
+    beyond the closure of those entries (else an edit of that module would not change the code digest)."""
+    handler = CLI_COMMANDS[command].get_default("handler").__name__
+    files = set(stage_code(command))
+    beyond = {m for m in _handler_imports(handler) if _module_file(m, REPO).relative_to(REPO).as_posix() not in files}
+    assert not beyond, f"`aligntok {command}` ({handler}) imports {sorted(beyond)}, not in STAGE_ENTRY[{command!r}]"
+    assert set(STAGE_ENTRY[command]) <= _handler_imports(handler) | {"aligntok.lineage", "aligntok.runtime"}
+
+
+def _library_imports() -> dict[str, set[str]]:
+    """Every aligntok module -> the aligntok modules it imports anywhere (module level or inside functions)."""
+    graph = {}
+    for path in sorted((REPO / "aligntok").rglob("*.py")):
+        name = _module_name(path, REPO)
+        named = _imports(ast.walk(ast.parse(path.read_text())), name, path.name == "__init__.py")
+        graph[name] = {m for m in named if _module_file(m, REPO) is not None} - {name}
+    return graph
+
+
+def test_no_library_module_imports_the_cli_and_there_is_no_import_cycle() -> None:
+    graph = _library_imports()
+    assert sorted(m for m, deps in graph.items() if "aligntok.cli" in deps) == ["aligntok.__main__"]
+    cycles, state = [], {}
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = "open"
+        for dep in sorted(graph.get(module, ())):
+            if state.get(dep) == "open":
+                cycles.append(path[path.index(dep):] + [dep])
+            elif dep not in state:
+                visit(dep, path + [dep])
+        state[module] = "done"
+
+    for module in graph:
+        if module not in state:
+            visit(module, [module])
+    assert not cycles, f"import cycles: {cycles}"
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +159,9 @@ def test_code_digest_changes_with_the_stage_code_only(tmp_path: Path) -> None:
     with open(tmp_path / "aligntok" / "tokenizer" / "stages.py", "a") as handle:  # not run by ingest
         handle.write("\n# unrelated edit\n")
     assert code_digest("ingest", tmp_path) == before
-    with open(tmp_path / "aligntok" / "data" / "images.py", "a") as handle:  # run by ingest
-        handle.write("\n# edit\n")
+    images = tmp_path / "aligntok" / "data" / "images.py"  # run by ingest
+    source = images.read_text()
+    images.write_text('"""A new module docstring."""\n# a comment\n\n' + source.split('"""', 2)[2] + "\n# edit\n")
+    assert code_digest("ingest", tmp_path) == before  # docstrings, comments and blank lines are not code
+    images.write_text(source + "\nEDITED = 1\n")
     assert code_digest("ingest", tmp_path) != before

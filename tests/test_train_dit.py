@@ -150,12 +150,10 @@ def test_training_gathers_each_step_from_the_mapped_cache(setup: dict[str, Path]
 
 
 def test_fingerprint_covers_the_code(params: Params, tmp_path: Path) -> None:
-    from aligntok.lineage import code_digest
-
     (tmp_path / "stats.json").write_text("{}")
     paths = DiTPaths(latents=tmp_path, tokenizer=tmp_path, out=tmp_path)
     assert _fingerprint(params, paths, code="a") != _fingerprint(params, paths, code="b")
-    assert _fingerprint(params, paths) == _fingerprint(params, paths, code=code_digest("train_dit"))
+    assert _fingerprint(params, paths) != _fingerprint(params, paths, code="a")  # "": the code left out
 
 
 def test_registered_model_samples_and_sample_command(setup: dict[str, Path], params: Params, tmp_path: Path,

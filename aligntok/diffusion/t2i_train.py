@@ -124,9 +124,12 @@ class TextFlowObjective:
         return StepLosses(main=loss, logs={"loss_global": loss.item()})
 
 
-def run_train_t2i(params: Params, paths: T2IPaths, register: bool = True, progress: bool = True) -> dict[str, Any]:
+def run_train_t2i(params: Params, paths: T2IPaths, register: bool = True, progress: bool = True,
+                  code: str = "") -> dict[str, Any]:
     """Train (resuming each model from a matching checkpoint) one model per `t2i.tokenizers` entry; rank 0 saves
-    and registers them. A dataset without captions writes `skipped.json` and trains nothing."""
+    and registers them. A dataset without captions writes `skipped.json` and trains nothing. `code`: the digest
+    of the code the stage runs, part of each checkpoint fingerprint (the CLI passes
+    `aligntok.lineage.code_digest("train_t2i")`; "" leaves it out)."""
     text = TextFeatureSet(paths.text)
     if text.skipped is not None:
         paths.out.mkdir(parents=True, exist_ok=True)
@@ -138,7 +141,7 @@ def run_train_t2i(params: Params, paths: T2IPaths, register: bool = True, progre
     with placed(params.runtime) as place:
         place.check_split(params.train_t2i.batch_size, "train_t2i.batch_size")
         for tokenizer in params.t2i.tokenizers:
-            results[tokenizer] = _train(params, paths, tokenizer, text, register, progress, place)
+            results[tokenizer] = _train(params, paths, tokenizer, text, register, progress, place, code)
         if place.is_main:
             (paths.out / SKIPPED).unlink(missing_ok=True)
             first = paths.out / params.t2i.tokenizers[0] / "receipt.json"
@@ -154,21 +157,19 @@ def _write_metrics(paths: T2IPaths, metrics: dict[str, Any]) -> None:
     atomic_write_text(target, json.dumps({"train_t2i": metrics}, indent=2) + "\n")
 
 
-def fingerprint_inputs(params: Params, paths: T2IPaths, tokenizer: str, code: str | None = None) -> dict[str, Any]:
+def fingerprint_inputs(params: Params, paths: T2IPaths, tokenizer: str, code: str = "") -> dict[str, Any]:
     """What a checkpoint was trained from: the model and schedule params, the tokenizer's latent cache, the text
-    features and the code; not the world size."""
-    from aligntok.lineage import code_digest
-
+    features and the code (the digest the CLI passes, "" for none); not the world size."""
     cfg = params.t2i
     return {"params": {"t2i": {k: v for k, v in cfg.model_dump(mode="json").items() if k != "tokenizers"},
                        "train_t2i": params.train_t2i.model_dump(mode="json")},
             "tokenizer": tokenizer, "stats": sha256_file(paths.latents / tokenizer / "stats.json"),
             "text": sha256_file(paths.text / "captions.json"),
-            "code": code if code is not None else code_digest("train_t2i")}
+            "code": code}
 
 
 def _train(params: Params, paths: T2IPaths, tokenizer: str, text: TextFeatureSet, register: bool, progress: bool,
-           place: Placement) -> dict[str, float]:
+           place: Placement, code: str) -> dict[str, float]:
     cfg, model_cfg, fast = params.train_t2i, params.t2i, params.runtime
     latents = load_latents(paths.latents / tokenizer)
     rows = text.rows("train", latent_keys(latents))  # (N,) caption row of every cached record
@@ -182,7 +183,7 @@ def _train(params: Params, paths: T2IPaths, tokenizer: str, text: TextFeatureSet
     tracked = ({"t2i": model_cfg.model_dump(mode="json"), "train_t2i": cfg.model_dump(mode="json"),
                 "text": params.text.model_dump(mode="json"), "tokenizer": tokenizer} if register else None)
     name = f"train_t2i-{tokenizer}"
-    with training_stage(name, fingerprint_inputs(params, paths, tokenizer), paths.checkpoints, place,
+    with training_stage(name, fingerprint_inputs(params, paths, tokenizer, code), paths.checkpoints, place,
                         tracked) as stage:
         settings = LoopSettings.from_schedule(cfg, name)
         forward = CompiledOrEager(place.wrap(model), name, enabled=fast.compile)

@@ -136,17 +136,19 @@ def generate(model: torch.nn.Module, normalizer: Any, tokenizer: Tokenizer, labe
 
 
 def run_train_dit(params: Params, paths: DiTPaths, register: bool = True, progress: bool = True,
-                  on_log: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
+                  on_log: Callable[[int, dict[str, float]], None] | None = None, code: str = "") -> dict[str, Any]:
     """Train (resuming from a matching checkpoint), save the EMA model and, on rank 0, register it.
 
-    `on_log(step, logs)` is called on rank 0 every `train_dit.log_every` steps (besides MLflow)."""
+    `on_log(step, logs)` is called on rank 0 every `train_dit.log_every` steps (besides MLflow). `code`: the
+    digest of the code the stage runs, part of the checkpoint fingerprint (the CLI passes
+    `aligntok.lineage.code_digest("train_dit")`; "" leaves it out)."""
     with placed(params.runtime) as place:
         place.check_split(params.train_dit.batch_size, "train_dit.batch_size")
-        return _train(params, paths, register, progress, on_log, place)
+        return _train(params, paths, register, progress, on_log, place, code)
 
 
 def _train(params: Params, paths: DiTPaths, register: bool, progress: bool,
-           on_log: Callable[[int, dict[str, float]], None] | None, place: Placement) -> dict[str, Any]:
+           on_log: Callable[[int, dict[str, float]], None] | None, place: Placement, code: str) -> dict[str, Any]:
     cfg, fast = params.train_dit, params.runtime
     latents = load_latents(paths.latents)  # mapped: each step gathers its rows on the CPU, the loop moves them
     C, h, _ = latents.latent_shape
@@ -158,7 +160,7 @@ def _train(params: Params, paths: DiTPaths, register: bool, progress: bool,
                                   weight_decay=cfg.weight_decay)
     state = TrainState(step=0, modules={"model": model, "ema": ema}, optimizers={"main": optimizer})
     tracked = {k: params.to_dict()[k] for k in ("dit", "train_dit", "sample")} if register else None
-    with training_stage("train_dit", fingerprint_inputs(params, paths), paths.checkpoints, place, tracked) as stage:
+    with training_stage("train_dit", fingerprint_inputs(params, paths, code), paths.checkpoints, place, tracked) as stage:
         tokenizer = Tokenizer.load(paths.tokenizer, device=place.device) if place.is_main else None
         snapshots = stage.checkpoint.with_name(f"{stage.checkpoint.stem}.snapshots")  # survives DVC clearing the out
 
@@ -194,18 +196,15 @@ def _train(params: Params, paths: DiTPaths, register: bool, progress: bool,
         return metrics
 
 
-def fingerprint_inputs(params: Params, paths: DiTPaths, code: str | None = None) -> dict[str, Any]:
-    """What a checkpoint was trained from: the params, the latent cache and the code (`code`:
-    `aligntok.lineage.code_digest("train_dit")`, computed when None); not the world size, since the batches
-    do not depend on it."""
-    from aligntok.lineage import code_digest
-
+def fingerprint_inputs(params: Params, paths: DiTPaths, code: str = "") -> dict[str, Any]:
+    """What a checkpoint was trained from: the params, the latent cache and the code (`code`: the digest the
+    CLI passes, "" for none); not the world size, since the batches do not depend on it."""
     return {"params": {k: params.to_dict()[k] for k in ("dit", "train_dit")},
             "stats": sha256_file(paths.latents / "stats.json"),
-            "code": code if code is not None else code_digest("train_dit")}
+            "code": code}
 
 
-def _fingerprint(params: Params, paths: DiTPaths, code: str | None = None) -> str:
+def _fingerprint(params: Params, paths: DiTPaths, code: str = "") -> str:
     return fingerprint(fingerprint_inputs(params, paths, code))
 
 

@@ -291,18 +291,16 @@ def reconstruction_grid(model: nn.Module, images: torch.Tensor) -> np.ndarray:
 
 
 def fingerprint_inputs(stage: str, params: Params, paths: StagePaths, perceptual: str | None,
-                       code: str | None = None) -> dict[str, Any]:
+                       code: str = "") -> dict[str, Any]:
     """What a checkpoint was trained from: the params the stage reads (not `runtime:`, not the world size),
     its input files, the perceptual network in use (`perceptual`: the loss's `.name`, None without one;
-    `tokenizer.perceptual: auto` resolves by what is installed) and the code: `code` is
-    `aligntok.lineage.code_digest(stage)` (computed when None)."""
-    from aligntok.lineage import code_digest
-
+    `tokenizer.perceptual: auto` resolves by what is installed) and the code: `code` is the digest of the code
+    the stage runs, which the CLI passes (`aligntok.lineage.code_digest(stage)`); "" leaves it out."""
     relevant = {k: v for k, v in params.to_dict().items() if k in (stage, "tokenizer", "latent", "encoder")}
     inputs = {"stage": stage, "params": relevant, "resolution": params.data.resolution,
               "manifest": sha256_file(paths.data / "manifest.parquet"),
               "encoder": sha256_file(paths.encoder / "encoder.safetensors"),
-              "perceptual": perceptual, "code": code if code is not None else code_digest(stage)}
+              "perceptual": perceptual, "code": code}
     if paths.previous is not None:
         inputs["previous"] = sha256_file(paths.previous / "tokenizer.safetensors")
         if (paths.previous / DISCRIMINATOR).is_file():  # carried over by `carry_discriminator`
@@ -311,7 +309,7 @@ def fingerprint_inputs(stage: str, params: Params, paths: StagePaths, perceptual
 
 
 def fingerprint(stage: str, params: Params, paths: StagePaths, perceptual: str | None,
-                code: str | None = None) -> str:
+                code: str = "") -> str:
     """The checkpoint name of `fingerprint_inputs`: resume only into the same configuration."""
     return digest(fingerprint_inputs(stage, params, paths, perceptual, code))
 
@@ -375,14 +373,16 @@ tokenizer folder (`step_NNNNNN/`) that `Tokenizer.load` reads."""
 
 
 def run_tokenizer_stage(stage: str, params: Params, paths: StagePaths, register: bool = True,
-                        progress: bool = True, snapshots: tuple[int, ...] = ()) -> StageResult:
+                        progress: bool = True, snapshots: tuple[int, ...] = (), code: str = "") -> StageResult:
     """Train one stage (resuming from its checkpoint if one matches), evaluate, save, register.
 
     Runs on `runtime.device`, as one of several ranks when launched so (`aligntok.distributed`): each rank
     trains on its slice of every global batch, and rank 0 alone checkpoints, logs, writes the outputs and
     registers; the other ranks return metrics {} and no receipt. `snapshots`: steps at which rank 0 also saves
     the model (its EMA when the row keeps one) to `<out>/snapshots/step_NNNNNN/` (the w_sp ablation,
-    `aligntok.ablation`, reads them; no DVC stage uses them)."""
+    `aligntok.ablation`, reads them; no DVC stage uses them). `code`: the digest of the code the stage runs,
+    part of the checkpoint fingerprint (the CLI passes `aligntok.lineage.code_digest(stage)`; "" leaves the
+    code out, so a checkpoint resumes across code edits)."""
     cfg = params.stage(stage)
     if paths.validation is not None:
         require_validated(paths.validation)
@@ -390,11 +390,12 @@ def run_tokenizer_stage(stage: str, params: Params, paths: StagePaths, register:
         raise ConfigError(f"{stage}: snapshot steps {bad} are outside 1..{stage}.steps={cfg.steps}")
     with placed(params.runtime) as place:
         place.check_split(cfg.batch_size, f"{stage}.batch_size")
-        return _train_tokenizer(stage, params, paths, register, progress, place, tuple(sorted(set(snapshots))))
+        return _train_tokenizer(stage, params, paths, register, progress, place, tuple(sorted(set(snapshots))),
+                                code)
 
 
 def _train_tokenizer(stage: str, params: Params, paths: StagePaths, register: bool, progress: bool,
-                     place: Placement, snapshots: tuple[int, ...] = ()) -> StageResult:
+                     place: Placement, snapshots: tuple[int, ...] = (), code: str = "") -> StageResult:
     cfg, fast = params.stage(stage), params.runtime
     torch.manual_seed(cfg.seed)
     model, encoder_desc = build_stage_model(stage, params, paths)
@@ -429,7 +430,7 @@ def _train_tokenizer(stage: str, params: Params, paths: StagePaths, register: bo
         if cfg.carry_discriminator:
             carry_discriminator(stage, paths, discriminator, optimizers["discriminator"], cfg.disc_lr)
     state = TrainState(step=0, modules=modules, optimizers=optimizers)
-    inputs = fingerprint_inputs(stage, params, paths, perceptual.name if perceptual is not None else None)
+    inputs = fingerprint_inputs(stage, params, paths, perceptual.name if perceptual is not None else None, code)
     objective = TokenizerObjective(model, cfg, perceptual, discriminator, semantic, vf, place, fast.channels_last)
     loader = StepBatches(train, cfg.batch_size, cfg.seed, cfg.steps, place.rank_slice(cfg.batch_size),
                          workers=fast.loader_workers, pin_memory=torch.device(place.device).type == "cuda")
