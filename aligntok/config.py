@@ -1,7 +1,9 @@
 """Typed configuration: one frozen class per `params.yaml` section.
 
 `load_params` reads a YAML file (the repo's `params.yaml` or a preset such as
-`configs/imagenet256.yaml`), merges it over the defaults below and validates it.
+`configs/imagenet256.yaml`), merges it over the defaults below and validates it. The defaults are the
+values of the default run's `params.yaml`, key by key (tests/test_config.py checks it): a preset's
+omitted keys, `--help` and a row's identity fallback all read the default run's values.
 Any unknown key, wrong type or out-of-range value raises `ConfigError` naming the
 file, the dotted key and the offending value, before any work starts.
 """
@@ -71,8 +73,8 @@ class DecoderConfig(Section):
     channels 128, channel_mult [1, 1, 2, 2, 4], 2 res blocks, attention at 16.
     """
 
-    channels: int = Field(64, ge=8, le=1024)
-    channel_mult: list[int] = Field(default_factory=lambda: [1, 2, 2])
+    channels: int = Field(32, ge=8, le=1024)
+    channel_mult: list[int] = Field(default_factory=lambda: [1, 2, 4])
     num_res_blocks: int = Field(1, ge=1, le=8)
     attn_resolutions: list[int] = Field(default_factory=list)
     """Feature-map sides (in pixels of the decoder's grid) where self-attention is used."""
@@ -88,7 +90,7 @@ class DecoderConfig(Section):
 class DiscriminatorConfig(Section):
     """PatchGAN discriminator (pix2pix / LDM NLayerDiscriminator)."""
 
-    channels: int = Field(64, ge=8, le=1024)
+    channels: int = Field(32, ge=8, le=1024)
     layers: int = Field(3, ge=1, le=6)
 
 
@@ -113,7 +115,7 @@ class LossWeights(Section):
 
     l1: float = Field(1.0, ge=0.0)
     perceptual: float = Field(1.0, ge=0.0)
-    gan: float = Field(0.5, ge=0.0)
+    gan: float = Field(0.1, ge=0.0)
     """Base weight of the adaptive (LDM) generator weight."""
     gan_start: int = Field(0, ge=0)
     """Step from which the GAN terms apply (discriminator and generator)."""
@@ -169,9 +171,9 @@ class TrainStageConfig(ScheduleConfig):
     encoder_lr_scale: float = Field(0.1, gt=0.0)
     """The encoder's learning rate is lr x this (stage 2 fine-tunes it slowly)."""
     disc_lr: float = Field(1e-4, gt=0.0)
-    image_every: int = Field(100, ge=1)
+    image_every: int = Field(50, ge=1)
     """Steps between reconstruction grids logged to MLflow."""
-    val_images: int = Field(512, ge=1)
+    val_images: int = Field(1000, ge=1)
     """Validation images for the final PSNR/SSIM."""
     losses: LossWeights = LossWeights()
     carry_discriminator: bool = False
@@ -229,16 +231,16 @@ class DiTConfig(Section):
 class TrainDiTConfig(ScheduleConfig):
     """The diffusion transformer's training run (`train_dit` stage)."""
 
-    steps: int = Field(2000, ge=1)
+    steps: int = Field(1500, ge=1)
     batch_size: int = Field(64, ge=1)
     """Global batch: split evenly across ranks under torchrun."""
-    lr: float = Field(2e-4, gt=0.0)
+    lr: float = Field(1e-3, gt=0.0)
     betas: list[float] = Field(default_factory=lambda: [0.9, 0.95])
-    warmup_steps: int = Field(100, ge=0)
-    ema_decay: float = Field(0.999, gt=0.0, lt=1.0)
+    warmup_steps: int = Field(50, ge=0)
+    ema_decay: float = Field(0.99, gt=0.0, lt=1.0)
     checkpoint_every: int = Field(250, ge=1)
     log_every: int = Field(25, ge=1)
-    sample_every: int = Field(1000, ge=1)
+    sample_every: int = Field(500, ge=1)
     """Steps between grids of class-conditional samples logged to MLflow."""
     snapshot_steps: list[int] = Field(default_factory=list)
     """Steps at which the EMA weights are also kept (`snapshots/step_NNNNNN.safetensors` in the DiT folder), so
@@ -275,7 +277,7 @@ counted): both sets need at least k + 1 samples."""
 
 class EvaluateConfig(Section):
     """Evaluation protocol (`fid_reference` and `evaluate` stages). The FID network (Inception-v3, 299 px)
-    runs at about 5 images/s on 2 CPU cores: these counts bound the stage's time (see README). The image
+    runs at about 5 images/s on 2 CPU cores: these counts bound the stage's time (docs/evaluation.md). The image
     counts are checked against the split sizes in the ingest folder's `dataset.json` when either stage
     starts (`aligntok.eval.reference.check_counts`), before any model loads."""
 
@@ -356,7 +358,7 @@ class T2IConfig(Section):
 
     tokenizers: list[str] = Field(default_factory=lambda: ["refine_decoder", "vae_baseline"])
     """Tokenizer stages whose latents a text-to-image model learns; the first is the one offered for promotion."""
-    max_images: int | None = Field(4000, ge=1)
+    max_images: int | None = Field(2500, ge=1)
     """Captioned training images cached per tokenizer (the first N in shard order, and their flips); null = all."""
     preset: str = "FluxDiT-T"
     """A name from `aligntok.diffusion.t2i_dit.PRESETS_T2I`."""
@@ -382,18 +384,18 @@ class T2IConfig(Section):
 class EvaluateT2IConfig(Section):
     """The text-to-image evaluation (`evaluate_t2i` stage): FID on validation captions and prompt agreement."""
 
-    fid_samples: int = Field(200, ge=PRDC_NEIGHBOURS + 1)
+    fid_samples: int = Field(100, ge=PRDC_NEIGHBOURS + 1)
     """Validation captions generated from (per guidance setting); FID is against those validation images."""
-    per_prompt: int = Field(4, ge=1)
+    per_prompt: int = Field(2, ge=1)
     """Samples per (colour, garment) prompt and seed for prompt agreement (50 prompts on Fashion-MNIST)."""
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
     """Sampling seeds: every figure is measured once per seed and reported as mean and spread."""
     cfg_scale: float = Field(4.0, ge=0.0)
     """The guided setting (the unguided one is scale 1)."""
-    steps: int = Field(25, ge=1, le=1000)
-    judge_train_images: int = Field(2000, ge=20)
+    steps: int = Field(20, ge=1, le=1000)
+    judge_train_images: int = Field(1500, ge=20)
     """Training images the garment judge (logistic regression on the frozen encoder's pooled features) is fit on."""
-    judge_val_images: int = Field(500, ge=10)
+    judge_val_images: int = Field(400, ge=10)
     """Validation images the judges' own accuracy is measured on (their ceiling on real images)."""
     batch_size: int = Field(50, ge=1)
 
@@ -408,7 +410,7 @@ class EvaluateT2IConfig(Section):
 class DataConfig(Section):
     """Images to WebDataset shards (`ingest` stage)."""
 
-    source: str = "fashion-mnist"
+    source: str = "fashion-mnist-captioned"
     """`fashion-mnist`, `fashion-mnist-captioned` (tinted, with captions: `aligntok.data.captions`),
     `imagefolder:<path>` or `webdataset:<url or brace pattern>`."""
     val_source: str | None = None
@@ -492,9 +494,9 @@ class RuntimeConfig(Section):
     """torch intra-op threads per process; None: usable cores / processes of this machine's torchrun group."""
     channels_last: bool = True
     """NHWC for the decoder, VAE encoder, discriminator, perceptual network and FID Inception."""
-    compile: bool = False
-    """torch.compile the DiT's training forward (eager, with a warning, when compilation is unavailable). Off
-    unless a params file turns it on (params.yaml does): compiling costs ~1 min, more than a short run saves."""
+    compile: bool = True
+    """torch.compile the DiT's training forward (eager, with a warning, when compilation is unavailable).
+    Compiling costs ~1 min, more than a very short run saves: the tiny preset turns it off."""
     autocast: Literal["auto", "off", "bf16"] = "auto"
     """bf16 autocast for training and sampling: auto = on CUDA only (this CPU has no bf16 units)."""
     fid_backend: Literal["onnxruntime", "torch"] = "onnxruntime"
@@ -565,14 +567,17 @@ class Params(Section):
     data: DataConfig = DataConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
     # The tokenizer stages: one row each (a field of type TrainStageConfig is a tokenizer stage).
-    align_latent: TrainStageConfig = _stage(["adapter", "decoder"], 300, alias="stage1")
+    align_latent: TrainStageConfig = _stage(
+        ["adapter", "decoder"], 250, alias="stage1", lr=3e-4, warmup_steps=20, losses=LossWeights(gan_start=150))
     align_perceptual: TrainStageConfig = _stage(
-        ["encoder", "adapter", "decoder"], 150, start_from="align_latent", alias="stage2", ema_decay=0.999,
-        losses=LossWeights(semantic=1.0))
-    refine_decoder: TrainStageConfig = _stage(["decoder"], 150, start_from="align_perceptual", alias="stage3")
+        ["encoder", "adapter", "decoder"], 100, start_from="align_latent", alias="stage2", ema_decay=0.98,
+        checkpoint_every=25, seed=1, carry_discriminator=True, losses=LossWeights(semantic=1.0))
+    refine_decoder: TrainStageConfig = _stage(
+        ["decoder"], 100, start_from="align_perceptual", alias="stage3", checkpoint_every=25, seed=2,
+        carry_discriminator=True)
     vae_baseline: TrainStageConfig = _stage(
-        ["encoder", "decoder"], 300, kind="vae", registered_model="aligntok-vae-baseline", alias="baseline",
-        losses=LossWeights(perceptual=0.0, kl=1e-6))
+        ["encoder", "decoder"], 250, kind="vae", registered_model="aligntok-vae-baseline", alias="baseline",
+        lr=3e-4, warmup_steps=20, losses=LossWeights(gan_start=150, kl=1e-6))
     cache_latents: CacheLatentsConfig = CacheLatentsConfig()
     dit: DiTConfig = DiTConfig()
     train_dit: TrainDiTConfig = TrainDiTConfig()
@@ -580,7 +585,7 @@ class Params(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     text: TextConfig = TextConfig()
     t2i: T2IConfig = T2IConfig()
-    train_t2i: TrainDiTConfig = TrainDiTConfig()
+    train_t2i: TrainDiTConfig = TrainDiTConfig(steps=500, batch_size=48)
     evaluate_t2i: EvaluateT2IConfig = EvaluateT2IConfig()
     promote: PromoteConfig = PromoteConfig()
     runtime: RuntimeConfig = RuntimeConfig()

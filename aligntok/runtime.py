@@ -1,7 +1,7 @@
 """Fast paths: how a stage runs, not what it computes (params.yaml `runtime:`, `RuntimeConfig`).
 
 Each switch was kept on by default only where `benchmarks/` measured a gain on the 2-core CPU the
-embedded default targets (figures in the README, "Performance against peers"):
+embedded default targets (figures in docs/performance.md and reports/):
 
 - `threads`: torch's intra-op threads per process. The default divides the usable cores by the
   processes of this machine's torchrun group (`LOCAL_WORLD_SIZE`), so N ranks never oversubscribe.

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from aligntok.config import (
-    DIT_PRESET_NAMES, TOKENIZER_STAGE_SECTIONS, ConfigError, discriminator_logit_side, load_params, parse_params,
+    DIT_PRESET_NAMES, TOKENIZER_STAGE_SECTIONS, ConfigError, Params, discriminator_logit_side, load_params, parse_params,
     stage_alias,
 )
 
@@ -35,6 +35,19 @@ def test_repo_params_load_and_match_defaults_keys() -> None:
     resolved = params.to_dict()
     for section, values in resolved.items():
         assert set(raw[section]) == set(values), section
+
+
+def test_the_python_defaults_are_params_yaml_by_value() -> None:
+    """One set of defaults: `--help`, a preset's omitted keys and a row's identity fallback read the Python
+    defaults, which must be the values of the default run's params.yaml, key by key."""
+    defaults, repo = Params().to_dict(), load_params(REPO / "params.yaml").to_dict()
+
+    def differences(a: object, b: object, key: str) -> list[str]:
+        if isinstance(a, dict) and isinstance(b, dict):
+            return [d for k in sorted(a.keys() | b.keys()) for d in differences(a.get(k), b.get(k), f"{key}.{k}")]
+        return [] if a == b else [f"{key.lstrip('.')}: Python {a!r}, params.yaml {b!r}"]
+
+    assert differences(defaults, repo, "") == []
 
 
 def test_paper_preset_loads_through_the_same_path() -> None:

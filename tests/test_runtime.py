@@ -192,7 +192,8 @@ def test_runtime_section_is_validated(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"runtime\.autocast"):
         load_params(path)
     embedded = load_params(REPO / "params.yaml").runtime
-    assert embedded.compile and embedded.channels_last and RuntimeConfig().compile is False
+    assert embedded.compile and embedded.channels_last and RuntimeConfig().compile is True
+    assert load_params(REPO / "configs" / "tiny.yaml").runtime.compile is False  # a minute-long run: not worth it
 
 
 def test_every_command_records_its_resources(tmp_path: Path) -> None:
