@@ -216,10 +216,10 @@ def downstream_gfid(ws: Workspace, arm: Arm, step: int, size: AblationSize, prog
     run_train_dit(params, DiTPaths(latents=work / "latents", tokenizer=folder, out=work / "dit",
                                    checkpoints=ws.scratch / "checkpoints" / f"{arm.name}_dit_{step:06d}"),
                   register=False, progress=progress, code=code_digest("train_dit"))
-    fast, cfg = params.runtime, params.evaluate
+    runtime_cfg, cfg = params.runtime, params.evaluate
     ref = load_reference(ws.repo / "data" / "fid_reference", cfg)
     samples = SampleFeatures(DiffusionModel.load(work / "dit"), InceptionFeatures(
-        channels_last=fast.channels_last, backend=fast.fid_backend), EncoderFeatures(ws.repo / "models" / "encoder"),
+        channels_last=runtime_cfg.channels_last, backend=runtime_cfg.fid_backend), EncoderFeatures(ws.repo / "models" / "encoder"),
         cfg, progress)
     out = {}
     for suffix, scale in (("cfg", params.sample.cfg_scale), ("nocfg", 1.0)):

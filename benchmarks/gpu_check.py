@@ -81,10 +81,10 @@ def main() -> int:
     else:
         params = load_params(REPO / "configs" / "imagenet256.yaml")
         preset, tok_batch, dit_batch, sample_batch, steps, repeats = "LightningDiT-XL/1", 32, 256, 64, 50, args.repeats
-    fast = params.runtime  # the preset's fast paths: bf16 autocast on CUDA, torch.compile of the DiT
+    runtime_cfg = params.runtime  # the preset's fast paths: bf16 autocast on CUDA, torch.compile of the DiT
 
     def autocast() -> object:
-        return runtime.autocast(fast, device)
+        return runtime.autocast(runtime_cfg, device)
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else cpu_model()
     print(f"device {name}, dtype {dtype}, torch {torch.__version__}, preset {preset}", flush=True)
@@ -136,8 +136,8 @@ def main() -> int:
     # diffusion training: ours vs diffusers, and MFU
     ours, peer = (m.to(device) for m in dit_pair(preset, channels, grid, classes=1000))
     # runtime.compile compiles both sides alike (the first, untimed call of `timed` compiles)
-    forward_ours = runtime.CompiledOrEager(ours, "LightningDiT", enabled=fast.compile)
-    forward_peer = runtime.CompiledOrEager(peer, "DiTTransformer2DModel", enabled=fast.compile)
+    forward_ours = runtime.CompiledOrEager(ours, "LightningDiT", enabled=runtime_cfg.compile)
+    forward_peer = runtime.CompiledOrEager(peer, "DiTTransformer2DModel", enabled=runtime_cfg.compile)
     x = torch.randn(dit_batch, channels, grid, grid, device=device)
     t, y = torch.rand(dit_batch, device=device), torch.randint(0, 1000, (dit_batch,), device=device)
     target = torch.randn_like(x)

@@ -170,7 +170,7 @@ def fingerprint_inputs(params: Params, paths: T2IPaths, tokenizer: str, code: st
 
 def _train(params: Params, paths: T2IPaths, tokenizer: str, text: TextFeatureSet, register: bool, progress: bool,
            place: Placement, code: str) -> dict[str, float]:
-    cfg, model_cfg, fast = params.train_t2i, params.t2i, params.runtime
+    cfg, model_cfg, runtime_cfg = params.train_t2i, params.t2i, params.runtime
     latents = load_latents(paths.latents / tokenizer)
     rows = text.rows("train", latent_keys(latents))  # (N,) caption row of every cached record
     C, h, _ = latents.latent_shape
@@ -186,7 +186,7 @@ def _train(params: Params, paths: T2IPaths, tokenizer: str, text: TextFeatureSet
     with training_stage(name, fingerprint_inputs(params, paths, tokenizer, code), paths.checkpoints, place,
                         tracked) as stage:
         settings = LoopSettings.from_schedule(cfg, name)
-        forward = CompiledOrEager(place.wrap(model), name, enabled=fast.compile)
+        forward = CompiledOrEager(place.wrap(model), name, enabled=runtime_cfg.compile)
         result = run_loop(
             settings=settings, state=state, objective=TextFlowObjective(forward, place.autocast),
             batches=lambda step: t2i_step_batch(latents, rows, text, step, cfg.batch_size, cfg.seed,
@@ -194,7 +194,7 @@ def _train(params: Params, paths: T2IPaths, tokenizer: str, text: TextFeatureSet
                                                 place.world_size),
             checkpoint=stage.checkpoint, sidecar=stage.sidecar,
             on_log=(lambda step, logs: stage.run.metrics(logs, step)) if stage.run is not None else None,
-            place=place, progress=progress, prefetch=fast.prefetch,
+            place=place, progress=progress, prefetch=runtime_cfg.prefetch,
         )
         metrics = {"final_loss": result.last_logs.get("loss_global", float("nan")), "steps": float(cfg.steps),
                    "train_seconds": result.seconds, "world_size": float(place.world_size),

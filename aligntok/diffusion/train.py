@@ -149,7 +149,7 @@ def run_train_dit(params: Params, paths: DiTPaths, register: bool = True, progre
 
 def _train(params: Params, paths: DiTPaths, register: bool, progress: bool,
            on_log: Callable[[int, dict[str, float]], None] | None, place: Placement, code: str) -> dict[str, Any]:
-    cfg, fast = params.train_dit, params.runtime
+    cfg, runtime_cfg = params.train_dit, params.runtime
     latents = load_latents(paths.latents)  # mapped: each step gathers its rows on the CPU, the loop moves them
     C, h, _ = latents.latent_shape
     num_classes = latents.num_classes
@@ -180,13 +180,13 @@ def _train(params: Params, paths: DiTPaths, register: bool, progress: bool,
 
         settings = LoopSettings.from_schedule(cfg, "train_dit",
                                               extra_checkpoints=tuple(s for s in cfg.snapshot_steps if s < cfg.steps))
-        forward = CompiledOrEager(place.wrap(model), "train_dit", enabled=fast.compile)
+        forward = CompiledOrEager(place.wrap(model), "train_dit", enabled=runtime_cfg.compile)
         result = run_loop(
             settings=settings, state=state, objective=FlowMatchingObjective(forward, place.autocast),
             batches=lambda step: step_batch(latents, step, cfg.batch_size, cfg.seed, params.dit.class_dropout,
                                             cfg.t_mean, cfg.t_std, place.rank, place.world_size),
             checkpoint=stage.checkpoint, sidecar=stage.sidecar, on_log=log_step, on_checkpoint=keep_snapshot,
-            place=place, progress=progress, prefetch=fast.prefetch,
+            place=place, progress=progress, prefetch=runtime_cfg.prefetch,
         )
         metrics = {"final_loss": result.last_logs.get("loss_global", float("nan")), "steps": float(cfg.steps),
                    "train_seconds": result.seconds, "world_size": float(place.world_size),

@@ -391,10 +391,10 @@ def _evaluate(params: Params, paths: EvalPaths, register: bool, progress: bool,
     folders = {name: paths.tokenizers / name for name in cfg.tokenizers}
     if missing := [str(f) for f in folders.values() if not (f / "tokenizer.json").is_file()]:
         raise FileNotFoundError(f"no tokenizer in {missing} (run the tokenizer stages first)")
-    fast = params.runtime
-    inception = InceptionFeatures(device=place.device, channels_last=fast.channels_last, backend=fast.fid_backend)
+    runtime_cfg = params.runtime
+    inception = InceptionFeatures(device=place.device, channels_last=runtime_cfg.channels_last, backend=runtime_cfg.fid_backend)
     encoder = EncoderFeatures(paths.encoder, device=place.device)
-    threads = fast.decode_threads
+    threads = runtime_cfg.decode_threads
     val = load_split(paths.data, "val", limit=max(cfg.recon_images, cfg.probe_val_images), decode_threads=threads)
     probe = ProbeSets(train=load_split(paths.data, "train", limit=cfg.probe_train_images),
                       val=val.head(cfg.probe_val_images))

@@ -396,14 +396,14 @@ def run_tokenizer_stage(stage: str, params: Params, paths: StagePaths, register:
 
 def _train_tokenizer(stage: str, params: Params, paths: StagePaths, register: bool, progress: bool,
                      place: Placement, snapshots: tuple[int, ...] = (), code: str = "") -> StageResult:
-    cfg, fast = params.stage(stage), params.runtime
+    cfg, runtime_cfg = params.stage(stage), params.runtime
     torch.manual_seed(cfg.seed)
     model, encoder_desc = build_stage_model(stage, params, paths)
     set_trainable(model, cfg.train)
     perceptual = perceptual_loss(params.tokenizer.perceptual, paths) if cfg.losses.perceptual > 0 else None
     discriminator = build_discriminator(params.tokenizer.discriminator, params.data.resolution) \
         if cfg.losses.gan > 0 else None
-    runtime.channels_last(fast.channels_last, model, perceptual, discriminator)  # before the copies below
+    runtime.channels_last(runtime_cfg.channels_last, model, perceptual, discriminator)  # before the copies below
     for module in (model, perceptual, discriminator):
         if module is not None:
             module.to(place.device)
@@ -413,8 +413,8 @@ def _train_tokenizer(stage: str, params: Params, paths: StagePaths, register: bo
         vf.target.to(place.device)
         vf.head.to(place.device)
 
-    train = load_split(paths.data, "train", decode_threads=fast.decode_threads)
-    val = load_split(paths.data, "val", limit=cfg.val_images, decode_threads=fast.decode_threads)
+    train = load_split(paths.data, "train", decode_threads=runtime_cfg.decode_threads)
+    val = load_split(paths.data, "val", limit=cfg.val_images, decode_threads=runtime_cfg.decode_threads)
     modules: dict[str, nn.Module] = {"model": model}
     optimizers = {"main": torch.optim.AdamW(param_groups(model, cfg), betas=tuple(cfg.betas),
                                             weight_decay=cfg.weight_decay)}
@@ -431,9 +431,9 @@ def _train_tokenizer(stage: str, params: Params, paths: StagePaths, register: bo
             carry_discriminator(stage, paths, discriminator, optimizers["discriminator"], cfg.disc_lr)
     state = TrainState(step=0, modules=modules, optimizers=optimizers)
     inputs = fingerprint_inputs(stage, params, paths, perceptual.name if perceptual is not None else None, code)
-    objective = TokenizerObjective(model, cfg, perceptual, discriminator, semantic, vf, place, fast.channels_last)
+    objective = TokenizerObjective(model, cfg, perceptual, discriminator, semantic, vf, place, runtime_cfg.channels_last)
     loader = StepBatches(train, cfg.batch_size, cfg.seed, cfg.steps, place.rank_slice(cfg.batch_size),
-                         workers=fast.loader_workers, pin_memory=torch.device(place.device).type == "cuda")
+                         workers=runtime_cfg.loader_workers, pin_memory=torch.device(place.device).type == "cuda")
     with training_stage(stage, inputs, paths.checkpoints, place, _tracked_params(stage, params) if register else None) \
             as scaffold:
         grid_images = val.batch(torch.arange(min(8, len(val))))[0]
@@ -446,10 +446,10 @@ def _train_tokenizer(stage: str, params: Params, paths: StagePaths, register: bo
 
         result = run_loop(
             settings=LoopSettings.from_schedule(cfg, stage, extra_checkpoints=snapshots), state=state,
-            objective=objective, batches=lambda step: _nhwc_batch(loader(step), fast.channels_last),
+            objective=objective, batches=lambda step: _nhwc_batch(loader(step), runtime_cfg.channels_last),
             checkpoint=scaffold.checkpoint, sidecar=scaffold.sidecar,
             on_log=_Logger(scaffold.run, model, grid_images, cfg.image_every), on_checkpoint=snapshot, place=place,
-            progress=progress, prefetch=fast.prefetch,
+            progress=progress, prefetch=runtime_cfg.prefetch,
         )
         loader.close()
         final = modules.get("ema", model)
@@ -460,7 +460,7 @@ def _train_tokenizer(stage: str, params: Params, paths: StagePaths, register: bo
             save_discriminator(paths.out, discriminator, optimizers["discriminator"])
         metrics = {**scores, "steps": float(cfg.steps), "train_seconds": result.seconds,
                    **{f"final_{k}": v for k, v in result.last_logs.items()}}
-        return _finish(stage, params, paths, final, encoder_desc, metrics, scaffold, perceptual)
+        return _save_and_register(stage, params, paths, final, encoder_desc, metrics, scaffold, perceptual)
 
 
 def _nhwc_batch(batch: tuple[torch.Tensor, torch.Tensor], enabled: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -541,8 +541,9 @@ def _description(stage: str, params: Params, paths: StagePaths, encoder_desc: En
     }
 
 
-def _finish(stage: str, params: Params, paths: StagePaths, model: nn.Module, encoder_desc: EncoderDescription,
-            metrics: dict[str, float], scaffold: TrainingStage, perceptual: PerceptualLoss | None) -> StageResult:
+def _save_and_register(stage: str, params: Params, paths: StagePaths, model: nn.Module,
+                       encoder_desc: EncoderDescription, metrics: dict[str, float], scaffold: TrainingStage,
+                       perceptual: PerceptualLoss | None) -> StageResult:
     """Rank 0: the tokenizer folder, the metrics file and, when tracked, the registered version and receipt."""
     run = scaffold.run
     row = params.stage(stage)
