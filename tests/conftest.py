@@ -1,4 +1,7 @@
-"""Shared test setup: telemetry off, paths to the shared real-image folder."""
+"""Pytest hooks and fixtures shared by every test: telemetry off, the `imagenet_sample` fixture, the gpu skip.
+
+Shared helpers (paths, the tiny model, datasets, servers) live in `support/`, imported as `support.<module>`;
+this folder is on sys.path through this file (pytest's default prepend import mode)."""
 
 from __future__ import annotations
 
@@ -6,6 +9,8 @@ import os
 from pathlib import Path
 
 import pytest
+
+from support.paths import IMAGENET_SAMPLE
 
 for _name, _value in {
     "DO_NOT_TRACK": "true",
@@ -16,9 +21,6 @@ for _name, _value in {
     "HF_HUB_OFFLINE": "1",
 }.items():
     os.environ.setdefault(_name, _value)
-
-REPO = Path(__file__).resolve().parents[1]
-IMAGENET_SAMPLE = REPO.parent / "shared" / "data" / "imagenet-sample"
 
 
 @pytest.fixture

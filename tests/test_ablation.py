@@ -16,7 +16,7 @@ from aligntok.eval.cka import linear_cka, relative_change
 from aligntok.tokenizer.api import Tokenizer
 from aligntok.tokenizer.stages import SNAPSHOTS, StagePaths, run_tokenizer_stage
 
-from tiny import TINY_MODEL, one_thread  # noqa: F401  (fixture)
+from support.tiny import TINY_MODEL, one_thread  # noqa: F401  (fixture)
 
 
 def _reference_cka(x: np.ndarray, y: np.ndarray) -> float:
@@ -66,7 +66,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> Pat
     """A repository root as the ablation expects it: params.yaml, shards, encoder, a validated report, stage 1."""
     from aligntok.config import EncoderConfig
     from aligntok.encoder import export_encoder
-    from shards_fixture import write_dataset
+    from support.shards import write_dataset
 
     root = tmp_path_factory.mktemp("ablation")
     write_dataset(root / "data" / "shards")

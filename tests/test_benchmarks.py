@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO
+from support.paths import REPO
 
 
 def test_peer_benchmarks_quick_run_writes_consistent_reports(tmp_path: Path) -> None:

@@ -27,8 +27,8 @@ from aligntok.data.reader import ShardReader
 from aligntok.data.shards import NO_LABEL, index_shard, shard_captions
 from aligntok.data.sources import FASHION_MNIST_CLASSES, FASHION_MNIST_FILES, open_source
 from aligntok.data.validate import format_summary, validate_dataset
-from corpus import write_tar
-from shards_fixture import edit_record, read_manifest
+from support.corpus import write_tar
+from support.shards import edit_record, read_manifest
 
 FMNIST = Path(DataConfig().fashion_mnist_dir)
 needs_fmnist = pytest.mark.skipif(not FMNIST.is_dir(),

@@ -11,7 +11,7 @@ import yaml
 from aligntok.cli import build_parser, main
 from aligntok.config import Params, load_params
 
-from conftest import REPO
+from support.paths import REPO
 
 COMMANDS = {"config", "encoder", "snapshot", "ingest", "validate", "align_latent", "align_perceptual",
             "refine_decoder", "vae_baseline", "cache_latents", "train_dit", "fid_reference", "evaluate", "sample",

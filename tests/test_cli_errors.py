@@ -27,8 +27,8 @@ from aligntok.diffusion.dit import build_dit
 from aligntok.tokenizer.api import build_from_description, save_tokenizer_folder
 from aligntok.encoder import create_random_encoder
 
-from conftest import REPO
-from tiny import TINY_MODEL
+from support.paths import REPO
+from support.tiny import TINY_MODEL
 
 
 def fail_line(capsys: pytest.CaptureFixture[str], *argv: str) -> str:

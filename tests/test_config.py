@@ -14,7 +14,7 @@ from aligntok.config import (
     stage_alias,
 )
 
-from conftest import REPO
+from support.paths import REPO
 
 NO_GAN = {stage: {"train": ["decoder"], "steps": 1, "losses": {"gan": 0.0}}
           for stage in ("align_latent", "align_perceptual", "refine_decoder", "vae_baseline")}

@@ -7,7 +7,7 @@ import yaml
 
 from aligntok.dag import stage_order
 
-from conftest import REPO
+from support.paths import REPO
 
 
 def test_repo_pipeline_order_respects_every_dependency() -> None:

@@ -25,8 +25,8 @@ from aligntok.config import CacheLatentsConfig, Params, parse_params
 from aligntok.distributed import Placement, dist_info, map_batches
 from aligntok.tokenizer.stages import StagePaths, run_tokenizer_stage
 
-from ranks import spawn_ranks
-from tiny import TINY_MODEL, make_inputs
+from support.ranks import spawn_ranks
+from support.tiny import TINY_MODEL, make_inputs
 
 TOLERANCE = 1e-3
 ROWS = {  # every loss term and mechanism of the tokenizer rows, a few steps each, global batch 8

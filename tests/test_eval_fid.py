@@ -12,9 +12,9 @@ from PIL import Image
 
 from aligntok.eval.fid import FeatureStats, fid_from_features
 from aligntok.eval.inception import FEATURE_DIM, NETWORK, RESIZE, WEIGHTS_SHA1, InceptionFeatures, extract_features
-from tiny import one_thread  # noqa: F401 (fixture)
+from support.tiny import one_thread  # noqa: F401 (fixture)
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see tiny.one_thread: ~3x faster on busy cores
+pytestmark = pytest.mark.usefixtures("one_thread")  # see support.tiny.one_thread: ~3x faster on busy cores
 
 COUNT = 16
 NOISE = (0.05, 0.1, 0.2)
@@ -40,7 +40,7 @@ def inception() -> InceptionFeatures:
 
 @pytest.fixture(scope="module")
 def photos() -> torch.Tensor:
-    from conftest import IMAGENET_SAMPLE
+    from support.paths import IMAGENET_SAMPLE
 
     if not IMAGENET_SAMPLE.is_dir():
         pytest.skip(f"{IMAGENET_SAMPLE} not present")

@@ -22,8 +22,8 @@ from aligntok.eval.evaluate import EvalPaths, run_evaluate
 from aligntok.eval.reference import build_reference, load_reference
 from aligntok.tokenizer.stages import StagePaths, run_tokenizer_stage
 
-from shards_fixture import write_dataset
-from tiny import TINY_MODEL, one_thread  # noqa: F401 (fixture)
+from support.shards import write_dataset
+from support.tiny import TINY_MODEL, one_thread  # noqa: F401 (fixture)
 
 STAGE = {"batch_size": 4, "lr": 1e-3, "val_images": 4}
 TINY = {
@@ -219,7 +219,7 @@ def _evaluate_as_a_rank(raw: dict, root_dir: str, out: str) -> dict | None:
 def test_two_ranks_measure_every_figure_of_one_process(evaluated: dict, tmp_path) -> None:
     """Batches of 2: the references, reconstructions, probe features and samples spread over both ranks (batch
     i on rank i mod 2); rank 0 gathers them in batch order, so every figure and file equals one process's."""
-    from ranks import spawn_ranks
+    from support.ranks import spawn_ranks
 
     raw = {**TINY, "evaluate": {**TINY["evaluate"], "batch_size": 2}}
     two = spawn_ranks(_evaluate_as_a_rank, 2, raw, str(evaluated["root"]), str(tmp_path / "two"))

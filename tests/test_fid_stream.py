@@ -135,7 +135,7 @@ def _stream_as_a_rank() -> dict | None:
 
 
 def test_stream_batches_feeds_rank_0_the_rows_of_one_process_in_batch_order() -> None:
-    from ranks import spawn_ranks
+    from support.ranks import spawn_ranks
 
     one = FeatureAccumulator(keep=10), Rows()
     stream_batches(_compute, {"x": one[0], "shown": one[1]}, 7, Placement())

@@ -23,8 +23,8 @@ from aligntok.config import DataConfig
 from aligntok.data.fingerprint import FORMAT, fingerprint, to_json
 from aligntok.data.sources import FASHION_MNIST_FILES, ImageFolder, IngestError
 
-from corpus import noise_png, write_tar
-from servers import serve_http
+from support.corpus import noise_png, write_tar
+from support.servers import serve_http
 
 
 def _folder(root: Path, images: int = 3) -> Path:

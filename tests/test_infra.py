@@ -21,7 +21,8 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from support.paths import REPO
+
 INFRA = REPO / "infra"
 K8S = INFRA / "k8s"
 TELEMETRY_OFF = {"DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true",

@@ -20,7 +20,7 @@ from PIL import Image, ImageFile
 from aligntok.config import DataConfig
 from aligntok.data.images import ImagePolicy, process_image, to_uint8
 from aligntok.data.ingest import IngestError, IngestSummary, _Pool, ingest, plan_shards, tar_size
-from corpus import ALPHA_SIZE, GOOD_IMAGES, build_bad_corpus
+from support.corpus import ALPHA_SIZE, GOOD_IMAGES, build_bad_corpus
 
 BACKGROUND = 200
 DEFAULT_MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS
@@ -482,7 +482,7 @@ def test_a_val_source_with_other_classes_is_refused_before_any_work(tmp_path: Pa
 
 def test_a_webdataset_val_source_is_checked_after_its_pass(tmp_path: Path) -> None:
     """`webdataset:` classes are only known once read: the check runs then, and nothing is published."""
-    from corpus import noise_png, write_tar
+    from support.corpus import noise_png, write_tar
 
     train = tmp_path / "train"
     write_noise_folder(train, 4, classes=2)

@@ -32,9 +32,9 @@ from aligntok.config import DataConfig
 from aligntok.data.images import ImagePolicy, process_image
 from aligntok.data.ingest import LOCK, IngestError, IngestSummary, _locked, ingest
 from aligntok.data.sources import WebDatasetSource
-from corpus import ico_container, noise_png, png_bomb, write_tar
+from support.corpus import ico_container, noise_png, png_bomb, write_tar
+from support.paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 CFG = DataConfig(workers=0)
 
 

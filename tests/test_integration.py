@@ -32,8 +32,8 @@ from aligntok.data.shards import iter_records, record_image_key
 from aligntok.tokenizer.api import Tokenizer
 from PIL import Image
 
-from conftest import REPO
-from servers import (TELEMETRY_OFF, S3, free_port, mlflow_server, postgres_cluster, prefect_api, prefect_server,
+from support.paths import REPO
+from support.servers import (TELEMETRY_OFF, S3, free_port, mlflow_server, postgres_cluster, prefect_api, prefect_server,
                      s3_server, start, stop, tail)
 
 pytestmark = pytest.mark.integration

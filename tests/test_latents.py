@@ -26,9 +26,9 @@ from aligntok.errors import AligntokError
 from aligntok.tokenizer.api import Tokenizer
 from aligntok.tokenizer.stages import StagePaths, run_tokenizer_stage
 
-from tiny import QUICK_STAGE1, TINY_MODEL, one_thread  # noqa: F401 (fixture)
-from ranks import spawn_ranks
-from shards_fixture import edit_meta, write_dataset
+from support.tiny import QUICK_STAGE1, TINY_MODEL, one_thread  # noqa: F401 (fixture)
+from support.ranks import spawn_ranks
+from support.shards import edit_meta, write_dataset
 
 TINY = {
     **TINY_MODEL,
@@ -39,7 +39,7 @@ CFG = CacheLatentsConfig(max_images=None, batch_size=3, shard_size=5)
 SHARDS = [shard_name(i) for i in range(5)]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see tiny.one_thread
+pytestmark = pytest.mark.usefixtures("one_thread")  # see support.tiny.one_thread
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from aligntok.config import CacheLatentsConfig
 
-from tiny import TINY_MODEL, make_inputs
+from support.tiny import TINY_MODEL, make_inputs
 
 ROW = {"train": ["adapter", "decoder"], "steps": 4, "batch_size": 8, "lr": 1e-3, "checkpoint_every": 2,
        "val_images": 6, "losses": {"gan": 0.5, "gan_start": 1, "perceptual": 0.0}}

@@ -14,7 +14,7 @@ import aligntok.cli as cli
 from aligntok.lineage import STAGE_ENTRY, _imports, _module_file, _module_name, aligntok_command, code_digest, \
     covered, stage_code, stage_commands, undeclared_code
 
-from conftest import REPO
+from support.paths import REPO
 
 DVC_YAML = REPO / "dvc.yaml"
 COMMON = {"aligntok/__init__.py", "aligntok/__main__.py", "aligntok/cli.py", "aligntok/config.py", "aligntok/errors.py"}

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from conftest import REPO
+from support.paths import REPO
 from aligntok.errors import AligntokError
 from aligntok.pipeline_run import (
     InfrastructureError,

@@ -8,7 +8,7 @@ import yaml
 from aligntok.config import TOKENIZER_STAGE_SECTIONS, Params, load_params
 from aligntok.diffusion.dit import build_dit
 
-from conftest import REPO
+from support.paths import REPO
 
 PAPER = REPO / "configs" / "imagenet256.yaml"
 

@@ -14,7 +14,7 @@ import pytest
 
 from aligntok.data.remote import RemoteError, cache_root, fetch_to_cache, open_stream, s3_client, split_s3_url
 
-from servers import serve_http
+from support.servers import serve_http
 
 PAYLOAD = bytes(range(256)) * 4099  # ~1 MiB and not a multiple of the read chunk
 

@@ -19,7 +19,7 @@ from aligntok.errors import AligntokError
 from aligntok.tokenizer.stages import StagePaths, fingerprint, run_tokenizer_stage
 from aligntok.train.checkpoint import RETRAIN_ENV, STALE, read_step, retrain_requested, set_aside_for_retraining
 
-from tiny import QUICK_STAGE1, TINY_MODEL, make_inputs, one_thread  # noqa: F401 (fixture)
+from support.tiny import QUICK_STAGE1, TINY_MODEL, make_inputs, one_thread  # noqa: F401 (fixture)
 
 TINY = {
     **TINY_MODEL,
@@ -30,7 +30,7 @@ TINY = {
     "sample": {"steps": 2, "cfg_scale": 2.0},
 }
 CACHE = CacheLatentsConfig(max_images=None, batch_size=8, shard_size=10)
-pytestmark = pytest.mark.usefixtures("one_thread")  # see tiny.one_thread
+pytestmark = pytest.mark.usefixtures("one_thread")  # see support.tiny.one_thread
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from servers import TELEMETRY_OFF, tail
+from support.servers import TELEMETRY_OFF, tail
 from test_integration import workspace
 
 pytestmark = pytest.mark.slow

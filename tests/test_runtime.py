@@ -21,7 +21,7 @@ from aligntok.config import ConfigError, RuntimeConfig, load_params
 from aligntok.data.loader import ImageSet
 from aligntok.tokenizer.decoder import Decoder
 
-from conftest import REPO
+from support.paths import REPO
 
 
 def failing_backend(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> None:

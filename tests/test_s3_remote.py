@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
-from servers import TELEMETRY_OFF, S3, s3_server
+from support.paths import REPO
+from support.servers import TELEMETRY_OFF, S3, s3_server
 
 pytestmark = pytest.mark.integration
 

@@ -8,7 +8,7 @@ import pytest
 
 from aligntok.data.loader import iter_shard
 from aligntok.data.shards import NO_LABEL, index_shard, iter_records, record_image_key, record_label, shard_captions
-from shards_fixture import write_shard
+from support.shards import write_shard
 
 
 def test_records_are_grouped_by_key_in_stored_order(tmp_path: Path) -> None:

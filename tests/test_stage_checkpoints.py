@@ -11,10 +11,10 @@ import pytest
 from aligntok.config import Params, parse_params
 from aligntok.tokenizer.stages import DISCRIMINATOR, StagePaths, fingerprint, run_tokenizer_stage
 
-from tiny import QUICK_STAGE1, TINY_MODEL, make_inputs, one_thread  # noqa: F401 (fixture)
+from support.tiny import QUICK_STAGE1, TINY_MODEL, make_inputs, one_thread  # noqa: F401 (fixture)
 
 TINY = {**TINY_MODEL, "align_latent": {**QUICK_STAGE1, "checkpoint_every": 1}}
-pytestmark = pytest.mark.usefixtures("one_thread")  # see tiny.one_thread
+pytestmark = pytest.mark.usefixtures("one_thread")  # see support.tiny.one_thread
 
 
 @pytest.fixture(scope="module")

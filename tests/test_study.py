@@ -13,7 +13,7 @@ import aligntok.study as study
 from aligntok.study import (STUDY_SIZE, TOKENIZER_SEED_STRIDE, VARIANTS, Figure, _set_args, compare, figure,
                             stale_result, study_command, variant_overrides, write_report)
 
-REPO = Path(__file__).resolve().parents[1]
+from support.paths import REPO
 
 
 def test_every_variant_is_a_valid_set_of_params_overrides() -> None:

@@ -14,7 +14,7 @@ import torch
 
 from aligntok.config import DataConfig, EncoderConfig, Params, parse_params
 
-from tiny import TINY_MODEL, one_thread  # noqa: F401 (fixture)
+from support.tiny import TINY_MODEL, one_thread  # noqa: F401 (fixture)
 
 FMNIST = Path(DataConfig().fashion_mnist_dir)
 pytestmark = [pytest.mark.usefixtures("one_thread"),
@@ -218,7 +218,7 @@ def test_a_dataset_without_captions_skips_every_t2i_stage(params: Params, tmp_pa
     from aligntok.diffusion.t2i_train import T2IPaths, run_train_t2i
     from aligntok.text.features import cache_text_features
 
-    from shards_fixture import write_dataset
+    from support.shards import write_dataset
 
     data = write_dataset(tmp_path / "data")
     summary = cache_text_features(data, tmp_path / "text", params.text, progress=False)
@@ -245,7 +245,7 @@ def test_two_processes_train_the_one_process_weights(branch: dict, tmp_path: Pat
     train the weights that one process of 8 does (up to float32 reduction order)."""
     from safetensors.torch import load_file
 
-    from ranks import spawn_ranks
+    from support.ranks import spawn_ranks
 
     two = spawn_ranks(_train_t2i_as_a_rank, 2, TINY, str(branch["root"]), str(tmp_path / "two"))
     one = spawn_ranks(_train_t2i_as_a_rank, 1, TINY, str(branch["root"]), str(tmp_path / "one"))[0]

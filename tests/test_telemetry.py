@@ -13,7 +13,7 @@ import pytest
 
 from aligntok.telemetry import TELEMETRY_OFF, disable_telemetry
 
-from conftest import REPO
+from support.paths import REPO
 
 SHOW_ENV = f"import json, os; print(json.dumps({{k: os.environ.get(k) for k in {sorted(TELEMETRY_OFF)!r}}}))"
 

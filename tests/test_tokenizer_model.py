@@ -20,7 +20,7 @@ from aligntok.tokenizer import (
 from aligntok.encoder import EncoderDescription, FoundationEncoder, create_random_encoder
 from aligntok.tokenizer.blocks import AttnBlock, group_norm
 
-from conftest import REPO
+from support.paths import REPO
 
 
 def count(module: nn.Module) -> int:

@@ -21,8 +21,8 @@ from aligntok.encoder import export_encoder
 from aligntok.tokenizer.api import Tokenizer
 from aligntok.tokenizer.stages import SemanticTarget, StagePaths, build_stage_model, run_tokenizer_stage
 
-from shards_fixture import write_dataset
-from tiny import TINY_MODEL
+from support.shards import write_dataset
+from support.tiny import TINY_MODEL
 
 TINY = {
     **TINY_MODEL,

@@ -22,8 +22,8 @@ from aligntok.diffusion.train import DiTPaths, FlowMatchingObjective, _fingerpri
 from aligntok.encoder import export_encoder
 from aligntok.tokenizer.stages import StagePaths, run_tokenizer_stage
 
-from tiny import QUICK_STAGE1, TINY_MODEL, one_thread  # noqa: F401 (fixture)
-from shards_fixture import write_dataset
+from support.tiny import QUICK_STAGE1, TINY_MODEL, one_thread  # noqa: F401 (fixture)
+from support.shards import write_dataset
 
 TINY = {
     **TINY_MODEL,
@@ -35,7 +35,7 @@ TINY = {
 }
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see tiny.one_thread
+pytestmark = pytest.mark.usefixtures("one_thread")  # see support.tiny.one_thread
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from aligntok.data.validate import (
     format_summary,
     validate_dataset,
 )
-from shards_fixture import (
+from support.shards import (
     edit_manifest,
     edit_meta,
     edit_record,
@@ -31,6 +31,7 @@ from shards_fixture import (
     set_json,
     write_dataset,
 )
+from support.paths import REPO
 
 EXPECTATIONS = [
     "manifest_columns", "manifest_row_count", "key_not_null", "key_unique", "key_format",
@@ -448,7 +449,7 @@ def test_import_is_light_and_analytics_default_off(tmp_path: Path) -> None:
         "assert 'GX_ANALYTICS_ENABLED' not in os.environ"
     )
     env = {k: v for k, v in os.environ.items() if k != "GX_ANALYTICS_ENABLED"}
-    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=Path(__file__).parents[1])
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=REPO)
 
 
 def test_run_sets_analytics_off_unless_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

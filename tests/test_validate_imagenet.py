@@ -24,7 +24,7 @@ from aligntok.data.validate.dataset import Dataset, load_dataset
 from aligntok.data.validate.expectations import _balance_checks, run_expectations
 from aligntok.data.validate.frames import _classes_frame
 
-from conftest import REPO
+from support.paths import REPO
 
 CLASSES, TRAIN_IMAGES, SMALLEST, LARGEST, VAL_PER_CLASS = 1000, 1_281_167, 732, 1300, 50
 

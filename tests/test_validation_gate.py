@@ -11,7 +11,7 @@ from aligntok.cli import VALIDATION_REPORT, build_parser, main
 from aligntok.data.loader import ValidationGateError, require_validated
 from aligntok.data.validate import ExpectationResult, ValidationReport, write_report
 
-from conftest import REPO
+from support.paths import REPO
 
 
 def _report(folder: Path, failed: list[str]) -> Path:

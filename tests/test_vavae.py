@@ -32,7 +32,7 @@ from aligntok.tokenizer.stages import (
     vf_alignment,
 )
 
-from tiny import TINY_MODEL, make_inputs, one_thread  # noqa: F401 (fixture)
+from support.tiny import TINY_MODEL, make_inputs, one_thread  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from aligntok import workspace as ws
 
-from servers import TELEMETRY_OFF
+from support.servers import TELEMETRY_OFF
 
 PROJECT = {
     "count.py": "import json, pathlib, yaml\n"

@@ -35,7 +35,7 @@ def make_inputs(root: Path) -> tuple[Path, Path]:
     """The tiny dataset and the tiny model's exported encoder under `root`: (data folder, encoder folder)."""
     from aligntok.config import EncoderConfig
     from aligntok.encoder import export_encoder
-    from shards_fixture import write_dataset
+    from support.shards import write_dataset
 
     data = write_dataset(root / "data")
     export_encoder(EncoderConfig(**TINY_MODEL["encoder"]), root / "encoder")
