@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 import pytest
 import torch
 import yaml
@@ -49,9 +52,29 @@ def test_paper_preset_model_sizes() -> None:
     assert 660e6 < params < 690e6, params  # LightningDiT-XL/1, ~675M
 
 
+def _leaves(node: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+    """(path, value) for every value a parsed YAML mapping sets (a list or an empty mapping is one value)."""
+    if isinstance(node, dict) and node:
+        for key, value in node.items():
+            yield from _leaves(value, (*path, key))
+    else:
+        yield path, node
+
+
 @pytest.mark.parametrize("preset", ["imagenet256.yaml", "tiny.yaml"])
 def test_every_preset_loads(preset: str) -> None:
-    load_params(REPO / "configs" / preset)
+    """Each key the preset sets is what the loaded Params hold, by value: none dropped, renamed or overridden."""
+    raw = yaml.safe_load((REPO / "configs" / preset).read_text())
+    loaded = load_params(REPO / "configs" / preset).to_dict()
+    wrong = {}
+    for path, value in _leaves(raw):
+        node: Any = loaded
+        for key in path:
+            node = node.get(key, "<missing>") if isinstance(node, dict) else "<missing>"
+        if node != value:
+            wrong[".".join(path)] = (value, node)
+    assert wrong == {}, f"{preset}: set -> loaded: {wrong}"
+    assert loaded != Params().to_dict()  # the preset changes something: it is not the embedded default
 
 
 IMAGENET_TRAIN, IMAGENET_VAL = 1_281_167, 50_000

@@ -32,8 +32,6 @@ TINY = {
                          "encoder_lr_scale": 1.0, "ema_decay": 0.5, "val_images": 4,
                          "losses": {"semantic": 1.0}},
     "refine_decoder": {"train": ["decoder"], "steps": 3, "batch_size": 4, "lr": 1e-3, "val_images": 4},
-    "vae_baseline": {"train": ["encoder", "decoder"], "steps": 3, "batch_size": 4, "lr": 1e-3, "val_images": 4,
-                     "losses": {"kl": 1e-6}},
 }
 
 
@@ -124,16 +122,6 @@ def test_outputs_load_and_round_trip(chain: dict[str, Path]) -> None:
     assert {"val_psnr", "val_ssim"} <= set(metrics) and np.isfinite(metrics["val_psnr"])
     with pytest.raises(ValueError, match=r"latents \(B, \(4, 4, 4\)\)"):
         tokenizer.decode(torch.zeros(1, 3, 4, 4))
-
-
-def test_vae_baseline_has_the_same_latent_shape(params: Params, inputs: tuple[Path, Path], tmp_path: Path) -> None:
-    data, encoder = inputs
-    result = run_tokenizer_stage("vae_baseline", params,
-                                 StagePaths(data=data, encoder=encoder, out=tmp_path / "vae",
-                                            checkpoints=tmp_path / "ck"), register=False, progress=False)
-    tokenizer = Tokenizer.load(result.out)
-    assert tokenizer.description["kind"] == "vae"
-    assert tokenizer.encode(torch.rand(2, 3, 16, 16)).shape == (2, 4, 4, 4)
 
 
 def _stage_command(params_file: Path, inputs: tuple[Path, Path], out: Path, checkpoints: Path) -> list[str]:

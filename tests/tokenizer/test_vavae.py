@@ -112,6 +112,9 @@ def test_vf_term_is_logged_and_aligns_the_latent_with_the_encoder(
     assert after > before + 0.15 and after > plain + 0.15, (before, after, plain)  # measured: 0.005 -> 0.31, 0.004
     gaps = [structure_gap(m, vf, images) for m in (model, tokenizer.model, plain_model)]
     assert gaps[1] < min(gaps[0], gaps[2]) - 0.1, gaps  # the latent itself, not just the head (0.52, 0.30, 0.57)
+    # the stage's output loads as a VAE with the tiny aligned tokenizer's latent shape (C=4 on a 4x4 grid)
+    assert tokenizer.description["kind"] == Tokenizer.load(tmp_path / "plain" / "out").description["kind"] == "vae"
+    assert tokenizer.encode(images[:2]).shape == (2, 4, 4, 4)
 
 
 def test_resume_restores_the_vf_head(inputs: tuple[Path, Path], tmp_path: Path,
