@@ -26,7 +26,7 @@ disable_telemetry()
 
 from aligntok.errors import AligntokError  # noqa: E402
 from aligntok.config import (  # noqa: E402
-    TOKENIZER_STAGE_SECTIONS, ConfigError, DataConfig, Params, TrainStageConfig, dump_params, load_params, params_yaml,
+    TOKENIZER_STAGES, ConfigError, DataConfig, Params, TokenizerStageConfig, dump_params, load_params, params_yaml,
     yaml_problem,
 )
 
@@ -129,7 +129,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_train_tokenizer(args: argparse.Namespace) -> int:
     params = _compute_params(args)
-    from aligntok.lineage import code_digest
+    from aligntok.ops.lineage import code_digest
     from aligntok.tokenizer.stages import StagePaths, run_tokenizer_stage
 
     start_from = params.stage(args.command).start_from
@@ -163,7 +163,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
 def cmd_cache_latents(args: argparse.Namespace) -> int:
     params = _compute_params(args)
-    from aligntok.diffusion.latents import cache_latents
+    from aligntok.diffusion.latent_writer import cache_latents
 
     cache_latents(args.tokenizer, Path(args.data), Path(args.out), params.cache_latents,
                   progress=not args.no_progress, validation=Path(args.validation), runtime=params.runtime)
@@ -173,7 +173,7 @@ def cmd_cache_latents(args: argparse.Namespace) -> int:
 def cmd_train_dit(args: argparse.Namespace) -> int:
     params = _compute_params(args)
     from aligntok.diffusion.train import DiTPaths, run_train_dit
-    from aligntok.lineage import code_digest
+    from aligntok.ops.lineage import code_digest
 
     paths = DiTPaths(latents=Path(args.latents), tokenizer=Path(args.tokenizer), out=Path(args.out),
                      checkpoints=Path(args.checkpoints), metrics=Path(args.metrics) if args.metrics else None)
@@ -206,7 +206,7 @@ def cmd_t2i_latents(args: argparse.Namespace) -> int:
 def cmd_train_t2i(args: argparse.Namespace) -> int:
     params = _compute_params(args)
     from aligntok.diffusion.t2i_train import T2IPaths, run_train_t2i
-    from aligntok.lineage import code_digest
+    from aligntok.ops.lineage import code_digest
 
     paths = T2IPaths(latents=Path(args.latents), text=Path(args.text), tokenizers=Path(args.tokenizers),
                      out=Path(args.out), checkpoints=Path(args.checkpoints),
@@ -251,7 +251,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from aligntok.study import run_study, write_report
+    from aligntok.ops.study import run_study, write_report
 
     results, report = Path(args.results), Path(args.report)
     if args.report_only:
@@ -265,13 +265,13 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     if args.prompt:
-        from aligntok.diffusion.sampling import write_prompt_samples
+        from aligntok.diffusion.files import write_prompt_samples
 
         written = write_prompt_samples(args.model, prompts=args.prompt, per_prompt=args.per_class, steps=args.steps,
                                        cfg_scale=args.cfg, seed=args.seed, out=Path(args.out))
         log.info("wrote %s and %d images beside it", args.out, len(written))
         return 0
-    from aligntok.diffusion.sampling import write_samples
+    from aligntok.diffusion.files import write_samples
 
     written = write_samples(args.model, classes=args.classes, per_class=args.per_class, steps=args.steps,
                             cfg_scale=args.cfg, seed=args.seed, out=Path(args.out))
@@ -280,7 +280,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from aligntok.promote import promote
+    from aligntok.ops.promote import promote
 
     params = _params(args)  # the gate's rules: params.yaml `promote:`
     decision = promote(args.model, args.version, params.promote, force=args.force, reason=args.reason)
@@ -289,7 +289,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from aligntok.promote import rollback
+    from aligntok.ops.promote import rollback
 
     decision = rollback(args.model, _params(args).promote, reason=args.reason)
     print(decision.message)
@@ -297,7 +297,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_lineage(args: argparse.Namespace) -> int:
-    from aligntok.provenance import lineage
+    from aligntok.ops.provenance import lineage
 
     print(lineage(args.ref), end="")
     return 0
@@ -327,7 +327,7 @@ VALIDATION_REPORT = "reports/validation/validation.json"
 
 
 
-def _describe_stage(name: str, row: TrainStageConfig) -> str:
+def _describe_stage(name: str, row: TokenizerStageConfig) -> str:
     """One line for `--help`, read off the stage's default row (the params file's row may differ)."""
     start = f"continues {row.start_from}" if row.start_from else "a new model"
     return f"stage `{name}`: trains {' + '.join(row.train)} of the {row.kind} tokenizer ({start}; see its params row)"
@@ -399,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--report-dir", help="where validation.json/.txt go (default: DATA_DIR)")
 
     defaults = Params()
-    for stage in TOKENIZER_STAGE_SECTIONS:
+    for stage in TOKENIZER_STAGES:
         command = add(stage, cmd_train_tokenizer, _describe_stage(stage, defaults.stage(stage)))
         shard_inputs(command, encoder=True)
         command.add_argument("--out", default=f"models/tokenizer/{stage}", help="output folder")
@@ -551,7 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-DISTRIBUTED_COMMANDS = (*TOKENIZER_STAGE_SECTIONS, "cache_latents", "train_dit", "fid_reference", "evaluate",
+DISTRIBUTED_COMMANDS = (*TOKENIZER_STAGES, "cache_latents", "train_dit", "fid_reference", "evaluate",
                         "t2i_latents", "train_t2i")
 """The stages that run as N ranks under `runtime.nproc_per_node` > 1 or an outer torchrun (`aligntok.launch`)."""
 

@@ -104,7 +104,7 @@ class TokenizerConfig(Section):
     discriminator: DiscriminatorConfig = DiscriminatorConfig()
     perceptual: Literal["auto", "lpips", "efficientnet-lite0", "encoder-features"] = "auto"
     """Network of the perceptual loss: `auto` = LPIPS when its weights are on disk, else EfficientNet-Lite0
-    (an independent ImageNet CNN); `encoder-features` = the frozen foundation encoder (see aligntok.perceptual)."""
+    (an independent ImageNet CNN); `encoder-features` = the frozen foundation encoder (see aligntok.tokenizer.perceptual)."""
 
 
 Role = Literal["encoder", "adapter", "decoder"]
@@ -153,7 +153,7 @@ class ScheduleConfig(Section):
     _betas = field_validator("betas")(classmethod(lambda cls, value: _two_betas(value)))
 
 
-class TrainStageConfig(ScheduleConfig):
+class TokenizerStageConfig(ScheduleConfig):
     """One tokenizer training stage as a row: the model it trains, where it starts, what trains, which
     losses, the schedule, and where its version goes in the registry. Nothing else in the code tells the
     stages apart. A row in a file that omits an identity field (`ROW_IDENTITY`) keeps the default row's."""
@@ -188,8 +188,8 @@ class TrainStageConfig(ScheduleConfig):
         return value
 
 
-def _stage(train: list[str], steps: int, **kw: Any) -> TrainStageConfig:
-    return TrainStageConfig(train=train, steps=steps, **kw)
+def _stage(train: list[str], steps: int, **kw: Any) -> TokenizerStageConfig:
+    return TokenizerStageConfig(train=train, steps=steps, **kw)
 
 
 class CacheLatentsConfig(Section):
@@ -566,16 +566,16 @@ class Params(Section):
     tokenizer: TokenizerConfig = TokenizerConfig()
     data: DataConfig = DataConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
-    # The tokenizer stages: one row each (a field of type TrainStageConfig is a tokenizer stage).
-    align_latent: TrainStageConfig = _stage(
+    # The tokenizer stages: one row each (a field of type TokenizerStageConfig is a tokenizer stage).
+    align_latent: TokenizerStageConfig = _stage(
         ["adapter", "decoder"], 250, alias="stage1", lr=3e-4, warmup_steps=20, losses=LossWeights(gan_start=150))
-    align_perceptual: TrainStageConfig = _stage(
+    align_perceptual: TokenizerStageConfig = _stage(
         ["encoder", "adapter", "decoder"], 100, start_from="align_latent", alias="stage2", ema_decay=0.98,
         checkpoint_every=25, seed=1, carry_discriminator=True, losses=LossWeights(semantic=1.0))
-    refine_decoder: TrainStageConfig = _stage(
+    refine_decoder: TokenizerStageConfig = _stage(
         ["decoder"], 100, start_from="align_perceptual", alias="stage3", checkpoint_every=25, seed=2,
         carry_discriminator=True)
-    vae_baseline: TrainStageConfig = _stage(
+    vae_baseline: TokenizerStageConfig = _stage(
         ["encoder", "decoder"], 250, kind="vae", registered_model="aligntok-vae-baseline", alias="baseline",
         lr=3e-4, warmup_steps=20, losses=LossWeights(gan_start=150, kl=1e-6))
     cache_latents: CacheLatentsConfig = CacheLatentsConfig()
@@ -596,18 +596,18 @@ class Params(Section):
         return self.model_dump(mode="json", by_alias=True)
 
 
-    def stage(self, name: str) -> TrainStageConfig:
+    def stage(self, name: str) -> TokenizerStageConfig:
         """The tokenizer row `name`; an unknown name is a `ConfigError` listing the rows."""
-        if name not in TOKENIZER_STAGE_SECTIONS:
-            raise ConfigError(f"unknown tokenizer stage {name!r}; the rows are: {', '.join(TOKENIZER_STAGE_SECTIONS)}")
+        if name not in TOKENIZER_STAGES:
+            raise ConfigError(f"unknown tokenizer stage {name!r}; the rows are: {', '.join(TOKENIZER_STAGES)}")
         return getattr(self, name)
 
 
-TOKENIZER_STAGE_SECTIONS = tuple(name for name, f in Params.model_fields.items() if f.annotation is TrainStageConfig)
+TOKENIZER_STAGES = tuple(name for name, f in Params.model_fields.items() if f.annotation is TokenizerStageConfig)
 """The tokenizer stage rows, in pipeline order."""
 
 
-def stage_alias(name: str, row: TrainStageConfig) -> str:
+def stage_alias(name: str, row: TokenizerStageConfig) -> str:
     """The registry alias of row `name`'s version."""
     return row.alias or name
 
@@ -645,10 +645,10 @@ def _mismatches(params: Params) -> list[str]:
                         "data.resolution, encoder.image_size or tokenizer.decoder.channel_mult")
     elif resolution % factor:
         problems.append(f"data.resolution: {resolution!r} is invalid: not divisible by {upsampling}")
-    problems += _stage_row_problems(params)
+    problems += _tokenizer_stage_problems(params)
     problems += _promote_problems(params)
     layers = params.tokenizer.discriminator.layers
-    gan_stages = [name for name in TOKENIZER_STAGE_SECTIONS if getattr(params, name).losses.gan > 0]
+    gan_stages = [name for name in TOKENIZER_STAGES if getattr(params, name).losses.gan > 0]
     if gan_stages and discriminator_logit_side(resolution, layers) < 1:
         problems.append(f"tokenizer.discriminator.layers: {layers!r} is invalid: downsamples data.resolution "
                         f"{resolution} to no logits (needed by the GAN loss of {', '.join(gan_stages)})")
@@ -661,13 +661,13 @@ def _promote_problems(params: Params) -> list[str]:
     cfg, problems = params.promote, []
     if cfg.champion_alias == cfg.previous_alias:
         problems.append(f"promote.previous_alias: {cfg.previous_alias!r} is invalid: the same as promote.champion_alias")
-    registering = {name: getattr(params, name).registered_model for name in TOKENIZER_STAGE_SECTIONS}
+    registering = {name: getattr(params, name).registered_model for name in TOKENIZER_STAGES}
     registering["train_dit"] = DIT_REGISTERED_MODEL
     registering["train_t2i"] = T2I_REGISTERED_MODEL
     for name in params.t2i.tokenizers:
-        if name not in TOKENIZER_STAGE_SECTIONS:
+        if name not in TOKENIZER_STAGES:
             problems.append(f"t2i.tokenizers: {name!r} is invalid: not a tokenizer stage "
-                            f"({', '.join(TOKENIZER_STAGE_SECTIONS)})")
+                            f"({', '.join(TOKENIZER_STAGES)})")
     for stage in cfg.pipeline_candidates:
         if stage not in registering:
             problems.append(f"promote.pipeline_candidates: {stage!r} is invalid: not a stage that registers a model "
@@ -685,17 +685,17 @@ def _promote_problems(params: Params) -> list[str]:
     return problems
 
 
-def _stage_row_problems(params: Params) -> list[str]:
+def _tokenizer_stage_problems(params: Params) -> list[str]:
     """The tokenizer rows must form chains: `start_from` names an earlier row of the same kind, aliases are
     unique per registered model, a carried discriminator exists, and the stages named elsewhere are rows."""
     problems, seen, aliases = [], [], {}
-    for name in TOKENIZER_STAGE_SECTIONS:
+    for name in TOKENIZER_STAGES:
         row = getattr(params, name)
         source = row.start_from
         if source is not None:
             if source not in seen:
                 problems.append(f"{name}.start_from: {source!r} is invalid: not a tokenizer row before {name} "
-                                f"(rows: {', '.join(TOKENIZER_STAGE_SECTIONS)})")
+                                f"(rows: {', '.join(TOKENIZER_STAGES)})")
             elif getattr(params, source).kind != row.kind:
                 problems.append(f"{name}.start_from: {source!r} is invalid: its model is "
                                 f"{getattr(params, source).kind}, {name}.kind is {row.kind}")
@@ -714,9 +714,9 @@ def _stage_row_problems(params: Params) -> list[str]:
     named = [("cache_latents.tokenizer", params.cache_latents.tokenizer)]
     named += [("evaluate.tokenizers", name) for name in params.evaluate.tokenizers]
     for key, name in named:
-        if name not in TOKENIZER_STAGE_SECTIONS:
+        if name not in TOKENIZER_STAGES:
             problems.append(f"{key}: {name!r} is invalid: not a tokenizer row "
-                            f"({', '.join(TOKENIZER_STAGE_SECTIONS)})")
+                            f"({', '.join(TOKENIZER_STAGES)})")
     return problems
 
 
@@ -729,7 +729,7 @@ def _with_row_identity(raw: dict[str, Any]) -> dict[str, Any]:
     that a preset which sets `align_perceptual: {steps: 10}` still continues `align_latent`."""
     defaults = Params()
     rows = {name: {**{key: getattr(getattr(defaults, name), key) for key in ROW_IDENTITY}, **raw[name]}
-            for name in TOKENIZER_STAGE_SECTIONS if isinstance(raw.get(name), dict)}
+            for name in TOKENIZER_STAGES if isinstance(raw.get(name), dict)}
     return {**raw, **rows}
 
 

@@ -69,7 +69,7 @@ def pack(out: Path) -> None:
     from safetensors.torch import load_file, save
 
     from aligntok.eval.inception import locate_weights, load_inception
-    from aligntok.perceptual import WEIGHTS_PACKAGE, efficientnet_weights_path
+    from aligntok.tokenizer.perceptual import WEIGHTS_PACKAGE, efficientnet_weights_path
     from aligntok.text.encoder import embedded_folder
 
     bundle = out / "bundle"

@@ -36,7 +36,7 @@ from common import cpu_model  # noqa: E402
 from peers import dit_pair, our_tokenizer, sd_vae  # noqa: E402
 
 from aligntok import runtime  # noqa: E402
-from aligntok.config import TOKENIZER_STAGE_SECTIONS, Params, load_params  # noqa: E402
+from aligntok.config import TOKENIZER_STAGES, Params, load_params  # noqa: E402
 from aligntok.diffusion.dit import PRESETS  # noqa: E402
 from aligntok.diffusion.flow import sample  # noqa: E402
 
@@ -99,7 +99,7 @@ def main() -> int:
     # tokenizer training, per stage row
     side, grid = params.data.resolution, params.encoder.image_size // 14
     images = torch.rand(tok_batch, 3, side, side, device=device)
-    for stage in TOKENIZER_STAGE_SECTIONS:
+    for stage in TOKENIZER_STAGES:
         row = params.stage(stage)
         if row.kind != "aligned":
             continue

@@ -30,7 +30,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from aligntok.config import TOKENIZER_STAGE_SECTIONS, Params, load_params  # noqa: E402
+from aligntok.config import TOKENIZER_STAGES, Params, load_params  # noqa: E402
 
 
 def synthetic_folder(root: Path, side: int, per_class: int, classes: int = 4, seed: int = 0) -> Path:
@@ -77,7 +77,7 @@ def cut_params(preset: Path, folder: Path, steps: int, batch: int, images: int, 
                                  "evaluate_t2i.judge_val_images": images // 4, "evaluate_t2i.batch_size": batch}
     if text_source is not None:
         overrides["text.source"] = text_source
-    for stage in TOKENIZER_STAGE_SECTIONS:
+    for stage in TOKENIZER_STAGES:
         overrides |= {f"{stage}.steps": steps, f"{stage}.batch_size": batch, f"{stage}.warmup_steps": 0,
                       f"{stage}.checkpoint_every": steps, f"{stage}.val_images": images // 4,
                       f"{stage}.image_every": 10 * steps, f"{stage}.losses.gan_start": 0}
@@ -88,7 +88,7 @@ def run(preset: Path, steps: int, batch: int, images: int, text_source: str | No
         write: Any = lambda figures: None) -> dict[str, Any]:
     """Every stage in DAG order; `write(figures)` after each, so that a run cut short keeps what it measured."""
     from aligntok.data.ingest import ingest
-    from aligntok.diffusion.latents import cache_latents
+    from aligntok.diffusion.latent_writer import cache_latents
     from aligntok.diffusion.t2i_latents import cache_t2i_latents
     from aligntok.diffusion.t2i_train import T2IPaths, run_train_t2i
     from aligntok.diffusion.train import DiTPaths, run_train_dit
@@ -128,7 +128,7 @@ def run(preset: Path, steps: int, batch: int, images: int, text_source: str | No
             return out
 
         tokenizers = root / "tokenizer"
-        for stage in TOKENIZER_STAGE_SECTIONS:
+        for stage in TOKENIZER_STAGES:
             start = params.stage(stage).start_from
             paths = StagePaths(data=root / "shards", encoder=root / "encoder", out=tokenizers / stage,
                                previous=tokenizers / start if start else None, checkpoints=root / "ck")

@@ -51,9 +51,10 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from common import cpu_model  # noqa: E402
 
 from aligntok.data.loader import batch_indices, step_generator  # noqa: E402
-from aligntok.diffusion.latents import (FORMAT, STATS, LatentNormalizer, _write_stats, load_latents,  # noqa: E402
-                                        read_stats, shard_name, view_partial)
-from aligntok.train.checkpoint import atomic_save_safetensors  # noqa: E402
+from aligntok.diffusion.latent_writer import _write_stats, view_partial  # noqa: E402
+from aligntok.diffusion.latents import (FORMAT, STATS, LatentNormalizer, load_latents, read_stats,  # noqa: E402
+                                        shard_name)
+from aligntok.fileio import atomic_save_safetensors  # noqa: E402
 
 LATENT_SHAPE = (32, 16, 16)
 """The paper's latent: 16x16 grid, 32 channels (ImageNet's cache holds 1.28 M of these, twice)."""

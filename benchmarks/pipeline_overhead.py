@@ -1,6 +1,6 @@
 """Our overhead around the models: latent caching against its bare forward, and a no-op `dvc repro`.
 
-- cache_latents: images/s of `aligntok.diffusion.latents.cache_latents` (read shards, decode, encode every
+- cache_latents: images/s of `aligntok.diffusion.latent_writer.cache_latents` (read shards, decode, encode every
   image and its flip, write latent shards, channel statistics) against the bare forward it cannot beat:
   the same tokenizer's `encode` on the same already-decoded batches and their flips (the ceiling). Ratio =
   ours / ceiling; the gap is our overhead. Uses the checkout's `data/shards` and stage-3 tokenizer (run
@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from aligntok.config import load_params  # noqa: E402
 from aligntok.data.loader import load_split  # noqa: E402
-from aligntok.diffusion.latents import cache_latents  # noqa: E402
+from aligntok.diffusion.latent_writer import cache_latents  # noqa: E402
 from aligntok.tokenizer.api import Tokenizer  # noqa: E402
 
 

@@ -1,7 +1,7 @@
 """Prefect flow: the whole pipeline in a workspace of its own, one task per DVC stage; then the run is
 committed, pushed, recorded on its registry versions, and offered to gated promotion.
 
-A run never works in the checkout it was started from (aligntok.workspace):
+A run never works in the checkout it was started from (aligntok.ops.workspace):
 
 1. the run's workspace (a git worktree of the checkout at `ref`, one per deployment, sharing the DVC cache)
    is taken under its lock, so two runs of one deployment take turns and two deployments coexist;
@@ -49,10 +49,10 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
-from aligntok import workspace as ws  # noqa: E402
+from aligntok.ops import workspace as ws  # noqa: E402
 from aligntok.errors import AligntokError  # noqa: E402
 from aligntok.locks import LockBusy, file_lock  # noqa: E402
-from aligntok.pipeline_run import (  # noqa: E402
+from aligntok.ops.pipeline_run import (  # noqa: E402
     SNAPSHOT,
     InfrastructureError,
     StageFailed,
@@ -71,7 +71,7 @@ from aligntok.pipeline_run import (  # noqa: E402
     summary_markdown,
 )
 from aligntok.train.checkpoint import RETRAIN_ENV  # noqa: E402
-from aligntok.tracking import PARENT_RUN_ENV  # noqa: E402
+from aligntok.ops.tracking import PARENT_RUN_ENV  # noqa: E402
 
 
 def _infrastructure_failure(task: Any, task_run: Any, state: Any) -> bool:
@@ -92,7 +92,7 @@ def _infrastructure_failure(task: Any, task_run: Any, state: Any) -> bool:
 @task(cache_policy=NO_CACHE, retry_condition_fn=_infrastructure_failure)
 def check_tracking_server() -> str:
     """A tracking server that does not answer fails here, before any stage (and is retried)."""
-    from aligntok.tracking import TrackingUnavailable, check_tracking_server as check
+    from aligntok.ops.tracking import TrackingUnavailable, check_tracking_server as check
 
     try:
         return check()
@@ -102,7 +102,7 @@ def check_tracking_server() -> str:
 
 @task(cache_policy=NO_CACHE, retry_condition_fn=_infrastructure_failure)
 def open_parent_run(settings: dict[str, Any]) -> str:
-    from aligntok.tracking import StageRun
+    from aligntok.ops.tracking import StageRun
 
     try:
         return StageRun("pipeline", settings).run_id
@@ -164,7 +164,7 @@ def publish(workspace: ws.Workspace, message: str, git_remote: str | None, push:
 
 def promote_candidates(repo: Path, stages: list[str]) -> list[dict[str, Any]]:
     """Offer each candidate stage's registered version to the promotion flow; refusals do not fail the run."""
-    from aligntok.tracking import tracking_uri
+    from aligntok.ops.tracking import tracking_uri
 
     from flows.promote import promote_version
 
@@ -254,8 +254,8 @@ def pipeline(targets: list[str] | None = None, preset: str | None = None, force:
             header["pushed"] = "; ".join(published["pushed"])
             created = [(r["model"], r["version"]) for row in rows for r in row.get("receipts", [])]
             if parent:
-                from aligntok.provenance import RunRecord, record_run
-                from aligntok.tracking import client
+                from aligntok.ops.provenance import RunRecord, record_run
+                from aligntok.ops.tracking import client
 
                 record_run(RunRecord(published["commit"], work.branch, work.commit,
                                      ws.git_remote_url(checkout, git_remote) if push else None,
@@ -274,7 +274,7 @@ def pipeline(targets: list[str] | None = None, preset: str | None = None, force:
     finally:
         header["wall seconds"] = f"{time.perf_counter() - start:.0f}"
         if header["outcome"] == "failed" and parent:
-            from aligntok.tracking import client
+            from aligntok.ops.tracking import client
 
             client().set_terminated(parent, "FAILED")
         summary = summary_markdown(rows, promotions, header)

@@ -1,4 +1,4 @@
-"""Prefect flows: gated promotion and rollback in the MLflow registry (the logic is `aligntok.promote`).
+"""Prefect flows: gated promotion and rollback in the MLflow registry (the logic is `aligntok.ops.promote`).
 
 The `promote` deployment of prefect.yaml runs `promote_version`; the pipeline flow calls it after `evaluate`
 with `fail_on_refusal=False`, so that a refused candidate is a recorded outcome of the run, not a failure.
@@ -23,7 +23,7 @@ disable_telemetry()
 from prefect import flow, get_run_logger  # noqa: E402
 
 from aligntok.config import load_params  # noqa: E402
-from aligntok.promote import PromotionRefused, promote, rollback  # noqa: E402
+from aligntok.ops.promote import PromotionRefused, promote, rollback  # noqa: E402
 
 
 def _params_path(params: str) -> Path:

@@ -79,7 +79,7 @@ def test_the_cli_passes_each_training_stage_its_code_digest(command: str, module
     """The library takes the code digest of its checkpoint fingerprint from the CLI (it never imports the CLI)."""
     import importlib
 
-    from aligntok.lineage import code_digest
+    from aligntok.ops.lineage import code_digest
 
     seen: dict[str, str] = {}
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from aligntok.config import (
-    DIT_PRESET_NAMES, TOKENIZER_STAGE_SECTIONS, ConfigError, Params, discriminator_logit_side, load_params, parse_params,
+    DIT_PRESET_NAMES, TOKENIZER_STAGES, ConfigError, Params, discriminator_logit_side, load_params, parse_params,
     stage_alias,
 )
 
@@ -201,8 +201,8 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
 
 def test_a_stage_row_says_what_makes_its_stage_distinct() -> None:
     params = load_params(REPO / "params.yaml")
-    assert TOKENIZER_STAGE_SECTIONS == ("align_latent", "align_perceptual", "refine_decoder", "vae_baseline")
-    rows = {name: params.stage(name) for name in TOKENIZER_STAGE_SECTIONS}
+    assert TOKENIZER_STAGES == ("align_latent", "align_perceptual", "refine_decoder", "vae_baseline")
+    rows = {name: params.stage(name) for name in TOKENIZER_STAGES}
     assert [(r.kind, r.start_from, r.registered_model, stage_alias(n, r)) for n, r in rows.items()] == [
         ("aligned", None, "aligntok-tokenizer", "stage1"),
         ("aligned", "align_latent", "aligntok-tokenizer", "stage2"),

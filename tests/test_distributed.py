@@ -215,7 +215,7 @@ def test_stopped_at_two_processes_resumes_at_one_to_where_one_process_ends(
 
 @pytest.fixture(scope="module")
 def latents(inputs: dict[str, Path], params: Params) -> dict[str, Path]:
-    from aligntok.diffusion.latents import cache_latents
+    from aligntok.diffusion.latent_writer import cache_latents
 
     root = inputs["root"]
     alone(train_chain, RAW, inputs, root / "tokenizers", root / "ck-tokenizers", ("align_latent",), None, False)

@@ -31,7 +31,7 @@ RAW = {**TINY_MODEL, "align_latent": ROW,
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from aligntok.diffusion.latents import cache_latents
+    from aligntok.diffusion.latent_writer import cache_latents
     from aligntok.config import parse_params
     from aligntok.tokenizer.stages import StagePaths, run_tokenizer_stage
 

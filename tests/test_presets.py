@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from aligntok.config import TOKENIZER_STAGE_SECTIONS, Params, load_params
+from aligntok.config import TOKENIZER_STAGES, Params, load_params
 from aligntok.diffusion.dit import build_dit
 
 from support.paths import REPO
@@ -20,7 +20,7 @@ def test_paper_preset_spells_out_every_section_and_every_row_key() -> None:
     raw = yaml.safe_load(PAPER.read_text())
     default = Params().to_dict()
     assert set(raw) == set(default), f"left at the embedded default: {sorted(set(default) - set(raw))}"
-    for section in (*TOKENIZER_STAGE_SECTIONS, "cache_latents", "dit", "train_dit", "sample", "evaluate", "text", "t2i",
+    for section in (*TOKENIZER_STAGES, "cache_latents", "dit", "train_dit", "sample", "evaluate", "text", "t2i",
                     "train_t2i", "evaluate_t2i", "promote", "runtime"):
         missing = set(default[section]) - set(raw[section])
         assert not missing, f"{section}: {sorted(missing)} fall back to the embedded default"
@@ -95,7 +95,7 @@ def test_paper_preset_draws_no_more_images_than_its_splits_hold() -> None:
     assert p.data.val_source is not None
     from_val = {"evaluate.recon_images": p.evaluate.recon_images,
                 "evaluate.probe_val_images": p.evaluate.probe_val_images,
-                **{f"{row}.val_images": p.stage(row).val_images for row in TOKENIZER_STAGE_SECTIONS}}
+                **{f"{row}.val_images": p.stage(row).val_images for row in TOKENIZER_STAGES}}
     from_train = {"evaluate.reference_images": p.evaluate.reference_images,
                   "evaluate.probe_train_images": p.evaluate.probe_train_images}
     assert {key: n for key, n in from_val.items() if n > IMAGENET_VAL} == {}

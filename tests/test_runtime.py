@@ -146,7 +146,7 @@ def test_channels_last_decoder_same_output_and_saved_weights() -> None:
     torch.testing.assert_close(decoder(runtime.nhwc(z, True)), reference, rtol=1e-4, atol=1e-5)
     from safetensors.torch import load_file
 
-    from aligntok.train.checkpoint import atomic_save_safetensors
+    from aligntok.fileio import atomic_save_safetensors
 
     with __import__("tempfile").TemporaryDirectory() as folder:
         path = Path(folder) / "w.safetensors"

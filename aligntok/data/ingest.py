@@ -68,7 +68,6 @@ from __future__ import annotations
 import csv
 import functools
 import hashlib
-import io
 import itertools
 import json
 import logging
@@ -76,7 +75,6 @@ import multiprocessing
 import os
 import re
 import shutil
-import tarfile
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
@@ -91,7 +89,8 @@ from tqdm import tqdm
 from aligntok.config import DataConfig
 from aligntok.data.captions import normalise_caption
 from aligntok.data.images import ImagePolicy, ProcessedImage, process_image
-from aligntok.data.shards import CAPTION_KEY, ENCODED_EXTENSION, INDEX_FORMAT, index_name, write_index
+from aligntok.data.shards import (CAPTION_KEY, ENCODED_EXTENSION, INDEX_FORMAT, ShardTask, index_name, plan_shards,
+                                  tar_size, write_shard)
 from aligntok.data.sources import IngestError, Source, SourceItem, open_source
 from aligntok.locks import LockBusy, LockError, file_lock
 
@@ -183,15 +182,6 @@ class _Collected:
     copies: dict[str, list[_Copy]] = field(default_factory=dict)
     """sha256 -> every copy; the smallest (rank, path) is kept (`_KEEP_FIRST`)."""
     rejected: list[tuple[str, str]] = field(default_factory=list)
-
-
-class _ShardTask(NamedTuple):
-    """One shard to write: (key, spool offset, length, small entries) per sample, in order."""
-
-    path: Path
-    spool: Path
-    image_key: str
-    samples: list[tuple[str, int, int, dict[str, bytes]]]
 
 
 def ingest(
@@ -527,32 +517,6 @@ def _map_chunk(fn: Callable[[_T], _R], chunk: list[_T]) -> list[_R]:
 # --- shards -----------------------------------------------------------------------------------
 
 
-def tar_size(entry_sizes: Iterable[int]) -> int:
-    """Bytes that entries of these sizes take in a tar: a 512-byte header each, data padded to 512."""
-    return sum(tarfile.BLOCKSIZE + _round_up(size, tarfile.BLOCKSIZE) for size in entry_sizes)
-
-
-def plan_shards(sample_sizes: list[int], max_count: int, max_bytes: int) -> list[int]:
-    """Shard index of each sample (sizes from `tar_size`), filling shards in order.
-
-    A shard closes at `max_count` samples or before a sample that would make the file
-    (end-of-archive blocks and padding to 10240-byte records included) exceed `max_bytes`;
-    a sample larger than that alone still gets a shard of its own.
-    """
-    shard, count, offset, plan = 0, 0, 0, []
-    for size in sample_sizes:
-        file_size = _round_up(offset + size + 2 * tarfile.BLOCKSIZE, tarfile.RECORDSIZE)
-        if count and (count >= max_count or file_size > max_bytes):
-            shard, count, offset = shard + 1, 0, 0
-        plan.append(shard)
-        count, offset = count + 1, offset + size
-    return plan
-
-
-def _round_up(size: int, multiple: int) -> int:
-    return -(-size // multiple) * multiple
-
-
 def _write_all_shards(
     records: list[_Record], classes: list[str], staging: Path, cfg: DataConfig, pool: _Pool, progress: bool
 ) -> tuple[list[_Record], dict[str, list[str]]]:
@@ -562,7 +526,7 @@ def _write_all_shards(
     shards, then val shards) and the shard names per split.
     """
     image_key = ENCODED_EXTENSION[cfg.image_format]
-    tasks: list[_ShardTask] = []
+    tasks: list[ShardTask] = []
     written: list[_Record] = []
     names: dict[str, list[str]] = {split: [] for split in SPLITS}
     for record in records:  # a record of a source of its own (data.val_source), or a held-out one, has its split
@@ -578,9 +542,9 @@ def _write_all_shards(
             members = list(group)
             for _, record, _ in members:
                 record.shard = names[split][-1]
-            tasks.append(_ShardTask(staging / names[split][-1], staging / SPOOL, image_key, [m[2] for m in members]))
+            tasks.append(ShardTask(staging / names[split][-1], staging / SPOOL, image_key, [m[2] for m in members]))
     with tqdm(total=len(records), unit="img", desc="shards", disable=not progress) as bar:
-        for count in pool.imap(_write_shard, tasks):
+        for count in pool.imap(write_shard, tasks):
             bar.update(count)
     return written, names
 
@@ -601,22 +565,6 @@ def _small_entries(record: _Record, classes: list[str]) -> dict[str, bytes]:
 
 def _class_name(record: _Record, classes: list[str]) -> str | None:
     return None if record.label is None else classes[record.label]
-
-
-def _write_shard(task: _ShardTask) -> int:
-    """Write one shard (USTAR, fixed headers, entries sorted by extension); returns its sample count."""
-    with open(task.spool, "rb") as spool, tarfile.open(task.path, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for key, offset, length, small in task.samples:
-            spool.seek(offset)
-            entries = {task.image_key: spool.read(length), **small}
-            for ext in sorted(entries):
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size, info.mtime, info.mode = len(entries[ext]), 0, 0o444
-                info.uname = info.gname = "aligntok"
-                tar.addfile(info, io.BytesIO(entries[ext]))
-    if write_index(task.path) != len(task.samples):  # the index is read back from what was written
-        raise AssertionError(f"{task.path}: index does not match the {len(task.samples)} samples written")
-    return len(task.samples)
 
 
 # --- tables -----------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""The one reader of the project's own shards (what `ingest` writes; `validate`, the training loader and
-`cache_latents` read them).
+"""The project's own shards: their format, their writer (`plan_shards`, `write_shard`, which `ingest` runs)
+and their one reader (`validate`, the training loader and `cache_latents` read through it).
 
 A shard is a tar of records, members sorted by extension:
 
@@ -11,7 +11,7 @@ A shard is a tar of records, members sorted by extension:
 
 Records are grouped by key exactly as webdataset's loader groups them, so what validation checks is what a
 WebDataset consumer sees. Input shards (`data.source: webdataset:...`) are untrusted and read by the hardened reader in
-`aligntok.data.sources` instead.
+`aligntok.data.tar_reader` instead.
 
 Beside each shard `NAME.tar`, ingest writes its record index `NAME.idx` (`index_shard`): a NumPy `.npy`
 structured array, one row per record in stored order, `key` (bytes), `offset` and `size` (int64: where the
@@ -22,9 +22,11 @@ random-access reader
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import io
+import tarfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -161,3 +163,54 @@ def write_index(shard: Path) -> int:
     with open(shard.with_name(index_name(shard.name)), "wb") as stream:
         np.save(stream, index, allow_pickle=False)
     return len(index)
+
+
+class ShardTask(NamedTuple):
+    """One shard to write: (key, spool offset, length, small entries) per sample, in order."""
+
+    path: Path
+    spool: Path
+    image_key: str
+    samples: list[tuple[str, int, int, dict[str, bytes]]]
+
+
+def tar_size(entry_sizes: Iterable[int]) -> int:
+    """Bytes that entries of these sizes take in a tar: a 512-byte header each, data padded to 512."""
+    return sum(tarfile.BLOCKSIZE + _round_up(size, tarfile.BLOCKSIZE) for size in entry_sizes)
+
+
+def plan_shards(sample_sizes: list[int], max_count: int, max_bytes: int) -> list[int]:
+    """Shard index of each sample (sizes from `tar_size`), filling shards in order.
+
+    A shard closes at `max_count` samples or before a sample that would make the file
+    (end-of-archive blocks and padding to 10240-byte records included) exceed `max_bytes`;
+    a sample larger than that alone still gets a shard of its own.
+    """
+    shard, count, offset, plan = 0, 0, 0, []
+    for size in sample_sizes:
+        file_size = _round_up(offset + size + 2 * tarfile.BLOCKSIZE, tarfile.RECORDSIZE)
+        if count and (count >= max_count or file_size > max_bytes):
+            shard, count, offset = shard + 1, 0, 0
+        plan.append(shard)
+        count, offset = count + 1, offset + size
+    return plan
+
+
+def _round_up(size: int, multiple: int) -> int:
+    return -(-size // multiple) * multiple
+
+
+def write_shard(task: ShardTask) -> int:
+    """Write one shard (USTAR, fixed headers, entries sorted by extension); returns its sample count."""
+    with open(task.spool, "rb") as spool, tarfile.open(task.path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, offset, length, small in task.samples:
+            spool.seek(offset)
+            entries = {task.image_key: spool.read(length), **small}
+            for ext in sorted(entries):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode = len(entries[ext]), 0, 0o444
+                info.uname = info.gname = "aligntok"
+                tar.addfile(info, io.BytesIO(entries[ext]))
+    if write_index(task.path) != len(task.samples):  # the index is read back from what was written
+        raise AssertionError(f"{task.path}: index does not match the {len(task.samples)} samples written")
+    return len(task.samples)

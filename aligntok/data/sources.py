@@ -54,7 +54,7 @@ import tarfile
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Protocol
 
@@ -65,6 +65,7 @@ from aligntok.config import DataConfig
 from aligntok.data import captions as cap
 from aligntok.data.images import IMAGE_EXTENSIONS, SAMPLE_IMAGE_ENTRIES
 from aligntok.data.remote import RemoteError, local_path, open_stream
+from aligntok.data.tar_reader import TarSample, tar_samples
 
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -77,12 +78,8 @@ WEBDATASET_SCHEMES = ("file", "http", "https", "s3")
 """URL schemes a `webdataset:` shard may have (besides a plain local path)."""
 _ALLOWED_SHARDS = "a local path, file://, http://, https:// or s3://"
 _URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
-_KEY_AND_EXTENSION = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's sample key / entry split
-_METADATA_MEMBER = re.compile(r"__[^/]*__($|/)")  # skipped, as webdataset does
-_KEPT_ENTRIES = frozenset({*SAMPLE_IMAGE_ENTRIES, "cls", "label", "json", "txt"})
 CAPTION_SUFFIX = ".txt"
 """A caption: a sample's `txt` entry, an image folder's sidecar `<stem>.txt`."""
-_MAX_SAMPLE_ENTRIES = 1_000  # a sample with more entries than this is malformed (bounds the memory per sample)
 
 
 class IngestError(AligntokError, ValueError):
@@ -392,16 +389,6 @@ def _read_inside(path: str, real_root: str, max_bytes: int) -> tuple[bytes | Non
 # --- WebDataset shards ------------------------------------------------------------------------
 
 
-@dataclass
-class _Sample:
-    """The entries of one sample that ingest uses (others are only named), or why it is rejected."""
-
-    key: str
-    entries: dict[str, bytes] = field(default_factory=dict)
-    names: set[str] = field(default_factory=set)
-    reason: str | None = None
-
-
 class WebDatasetSource:
     """Samples of existing WebDataset shards, in shard order then tar order."""
 
@@ -430,14 +417,14 @@ class WebDatasetSource:
         for url in self.urls:
             try:
                 with _open_shard(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-                    for sample in _tar_samples(tar, self.max_input_bytes):
+                    for sample in tar_samples(tar, self.max_input_bytes):
                         yield self._item(url, sample)
             except RemoteError as exc:  # already one line naming the URL
                 raise IngestError(str(exc)) from None
             except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
                 raise IngestError(f"{url}: cannot read this tar shard ({_describe(exc)})") from None
 
-    def _item(self, url: str, sample: _Sample) -> SourceItem:
+    def _item(self, url: str, sample: TarSample) -> SourceItem:
         path = f"{url}#{sample.key}"
         if sample.reason is not None:
             return SourceItem(path, None, None, sample.reason)
@@ -457,65 +444,6 @@ class WebDatasetSource:
 
 def _describe(exc: BaseException) -> str:
     return str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
-
-
-def _tar_samples(tar: tarfile.TarFile, max_bytes: int) -> Iterator[_Sample]:
-    """Group a tar stream's members into samples by key (webdataset's rule: up to the first dot of
-    the base name), reading only the entries ingest uses and none larger than `max_bytes`."""
-    current: _Sample | None = None
-    for member in tar:
-        tar.members = []  # a streamed TarFile would otherwise keep every header
-        if not member.isreg() or _METADATA_MEMBER.match(member.name):
-            continue
-        match = _KEY_AND_EXTENSION.match(member.name)
-        if match is None:
-            yield _Sample(member.name, reason="not a sample: a tar member without an extension")
-            continue
-        key, name = match.group(1), match.group(2).lower()
-        if current is None or key != current.key:
-            if current is not None:
-                yield current
-            current = _Sample(key)
-        _add_entry(current, name, member, tar, max_bytes)
-    _check_archive_end(tar)
-    if current is not None:
-        yield current
-
-
-def _check_archive_end(tar: tarfile.TarFile) -> None:
-    """Raise `tarfile.ReadError` unless the members ended at an end-of-archive block with only zeros after it.
-
-    A streamed `TarFile` ends its members quietly at a missing, cut or damaged header (past
-    the first one), so a shard cut at a member boundary or with a corrupt header would
-    otherwise lose its remaining samples without a word. `tar.offset` is where the header
-    that ended the members starts: a whole block was read there unless the data ran out.
-    """
-    stream = tar.fileobj
-    assert stream is not None
-    if stream.tell() - tar.offset != tarfile.BLOCKSIZE:
-        raise tarfile.ReadError("unexpected end of data: no end-of-archive block")
-    while chunk := stream.read(tarfile.RECORDSIZE):
-        if chunk.count(0) != len(chunk):
-            raise tarfile.ReadError("a damaged member header (or data after the end-of-archive block)")
-
-
-def _add_entry(sample: _Sample, name: str, member: tarfile.TarInfo, tar: tarfile.TarFile, max_bytes: int) -> None:
-    if sample.reason is not None:
-        return
-    if name in sample.names:
-        sample.reason = f"malformed sample: two '{name}' entries"
-    elif len(sample.names) >= _MAX_SAMPLE_ENTRIES:
-        sample.reason = f"malformed sample: more than {_MAX_SAMPLE_ENTRIES} entries"
-    elif name in _KEPT_ENTRIES and member.size > max_bytes:
-        sample.reason = f"too large: '{name}' entry of {member.size} bytes > max_input_bytes {max_bytes}"
-    elif name in _KEPT_ENTRIES:
-        stream = tar.extractfile(member)
-        assert stream is not None  # a regular member
-        sample.entries[name] = stream.read()
-    if sample.reason is None:
-        sample.names.add(name)
-    else:
-        sample.entries.clear()
 
 
 def _sample_label(entries: dict[str, bytes], max_label: int, required: bool = True) -> tuple[int | None, str | None]:

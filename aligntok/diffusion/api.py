@@ -82,7 +82,7 @@ class DiffusionModel:
                  seed: int = 0, interval: list[float] | None = None, method: str | None = None,
                  timestep_shift: float | None = None) -> torch.Tensor:
         """Class labels (B,) -> images (B, 3, R, R) in [0, 1] (defaults from the model's `sample` settings)."""
-        from aligntok.diffusion.train import generate
+        from aligntok.diffusion.sampling import generate
 
         labels = torch.as_tensor(labels, dtype=torch.long)
         if labels.ndim != 1 or (labels < 0).any() or (labels >= self.description["num_classes"]).any():

@@ -1,59 +1,53 @@
-"""`aligntok sample`: a grid of class-conditional (or, with --prompt, text-conditioned) samples plus the individual
-images."""
+"""Inference with a trained class-conditional DiT: `generate` (labels -> images: the flow ODE from noise, then
+de-normalise and decode with the tokenizer) and `sample_grid` (the class-by-repeat grid the trainer logs to MLflow).
+The registered model (`aligntok.diffusion.api.DiffusionModel`) and the trainer both sample through here, so
+inference never imports the trainer.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
-from aligntok.diffusion.api import DiffusionModel
+from aligntok.config import Params
+from aligntok.diffusion.flow import sample
+from aligntok.diffusion.latents import LatentSet
+from aligntok.tokenizer.api import Tokenizer
 
-
-def write_samples(model: str, classes: list[int] | None, per_class: int, steps: int | None,
-                  cfg_scale: float | None, seed: int, out: Path) -> list[Path]:
-    """Rows = repeats, columns = classes. Returns the paths of the individual images."""
-    diffusion = DiffusionModel.load(model)
-    classes = list(range(len(diffusion.classes))) if not classes else classes
-    labels = torch.tensor(classes).repeat(per_class)  # (per_class * K,)
-    images = diffusion.generate(labels, steps=steps, cfg_scale=cfg_scale, seed=seed)  # (B, 3, R, R)
-    names = [f"{label:03d}_" + str(diffusion.classes[label]).replace("/", "-").replace(" ", "_")
-             for label in labels.tolist()]
-    return _write_grid(images, names, len(classes), out)
+GRID_CLASSES, GRID_PER_CLASS, GRID_CHUNK = 10, 4, 64
+"""The snapshot grid logged during training: at most 10 classes (evenly spaced over the classes) x 4 samples,
+sampled in chunks of 64, so that rank 0 is back in the next step's all-reduce in seconds at any class count;
+`evaluate` measures the model on thousands of samples."""
 
 
-def write_prompt_samples(model: str, prompts: list[str], per_prompt: int, steps: int | None, cfg_scale: float | None,
-                         seed: int, out: Path) -> list[Path]:
-    """Rows = repeats, columns = prompts, from a text-to-image model folder or `models:/` URI. Returns the paths of
-    the individual images (named after their prompt)."""
-    from aligntok.diffusion.t2i_api import TextToImageModel
-
-    t2i = TextToImageModel.load(model)
-    repeated = [p for _ in range(per_prompt) for p in prompts]  # row-major: one row per repeat
-    images = t2i.generate(repeated, steps=steps, cfg_scale=cfg_scale, seed=seed)  # (B, 3, R, R)
-    names = [f"{i % len(prompts):03d}_" + "".join(c if c.isalnum() else "_" for c in text.lower())[:60]
-             for i, text in enumerate(repeated)]
-    return _write_grid(images, names, len(prompts), out)
-
-
-def _write_grid(images: torch.Tensor, names: list[str], columns: int, out: Path) -> list[Path]:
-    """`out`: the grid of images (B, 3, R, R), `columns` per row; and each image as `out/<row>_<name>.png`."""
+def sample_grid(model: torch.nn.Module, latents: LatentSet, tokenizer: Tokenizer, params: Params,
+                per_class: int = GRID_PER_CLASS, seed: int = 0) -> np.ndarray:
+    """A (rows = per_class, columns = classes) grid of decoded class-conditional samples: (H, W, 3) uint8, over
+    at most `GRID_CLASSES` classes spread evenly, generated in chunks of `GRID_CHUNK` (chunk i seeded seed + i)."""
     from torchvision.utils import make_grid
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(_to_uint8(make_grid(images, nrow=columns, padding=2, pad_value=1.0))).save(out)
-    folder = out.with_suffix("")
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    for index, (name, image) in enumerate(zip(names, images)):
-        path = folder / f"{index // columns:03d}_{name}.png"
-        Image.fromarray(_to_uint8(image)).save(path)
-        written.append(path)
-    return written
+    classes = latents.num_classes
+    shown = torch.linspace(0, classes - 1, min(classes, GRID_CLASSES)).round().long().unique()  # (K,)
+    labels = shown.repeat(per_class)  # (per_class * K,)
+    images = torch.cat([generate(model, latents.normalizer, tokenizer, chunk, params.sample.steps,
+                                 params.sample.cfg_scale, params.sample.cfg_interval, seed + index,
+                                 params.sample.method, params.sample.timestep_shift)
+                        for index, chunk in enumerate(labels.split(GRID_CHUNK))])
+    grid = make_grid(images, nrow=len(shown), padding=2, pad_value=1.0)
+    return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
-def _to_uint8(image: torch.Tensor) -> np.ndarray:
-    """(3, H, W) in [0, 1] -> (H, W, 3) uint8."""
-    return (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+@torch.no_grad()
+def generate(model: torch.nn.Module, normalizer: Any, tokenizer: Tokenizer, labels: torch.Tensor, steps: int,
+             cfg_scale: float, interval: list[float] | None, seed: int, method: str = "euler",
+             timestep_shift: float = 1.0) -> torch.Tensor:
+    """Class labels (B,) -> images (B, 3, R, R) in [0, 1]: ODE from noise, then de-normalise and decode."""
+    was_training = model.training
+    model.eval()
+    z = sample(model, labels, (model.in_channels, model.input_size, model.input_size), steps=steps,
+               cfg_scale=cfg_scale, interval=tuple(interval) if interval else None, seed=seed, method=method,
+               timestep_shift=timestep_shift)
+    model.train(was_training)
+    return normalizer.decode(tokenizer, z)

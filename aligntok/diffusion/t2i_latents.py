@@ -1,6 +1,6 @@
 """The `t2i_latents` stage: the captioned training images encoded by each tokenizer of `t2i.tokenizers`.
 
-The same cache as `cache_latents` (`aligntok.diffusion.latents`: shards of latents and their flips, the record
+The same cache as `cache_latents` (`aligntok.diffusion.latent_writer`: shards of latents and their flips, the record
 keys, per-channel stats; resumable, shardable over ranks), one folder per tokenizer, each over the first
 `t2i.max_images` training records, so that every text-to-image model learns from the same images.
 """
@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 
 from aligntok.config import CacheLatentsConfig, Params
-from aligntok.diffusion.latents import CacheSummary, cache_latents
+from aligntok.diffusion.latent_writer import CacheSummary, cache_latents
 from aligntok.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)

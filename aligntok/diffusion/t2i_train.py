@@ -37,7 +37,8 @@ from aligntok.errors import AligntokError
 from aligntok.fileio import atomic_write_text, sha256_file
 from aligntok.runtime import CompiledOrEager
 from aligntok.text.features import TextFeatureSet
-from aligntok.train.checkpoint import TrainState, atomic_save_safetensors
+from aligntok.train.checkpoint import TrainState
+from aligntok.fileio import atomic_save_safetensors
 from aligntok.train.loop import LoopSettings, StepLosses, run_loop
 from aligntok.train.stage import training_stage
 
@@ -129,7 +130,7 @@ def run_train_t2i(params: Params, paths: T2IPaths, register: bool = True, progre
     """Train (resuming each model from a matching checkpoint) one model per `t2i.tokenizers` entry; rank 0 saves
     and registers them. A dataset without captions writes `skipped.json` and trains nothing. `code`: the digest
     of the code the stage runs, part of each checkpoint fingerprint (the CLI passes
-    `aligntok.lineage.code_digest("train_t2i")`; "" leaves it out)."""
+    `aligntok.ops.lineage.code_digest("train_t2i")`; "" leaves it out)."""
     text = TextFeatureSet(paths.text)
     if text.skipped is not None:
         paths.out.mkdir(parents=True, exist_ok=True)
@@ -145,7 +146,7 @@ def run_train_t2i(params: Params, paths: T2IPaths, register: bool = True, progre
         if place.is_main:
             (paths.out / SKIPPED).unlink(missing_ok=True)
             first = paths.out / params.t2i.tokenizers[0] / "receipt.json"
-            if first.is_file():  # the version offered for promotion (aligntok.pipeline_run.stage_receipts)
+            if first.is_file():  # the version offered for promotion (aligntok.ops.pipeline_run.stage_receipts)
                 shutil.copyfile(first, paths.out / "receipt.json")
             _write_metrics(paths, results)
     return results
@@ -227,7 +228,7 @@ def _save(paths: T2IPaths, params: Params, tokenizer: str, ema: torch.nn.Module,
     if run is None:
         (out / "receipt.json").unlink(missing_ok=True)
         return
-    from aligntok.tracking import register_pyfunc
+    from aligntok.ops.tracking import register_pyfunc
 
     run.metrics(metrics, int(metrics["steps"]))
     artifacts = {"weights": out / WEIGHTS, "config": out / CONFIG, "stats": out / "stats.json",

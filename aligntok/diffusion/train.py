@@ -21,18 +21,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from aligntok.config import DIT_REGISTERED_MODEL, Params
 from aligntok.data.loader import step_generator
 from aligntok.diffusion.dit import build_dit
-from aligntok.diffusion.flow import FlowDraws, draw_flow, flow_matching_loss, sample
+from aligntok.diffusion.flow import FlowDraws, draw_flow, flow_matching_loss
 from aligntok.diffusion.latents import LatentSet, load_latents, read_stats
+from aligntok.diffusion.sampling import sample_grid
 from aligntok.distributed import Placement, placed
 from aligntok.fileio import atomic_write_text, sha256_file
 from aligntok.tokenizer.api import Tokenizer
-from aligntok.train.checkpoint import TrainState, atomic_save_safetensors
+from aligntok.train.checkpoint import TrainState
+from aligntok.fileio import atomic_save_safetensors
 from aligntok.runtime import CompiledOrEager
 from aligntok.train.loop import LoopSettings, StepLosses, run_loop
 from aligntok.train.stage import TrainingStage, fingerprint, training_stage
@@ -98,50 +99,13 @@ class FlowMatchingObjective:
         return StepLosses(main=loss, logs={"loss_global": loss.item()})
 
 
-GRID_CLASSES, GRID_PER_CLASS, GRID_CHUNK = 10, 4, 64
-"""The snapshot grid logged during training: at most 10 classes (evenly spaced over the classes) x 4 samples,
-sampled in chunks of 64, so that rank 0 is back in the next step's all-reduce in seconds at any class count;
-`evaluate` measures the model on thousands of samples."""
-
-
-def sample_grid(model: torch.nn.Module, latents: LatentSet, tokenizer: Tokenizer, params: Params,
-                per_class: int = GRID_PER_CLASS, seed: int = 0) -> np.ndarray:
-    """A (rows = per_class, columns = classes) grid of decoded class-conditional samples: (H, W, 3) uint8, over
-    at most `GRID_CLASSES` classes spread evenly, generated in chunks of `GRID_CHUNK` (chunk i seeded seed + i)."""
-    from torchvision.utils import make_grid
-
-    classes = latents.num_classes
-    shown = torch.linspace(0, classes - 1, min(classes, GRID_CLASSES)).round().long().unique()  # (K,)
-    labels = shown.repeat(per_class)  # (per_class * K,)
-    images = torch.cat([generate(model, latents.normalizer, tokenizer, chunk, params.sample.steps,
-                                 params.sample.cfg_scale, params.sample.cfg_interval, seed + index,
-                                 params.sample.method, params.sample.timestep_shift)
-                        for index, chunk in enumerate(labels.split(GRID_CHUNK))])
-    grid = make_grid(images, nrow=len(shown), padding=2, pad_value=1.0)
-    return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-
-
-@torch.no_grad()
-def generate(model: torch.nn.Module, normalizer: Any, tokenizer: Tokenizer, labels: torch.Tensor, steps: int,
-             cfg_scale: float, interval: list[float] | None, seed: int, method: str = "euler",
-             timestep_shift: float = 1.0) -> torch.Tensor:
-    """Class labels (B,) -> images (B, 3, R, R) in [0, 1]: ODE from noise, then de-normalise and decode."""
-    was_training = model.training
-    model.eval()
-    z = sample(model, labels, (model.in_channels, model.input_size, model.input_size), steps=steps,
-               cfg_scale=cfg_scale, interval=tuple(interval) if interval else None, seed=seed, method=method,
-               timestep_shift=timestep_shift)
-    model.train(was_training)
-    return normalizer.decode(tokenizer, z)
-
-
 def run_train_dit(params: Params, paths: DiTPaths, register: bool = True, progress: bool = True,
                   on_log: Callable[[int, dict[str, float]], None] | None = None, code: str = "") -> dict[str, Any]:
     """Train (resuming from a matching checkpoint), save the EMA model and, on rank 0, register it.
 
     `on_log(step, logs)` is called on rank 0 every `train_dit.log_every` steps (besides MLflow). `code`: the
     digest of the code the stage runs, part of the checkpoint fingerprint (the CLI passes
-    `aligntok.lineage.code_digest("train_dit")`; "" leaves it out)."""
+    `aligntok.ops.lineage.code_digest("train_dit")`; "" leaves it out)."""
     with placed(params.runtime) as place:
         place.check_split(params.train_dit.batch_size, "train_dit.batch_size")
         return _train(params, paths, register, progress, on_log, place, code)
@@ -237,7 +201,7 @@ def _save(paths: DiTPaths, params: Params, ema: torch.nn.Module, latents: Latent
     log.info("train_dit: final loss %.4f -> %s", metrics["final_loss"], out)
     if run is None:
         return
-    from aligntok.tracking import register_pyfunc
+    from aligntok.ops.tracking import register_pyfunc
 
     run.metrics(metrics, int(metrics["steps"]))
     artifacts = {"weights": out / WEIGHTS, "config": out / CONFIG, "stats": out / "stats.json",

@@ -202,7 +202,7 @@ def export_encoder(cfg: EncoderConfig, out_dir: Path) -> EncoderDescription:
     """Write `out_dir/encoder.safetensors` (kept blocks) and `out_dir/encoder.json`; return the description.
 
     A pure function of the source and `cfg`: the same bytes on any machine (see `fit_pos_embed`)."""
-    from aligntok.train.checkpoint import atomic_save_safetensors
+    from aligntok.fileio import atomic_save_safetensors
 
     source = resolve_source(cfg)
     total_depth = 1 + max((int(m.group(1)) for k in source.state_dict if (m := _BLOCK.match(k))), default=-1)

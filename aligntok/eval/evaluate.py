@@ -166,7 +166,7 @@ def evaluate_tokenizer(name: str, folder: Path, val: EncodedImages, probe: Probe
     The first `recon_images` of `val` are reconstructed batch by batch; each batch leaves per-image PSNR and
     SSIM (B,), Inception (B, 2048) and encoder (B, D) features streamed into their statistics, and the first
     `GRID` reconstructions as uint8."""
-    from aligntok.metrics import psnr, ssim
+    from aligntok.eval.metrics import psnr, ssim
     from aligntok.tokenizer.api import Tokenizer
 
     place = place or Placement()
@@ -476,14 +476,20 @@ def _receipt(folder: Path) -> dict[str, Any] | None:
 
 
 def write_loss_curves(paths: EvalPaths, folders: dict[str, Path], plots_dir: Path) -> dict[str, str]:
-    """Per-step training losses of every stage, read back from its MLflow run (the receipt names it), as CSV."""
-    from aligntok.tracking import metric_history
+    """Per-step training losses of every stage, read back from its MLflow run (the receipt names it), as CSV. A
+    run the tracking store does not hold (the stage's outputs came from DVC's cache of a run tracked elsewhere)
+    leaves an empty CSV and says so, rather than failing the evaluation."""
+    from aligntok.ops.tracking import metric_history, tracking_uri
 
     found: dict[str, str] = {}
     for stage, folder in {**folders, "train_dit": paths.dit}.items():
         receipt = _receipt(folder)
         rows = metric_history(receipt["run_id"]) if receipt else []
-        if not rows:
+        if rows is None:
+            found[stage] = f"MLflow run {receipt['run_id']} is not in the tracking store at {tracking_uri()}"
+            log.warning("loss curve of %s left empty: %s", stage, found[stage])
+            rows = []
+        elif not rows:
             found[stage] = "no MLflow run recorded (trained with --no-register?)"
         _write_csv(plots_dir / f"loss_{stage}.csv", rows)
         if rows:
@@ -493,7 +499,7 @@ def write_loss_curves(paths: EvalPaths, folders: dict[str, Path], plots_dir: Pat
 
 def log_to_tracking(params: Params, paths: EvalPaths, metrics: dict[str, Any], protocol: dict[str, Any]) -> str:
     """One `evaluate` run with every figure and file; each registered version tagged with its own figures."""
-    from aligntok.tracking import StageRun, tag_model_version
+    from aligntok.ops.tracking import StageRun, tag_model_version
 
     run = StageRun("evaluate", {"evaluate": params.evaluate.model_dump(mode="json"),
                                 "sample": params.sample.model_dump(mode="json")})
@@ -522,5 +528,13 @@ def _tag(folder: Path, values: dict[str, float], run_id: str, tag: Callable[...,
     tags = {f"eval_{k}": f"{v:.6g}" for k, v in values.items() if isinstance(v, (int, float))}
     tags |= {f"eval_step{step}_{k}": f"{v:.6g}" for step, inner in values.get("by_step", {}).items()
              for k, v in inner.items()} | {"eval_run_id": run_id}
-    tag(receipt["model"], receipt["version"], tags)
-    return f"{receipt['model']}/{receipt['version']}"
+    name = f"{receipt['model']}/{receipt['version']}"
+    try:
+        tag(receipt["model"], receipt["version"], tags)
+    except Exception as exc:  # MlflowException; mlflow is imported only by the tracking module
+        if getattr(exc, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        log.warning("%s: not tagged with its figures, the tracking store has no such version (the stage's outputs "
+                    "came from DVC's cache of a run tracked elsewhere)", name)
+        return f"{name} (not in this tracking store: not tagged)"
+    return name

@@ -266,7 +266,7 @@ def _flat(figures: dict[str, Any]) -> dict[str, float]:
 
 
 def _log_to_tracking(params: Params, paths: T2IEvalPaths, metrics: dict[str, Any]) -> str:
-    from aligntok.tracking import StageRun, tag_model_version
+    from aligntok.ops.tracking import StageRun, tag_model_version
 
     run = StageRun("evaluate_t2i", {"evaluate_t2i": params.evaluate_t2i.model_dump(mode="json"),
                                     "t2i": params.t2i.model_dump(mode="json")})

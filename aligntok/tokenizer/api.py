@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from aligntok.config import LatentConfig, TokenizerConfig
 from aligntok.errors import AligntokError, one_line
 from aligntok.fileio import atomic_write_text
-from aligntok.train.checkpoint import atomic_save_safetensors
+from aligntok.fileio import atomic_save_safetensors
 
 WEIGHTS = "tokenizer.safetensors"
 CONFIG = "tokenizer.json"
@@ -58,7 +58,7 @@ def download(uri: str) -> Path:
     """A registered model's artifacts folder; an unknown name, alias or run is an `AligntokError`."""
     from mlflow.exceptions import MlflowException
 
-    from aligntok.tracking import download_model_files
+    from aligntok.ops.tracking import download_model_files
 
     try:
         return download_model_files(uri)

@@ -16,13 +16,13 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from aligntok.errors import AligntokError
-from aligntok.fileio import atomic_write
+from aligntok.fileio import atomic_save_safetensors, durable_write
 
 log = logging.getLogger(__name__)
 
@@ -33,59 +33,6 @@ _TEMP = re.compile(r"^\..+\.tmp-\d+$")
 
 class CorruptCheckpointError(AligntokError, RuntimeError):
     """A checkpoint file that cannot be read, or whose tensors do not fit the state it should restore."""
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def durable_write(path: Path, write: Callable[[Path], None]) -> None:
-    """`atomic_write` whose data reach the disk before the rename, and whose rename reaches it after."""
-
-    def write_synced(tmp: Path) -> None:
-        write(tmp)
-        _fsync(tmp)
-
-    atomic_write(path, write_synced)
-    if os.name == "posix":  # a directory cannot be opened for fsync on Windows
-        _fsync(path.parent)
-
-
-def canonicalise_header(path: Path) -> None:
-    """Sort the metadata keys in a safetensors file's JSON header, in place.
-
-    safetensors writes `__metadata__` in hash-map order, which changes from one process to the next:
-    the same tensors and metadata gave different bytes (and DVC hashes) on every run. The header
-    keeps its length (padded with spaces, as the format allows), so only the header is rewritten.
-    """
-    with open(path, "r+b") as handle:
-        size = int.from_bytes(handle.read(8), "little")
-        header = json.loads(handle.read(size))
-        if len(header.get("__metadata__") or {}) < 2:
-            return
-        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-        if len(text) > size:  # the writer escaped less than json does: the same keys and values, longer
-            raise ValueError(f"{path}: canonical safetensors header ({len(text)} bytes) exceeds the "
-                             f"written one ({size} bytes)")
-        handle.seek(8)
-        handle.write(text.ljust(size, b" "))
-
-
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """Save `tensors` (moved to the CPU, contiguous) with `metadata`: atomically, durably, and as the same
-    bytes for the same content (metadata keys sorted)."""
-    flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-
-    def write(tmp: Path) -> None:
-        save_file(flat, str(tmp), metadata=metadata)
-        canonicalise_header(tmp)
-
-    durable_write(path, write)
 
 
 def optimizer_to_flat(prefix: str, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], Any]:

@@ -42,7 +42,7 @@ class TrainingStage:
     checkpoint: Path
     place: Placement
     run: Any | None = None
-    """The stage's `aligntok.tracking.StageRun` on rank 0 when it registers, else None."""
+    """The stage's `aligntok.ops.tracking.StageRun` on rank 0 when it registers, else None."""
 
     def sidecar(self) -> dict[str, Any]:
         """What every checkpoint's JSON sidecar records besides the step: the run to resume logging into."""
@@ -65,7 +65,7 @@ def training_stage(name: str, inputs: dict[str, Any], checkpoints: Path, place: 
     place.barrier()  # nobody reads the folder while rank 0 tidies it
     stage = TrainingStage(name=name, key=key, checkpoint=checkpoint, place=place)
     if tracked is not None and place.is_main:
-        from aligntok.tracking import StageRun
+        from aligntok.ops.tracking import StageRun
 
         stage.run = StageRun.for_checkpoint(name, tracked, checkpoint)
     try:

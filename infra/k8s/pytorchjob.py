@@ -25,7 +25,7 @@ TEMPLATE = Path(__file__).with_name("stage-pytorchjob.yaml")
 sys.path.insert(0, str(REPO))
 
 from aligntok.cli import DISTRIBUTED_COMMANDS  # noqa: E402
-from aligntok.dag import TEMPLATE as PLACEHOLDER, _lookup, stages as dvc_stages  # noqa: E402
+from aligntok.ops.dag import TEMPLATE as PLACEHOLDER, _lookup, stages as dvc_stages  # noqa: E402
 
 
 class RenderError(ValueError):

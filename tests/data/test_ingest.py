@@ -19,7 +19,8 @@ from PIL import Image, ImageFile
 
 from aligntok.config import DataConfig
 from aligntok.data.images import ImagePolicy, process_image, to_uint8
-from aligntok.data.ingest import IngestError, IngestSummary, _Pool, ingest, plan_shards, tar_size
+from aligntok.data.ingest import IngestError, IngestSummary, _Pool, ingest
+from aligntok.data.shards import plan_shards, tar_size
 from support.corpus import ALPHA_SIZE, GOOD_IMAGES, build_bad_corpus
 
 BACKGROUND = 200

@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 from aligntok.config import CacheLatentsConfig, EncoderConfig, Params, parse_params
 from aligntok.data.loader import load_split
 from aligntok.data.shards import INDEX_FORMAT
-from aligntok.diffusion.latents import (STATS, CacheSummary, LatentNormalizer, LatentSet, cache_latents,
-                                        load_latents, rank_shards, read_stats, shard_name)
+from aligntok.diffusion.latent_writer import CacheSummary, cache_latents, rank_shards
+from aligntok.diffusion.latents import STATS, LatentNormalizer, LatentSet, load_latents, read_stats, shard_name
 from aligntok.distributed import dist_info
 from aligntok.encoder import export_encoder
 from aligntok.errors import AligntokError
@@ -173,7 +173,7 @@ def test_two_ranks_encode_contiguous_shards_and_equal_the_single_process_cache(
 
 def test_a_rank_reads_only_the_ingest_shards_that_hold_its_records(setup: dict[str, Path],
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    import aligntok.diffusion.latents as latents_module
+    import aligntok.diffusion.latent_writer as latents_module
     from aligntok.data.loader import iter_shard
     from aligntok.data.reader import read_dataset_info
 
@@ -396,7 +396,7 @@ def test_a_truncated_missing_or_mismatched_shard_is_one_line_naming_it(cache: Pa
     fails(out, rf"{out / SHARDS[0]}: tensor 'latent' is F32 \[5, 4, 4, 4\], expected F32 \[5, 8, 4, 4\]")
     (out / STATS).write_text(json.dumps({**stats, "images": 25}))
     fails(out, r"shards hold 24 x \[4, 4, 4\], stats.json says 25")
-    from aligntok.train.checkpoint import atomic_save_safetensors
+    from aligntok.fileio import atomic_save_safetensors
 
     (out / STATS).write_text(json.dumps(stats))
     tensors = load_file(str(shard))
@@ -432,7 +432,7 @@ def test_the_open_file_limit_is_raised_to_map_every_shard(monkeypatch: pytest.Mo
 
 def test_the_ingest_record_index_replaces_counting_tar_headers(setup: dict[str, Path], tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    import aligntok.diffusion.latents as latents_module
+    import aligntok.diffusion.latent_writer as latents_module
     from aligntok.data.reader import read_dataset_info
 
     data = shutil.copytree(setup["data"], tmp_path / "data")

@@ -14,7 +14,8 @@ import yaml
 from safetensors.torch import load_file
 
 from aligntok.config import CacheLatentsConfig, EncoderConfig, Params, parse_params
-from aligntok.diffusion.latents import cache_latents, load_latents
+from aligntok.diffusion.latent_writer import cache_latents
+from aligntok.diffusion.latents import load_latents
 from aligntok.data.loader import step_generator
 from aligntok.diffusion.dit import build_dit
 from aligntok.diffusion.flow import FlowDraws, draw_flow, flow_matching_loss

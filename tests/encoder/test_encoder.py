@@ -245,7 +245,7 @@ def test_export_bytes_are_pinned(exported8) -> None:
 
 def test_safetensors_metadata_order_does_not_change_the_bytes(tmp_path: Path) -> None:
     # safetensors writes metadata in hash-map order, which differs between processes
-    from aligntok.train.checkpoint import atomic_save_safetensors
+    from aligntok.fileio import atomic_save_safetensors
 
     tensors = {"b": torch.arange(4.0), "a": torch.ones(2, 3)}
     metadata = {f"key{i}": f"value {i}" for i in range(8)}

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from aligntok.config import CacheLatentsConfig, EncoderConfig, Params, parse_params
-from aligntok.diffusion.latents import cache_latents
+from aligntok.diffusion.latent_writer import cache_latents
 from aligntok.diffusion.train import DiTPaths, run_train_dit
 from aligntok.encoder import export_encoder
-from aligntok.config import TOKENIZER_STAGE_SECTIONS as TOKENIZER_STAGES
+from aligntok.config import TOKENIZER_STAGES as TOKENIZER_STAGES
 from aligntok.eval.evaluate import EvalPaths, run_evaluate
 from aligntok.eval.reference import build_reference, load_reference
 from aligntok.tokenizer.stages import StagePaths, run_tokenizer_stage

@@ -1,4 +1,4 @@
-"""PSNR and SSIM (aligntok.metrics) against known values and an independent SSIM written out here."""
+"""PSNR and SSIM (aligntok.eval.metrics) against known values and an independent SSIM written out here."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aligntok.metrics import psnr, ssim
+from aligntok.eval.metrics import psnr, ssim
 
 
 def ssim_reference(x: torch.Tensor, y: torch.Tensor, size: int = 11, sigma: float = 1.5) -> torch.Tensor:

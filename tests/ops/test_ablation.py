@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from aligntok.ablation import ARMS, AblationSize, Workspace, gfid_verdict, run_ablation, verdict, write_report
+from aligntok.ops.ablation import ARMS, AblationSize, Workspace, gfid_verdict, run_ablation, verdict, write_report
 from aligntok.config import ConfigError, parse_params
 from aligntok.eval.cka import linear_cka, relative_change
 from aligntok.tokenizer.api import Tokenizer

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from aligntok.dag import stage_order
+from aligntok.ops.dag import stage_order
 
 from support.paths import REPO
 

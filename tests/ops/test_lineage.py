@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 import aligntok.cli as cli
-from aligntok.lineage import STAGE_ENTRY, _imports, _module_file, _module_name, aligntok_command, code_digest, \
+from aligntok.ops.lineage import STAGE_ENTRY, _imports, _module_file, _module_name, aligntok_command, code_digest, \
     covered, stage_code, stage_commands, undeclared_code
 
 from support.paths import REPO
@@ -58,7 +58,7 @@ def test_the_entry_table_covers_what_the_cli_handler_imports(command: str) -> No
     files = set(stage_code(command))
     beyond = {m for m in _handler_imports(handler) if _module_file(m, REPO).relative_to(REPO).as_posix() not in files}
     assert not beyond, f"`aligntok {command}` ({handler}) imports {sorted(beyond)}, not in STAGE_ENTRY[{command!r}]"
-    assert set(STAGE_ENTRY[command]) <= _handler_imports(handler) | {"aligntok.lineage", "aligntok.runtime"}
+    assert set(STAGE_ENTRY[command]) <= _handler_imports(handler) | {"aligntok.ops.lineage", "aligntok.runtime"}
 
 
 def _library_imports() -> dict[str, set[str]]:

@@ -11,7 +11,7 @@ import yaml
 
 from support.paths import REPO
 from aligntok.errors import AligntokError
-from aligntok.pipeline_run import (
+from aligntok.ops.pipeline_run import (
     InfrastructureError,
     StageFailed,
     error_line,
@@ -22,7 +22,7 @@ from aligntok.pipeline_run import (
     stage_status,
     summary_markdown,
 )
-from aligntok.workspace import WorkspaceError
+from aligntok.ops.workspace import WorkspaceError
 
 from flows.pipeline import _infrastructure_failure
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from aligntok.cli import main
 from aligntok.config import ConfigError, PromoteConfig, parse_params
-from aligntok.promote import PromotionError, PromotionRefused, promote, rollback
+from aligntok.ops.promote import PromotionError, PromotionRefused, promote, rollback
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from aligntok.promote import LOCK_DIR_ENV, PromotionError, lock_path, promote, promotion_lock
+from aligntok.ops.promote import LOCK_DIR_ENV, PromotionError, lock_path, promote, promotion_lock
 
 from test_promote import GOOD, config_for, version
 
@@ -46,7 +46,7 @@ PROMOTER = textwrap.dedent("""
     import sys
     import mlflow
     from aligntok.config import PromoteConfig
-    from aligntok.promote import promote
+    from aligntok.ops.promote import promote
 
     uri, model, candidate = sys.argv[1:]
     client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)

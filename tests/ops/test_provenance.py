@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 from aligntok.cli import main
-from aligntok.provenance import LineageError, RunRecord, parse_ref, record_run
-from aligntok.tracking import describe_version, experiment_id, tag_model_version
+from aligntok.ops.provenance import LineageError, RunRecord, parse_ref, record_run
+from aligntok.ops.tracking import describe_version, experiment_id, tag_model_version
 
 
 @pytest.fixture
@@ -87,3 +87,35 @@ def test_bad_references_name_what_is_wrong(registry, capsys) -> None:
     a_version(registry)
     assert main(["lineage", "aligntok-tokenizer@champion"]) == 1
     assert "aligntok-tokenizer@champion: not in the registry at sqlite:///" in capsys.readouterr().err
+
+
+def test_metric_history_reads_a_run_back_and_is_none_for_a_run_the_store_lacks(registry) -> None:
+    """`evaluate` reads each stage's loss curve from the run its receipt names; outputs restored by DVC from
+    a run tracked in another store name a run this store lacks, which is None (not a crash)."""
+    from aligntok.ops.tracking import metric_history
+
+    run = registry.create_run(experiment_id(registry))
+    for step, loss in ((0, 1.0), (10, 0.5)):
+        registry.log_metric(run.info.run_id, "loss", loss, step=step)
+    registry.log_metric(run.info.run_id, "l1", 0.25, step=10)
+    assert metric_history(run.info.run_id) == [{"step": 0, "l1": "", "loss": 1.0},
+                                               {"step": 10, "l1": 0.25, "loss": 0.5}]
+    assert metric_history("0" * 32) is None
+
+
+def test_evaluate_tags_each_version_it_measured_and_skips_one_the_store_lacks(registry, tmp_path: Path) -> None:
+    import json
+
+    from aligntok.eval.evaluate import _tag
+    from aligntok.ops.tracking import tag_model_version
+
+    number, run_id = a_version(registry)
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    for folder, version in ((here, number), (elsewhere, "99")):
+        folder.mkdir()
+        (folder / "receipt.json").write_text(json.dumps({"model": "aligntok-tokenizer", "version": version,
+                                                         "run_id": run_id}))
+    assert _tag(here, {"rfid": 12.5}, "eval-run", tag_model_version) == f"aligntok-tokenizer/{number}"
+    assert registry.get_model_version("aligntok-tokenizer", number).tags["eval_rfid"] == "12.5"
+    assert _tag(elsewhere, {"rfid": 12.5}, "eval-run", tag_model_version) == \
+        "aligntok-tokenizer/99 (not in this tracking store: not tagged)"

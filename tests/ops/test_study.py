@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from aligntok.config import load_params
-import aligntok.study as study
-from aligntok.study import (STUDY_SIZE, TOKENIZER_SEED_STRIDE, VARIANTS, Figure, _set_args, compare, figure,
+import aligntok.ops.study as study
+from aligntok.ops.study import (STUDY_SIZE, TOKENIZER_SEED_STRIDE, VARIANTS, Figure, _set_args, compare, figure,
                             stale_result, study_command, variant_overrides, write_report)
 
 from support.paths import REPO

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from aligntok import workspace as ws
+from aligntok.ops import workspace as ws
 
 from support.servers import TELEMETRY_OFF
 

@@ -9,12 +9,19 @@ from pathlib import Path
 import pytest
 import torch
 
+from aligntok.config import Params
+
 TINY_MODEL = {
     "encoder": {"depth": 2, "image_size": 56},  # 4x4 latent grid
     "latent": {"channels": 4},
     "data": {"resolution": 16},
     "tokenizer": {"decoder": {"channels": 16, "channel_mult": [1, 2, 2], "num_res_blocks": 1},
                   "discriminator": {"channels": 8, "layers": 2}},
+    "runtime": {"compile": False},  # compiling costs ~1 min, far more than these few steps
+    # the default rows of stages 2 and 3, starting with a fresh critic: a test's stage 1 (QUICK_STAGE1) may train
+    # none to carry over
+    **{row: {**getattr(Params(), row).model_dump(mode="json"), "carry_discriminator": False}
+       for row in ("align_perceptual", "refine_decoder")},
 }
 QUICK_STAGE1 = {"train": ["adapter", "decoder"], "steps": 2, "batch_size": 4, "lr": 1e-3, "val_images": 2,
                 "losses": {"gan": 0.0, "perceptual": 0.0}}

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from aligntok import losses
-from aligntok.losses import (
+from aligntok.tokenizer import losses
+from aligntok.tokenizer.losses import (
     PerceptualLoss,
     adaptive_gan_weight,
     encoder_feature_distance,
@@ -219,7 +219,7 @@ def _grid(*vectors: list[float]) -> torch.Tensor:
 
 
 def test_vf_cosine_margin_loss_hand_values() -> None:
-    from aligntok.losses import vf_cosine_margin_loss
+    from aligntok.tokenizer.losses import vf_cosine_margin_loss
 
     z = _grid([1.0, 0.0], [0.0, 2.0], [-3.0, 0.0])  # cos with f = 1, 0, -1
     f = _grid([1.0, 0.0], [5.0, 0.0], [1.0, 0.0])
@@ -232,7 +232,7 @@ def test_vf_cosine_margin_loss_hand_values() -> None:
 
 
 def test_vf_cosine_margin_loss_trains_the_latent_not_the_target() -> None:
-    from aligntok.losses import vf_cosine_margin_loss
+    from aligntok.tokenizer.losses import vf_cosine_margin_loss
 
     z = _grid([0.0, 1.0]).requires_grad_(True)
     source = torch.ones(1, requires_grad=True)
@@ -244,7 +244,7 @@ def test_vf_cosine_margin_loss_trains_the_latent_not_the_target() -> None:
 
 
 def test_vf_distance_matrix_loss_hand_values() -> None:
-    from aligntok.losses import vf_distance_matrix_loss
+    from aligntok.tokenizer.losses import vf_distance_matrix_loss
 
     z = _grid([1.0, 0.0], [0.0, 1.0])  # similarity matrix [[1, 0], [0, 1]]
     f = _grid([1.0, 0.0], [2.0, 0.0])  # similarity matrix [[1, 1], [1, 1]]
@@ -262,7 +262,7 @@ def test_vf_distance_matrix_loss_hand_values() -> None:
 
 
 def test_vf_distance_matrix_loss_compares_structure_only() -> None:
-    from aligntok.losses import vf_distance_matrix_loss
+    from aligntok.tokenizer.losses import vf_distance_matrix_loss
 
     torch.manual_seed(0)
     z = torch.randn(2, 4, 3, 3)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from aligntok.config import ConfigError, DiscriminatorConfig
-from aligntok.losses import PerceptualLoss
-from aligntok.perceptual import EFFICIENTNET_LITE0, EfficientNetFeatures, load_efficientnet_lite0
+from aligntok.tokenizer.losses import PerceptualLoss
+from aligntok.tokenizer.perceptual import EFFICIENTNET_LITE0, EfficientNetFeatures, load_efficientnet_lite0
 from aligntok.tokenizer.model import build_discriminator
 from aligntok.tokenizer.stages import StagePaths, carry_discriminator, perceptual_loss, save_discriminator
 

@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from aligntok.config import ConfigError, EncoderConfig, Params, parse_params
 from aligntok.encoder import export_encoder
 from aligntok.tokenizer.api import Tokenizer
-from aligntok.tokenizer.stages import SemanticTarget, StagePaths, build_stage_model, run_tokenizer_stage
+from aligntok.tokenizer.objective import SemanticTarget
+from aligntok.tokenizer.stages import StagePaths, build_stage_model, run_tokenizer_stage
 
 from support.shards import write_dataset
 from support.tiny import TINY_MODEL

@@ -18,14 +18,13 @@ from safetensors.torch import load_file
 
 import aligntok.train.loop
 from aligntok.config import ConfigError, Params, parse_params
-from aligntok.losses import l1_loss, vf_cosine_margin_loss, vf_distance_matrix_loss
+from aligntok.tokenizer.losses import l1_loss, vf_cosine_margin_loss, vf_distance_matrix_loss
 from aligntok.tokenizer.api import Tokenizer
 from aligntok.encoder import FoundationEncoder, create_random_encoder
 from aligntok.tokenizer.outputs import to_signed
+from aligntok.tokenizer.objective import TokenizerObjective, VFAlignment
 from aligntok.tokenizer.stages import (
     StagePaths,
-    TokenizerObjective,
-    VFAlignment,
     build_stage_model,
     run_tokenizer_stage,
     set_trainable,

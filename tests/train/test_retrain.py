@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from aligntok.config import CacheLatentsConfig, Params, parse_params
-from aligntok.diffusion.latents import cache_latents, shard_name
+from aligntok.diffusion.latent_writer import cache_latents
+from aligntok.diffusion.latents import shard_name
 from aligntok.diffusion.train import WEIGHTS as DIT_WEIGHTS
 from aligntok.diffusion.train import DiTPaths, _fingerprint, run_train_dit
 from aligntok.errors import AligntokError

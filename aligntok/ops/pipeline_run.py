@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from aligntok.dag import stage_order, stage_paths, upstream
+from aligntok.ops.dag import stage_order, stage_paths, upstream
 from aligntok.errors import AligntokError
 
 INFRASTRUCTURE_SIGNS = (

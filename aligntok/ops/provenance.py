@@ -1,13 +1,13 @@
 """Where a registered model version came from, in the registry itself, and how to check its inputs out again.
 
 Every registration and every tagging rewrites a version's description in the registry (what it is, its figures,
-how to load it, where it came from: `aligntok.model_card.version_description`, written by
-`aligntok.tracking.describe_version`; registered models get `MODEL_DESCRIPTIONS`). A pipeline flow run ends (flows/pipeline.py) with `record_run`:
+how to load it, where it came from: `aligntok.ops.model_card.version_description`, written by
+`aligntok.ops.tracking.describe_version`; registered models get `MODEL_DESCRIPTIONS`). A pipeline flow run ends (flows/pipeline.py) with `record_run`:
 every version the run registered, and the run's MLflow parent run, get the `aligntok.*` tags of `RunRecord` (the run commit
 and branch, the git remote, the source fingerprint, the code commit, the deployment and flow run).
 
-The MLflow calls themselves live in aligntok.tracking and what a version's description says in
-aligntok.model_card; this module tags the versions a run made and reads their lineage back.
+The MLflow calls themselves live in aligntok.ops.tracking and what a version's description says in
+aligntok.ops.model_card; this module tags the versions a run made and reads their lineage back.
 
 `lineage("aligntok-tokenizer@champion")` reads them back (`aligntok lineage`): the version, its runs, the
 commits, and the commands that reproduce its inputs in a fresh clone (`git checkout`, `dvc pull`, a no-op
@@ -19,9 +19,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from aligntok.model_card import (CODE_COMMIT, DEPLOYMENT, FLOW_RUN, GIT_REMOTE, PIPELINE_RUN, RUN_BRANCH, RUN_COMMIT,
+from aligntok.ops.model_card import (CODE_COMMIT, DEPLOYMENT, FLOW_RUN, GIT_REMOTE, PIPELINE_RUN, RUN_BRANCH, RUN_COMMIT,
                                  SOURCE, figures)
-from aligntok.tracking import LineageError, model_version, set_run_tags, tag_model_version, tracking_uri
+from aligntok.ops.tracking import LineageError, model_version, set_run_tags, tag_model_version, tracking_uri
 
 __all__ = ["LineageError", "RunRecord", "lineage", "parse_ref", "record_run"]
 

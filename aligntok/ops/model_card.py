@@ -1,6 +1,6 @@
 """What the model registry says about a version: the `aligntok.*` tag names a pipeline run sets, each registered
 model's description, and the description of one version (what it is, its figures, how to load it, where it came
-from). Pure text: aligntok.tracking writes it, aligntok.provenance sets the tags it reads."""
+from). Pure text: aligntok.ops.tracking writes it, aligntok.ops.provenance sets the tags it reads."""
 
 from __future__ import annotations
 

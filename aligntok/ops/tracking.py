@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from aligntok.errors import AligntokError
-from aligntok.model_card import MODEL_DESCRIPTIONS, version_description
+from aligntok.ops.model_card import MODEL_DESCRIPTIONS, version_description
 
 log = logging.getLogger(__name__)
 
@@ -232,11 +232,20 @@ def download_model_files(uri: str, dest: Path | None = None) -> Path:
     return artifacts
 
 
-def metric_history(run_id: str) -> list[dict[str, float]]:
-    """Every metric a run logged, one row per step: [{"step": s, "loss": ..., "l1": ...}, ...] (sorted by step)."""
+def metric_history(run_id: str) -> list[dict[str, float]] | None:
+    """Every metric a run logged, one row per step: [{"step": s, "loss": ..., "l1": ...}, ...] (sorted by step);
+    None when the tracking store has no such run (outputs restored by DVC from a run tracked elsewhere)."""
+    from mlflow.exceptions import MlflowException
+
     mlflow_client = client()
     rows: dict[int, dict[str, float]] = {}
-    for key in sorted(mlflow_client.get_run(run_id).data.metrics):
+    try:
+        logged = mlflow_client.get_run(run_id).data.metrics
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        return None
+    for key in sorted(logged):
         for point in mlflow_client.get_metric_history(run_id, key):
             rows.setdefault(int(point.step), {"step": float(point.step)})[key] = float(point.value)
     keys = sorted({k for row in rows.values() for k in row} - {"step"})
@@ -260,7 +269,7 @@ def set_run_tags(run_id: str, tags: dict[str, str]) -> None:
 
 def describe_version(model: str, version: str, mlflow_client: Any = None) -> None:
     """Write the registry descriptions of `model` (if it has none) and of its `version` (from its tags now):
-    what it is, its figures, how to load it, where it came from (aligntok.model_card)."""
+    what it is, its figures, how to load it, where it came from (aligntok.ops.model_card)."""
     mlflow_client = mlflow_client or client()
     if not mlflow_client.get_registered_model(model).description and model in MODEL_DESCRIPTIONS:
         mlflow_client.update_registered_model(model, description=MODEL_DESCRIPTIONS[model])

@@ -112,7 +112,7 @@ def default_row_seeds(params_file: Path | None = None) -> dict[str, int]:
     """The seed of each tokenizer row in params.yaml (the repository's by default)."""
     from aligntok.config import load_params
 
-    params = load_params(params_file or Path(__file__).resolve().parents[1] / "params.yaml")
+    params = load_params(params_file or Path(__file__).resolve().parents[2] / "params.yaml")
     return {row: params.stage(row).seed for row in TRAINS}
 
 

@@ -149,7 +149,7 @@ class PerceptualLoss(nn.Module):
     feature network.
 
     `name` says which: "lpips-vgg" (or "lpips-alex"), or `feature_name` ("efficientnet-lite0" for
-    `aligntok.perceptual.EfficientNetFeatures`, "encoder-feature-distance" for the foundation encoder);
+    `aligntok.tokenizer.perceptual.EfficientNetFeatures`, "encoder-feature-distance" for the foundation encoder);
     log it with the metrics, since the scales differ. The network is frozen and stays in eval mode.
 
     Args:

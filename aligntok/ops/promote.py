@@ -216,13 +216,13 @@ def promotion_lock(client: Any, model: str, action: str, timeout: float = LOCK_T
 
 
 def _client() -> Any:
-    from aligntok.tracking import client
+    from aligntok.ops.tracking import client
 
     return client()
 
 
 def _tracking_uri() -> str:
-    from aligntok.tracking import tracking_uri
+    from aligntok.ops.tracking import tracking_uri
 
     return tracking_uri()
 

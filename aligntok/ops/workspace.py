@@ -29,7 +29,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from aligntok.dag import git_tracked_outputs
+from aligntok.ops.dag import git_tracked_outputs
 from aligntok.errors import AligntokError
 
 log = logging.getLogger(__name__)
