@@ -532,7 +532,9 @@ def _tag(folder: Path, values: dict[str, float], run_id: str, tag: Callable[...,
     try:
         tag(receipt["model"], receipt["version"], tags)
     except Exception as exc:  # MlflowException; mlflow is imported only by the tracking module
-        if getattr(exc, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
+        from aligntok.ops.tracking import not_in_store
+
+        if not not_in_store(exc):
             raise
         log.warning("%s: not tagged with its figures, the tracking store has no such version (the stage's outputs "
                     "came from DVC's cache of a run tracked elsewhere)", name)

@@ -232,6 +232,11 @@ def download_model_files(uri: str, dest: Path | None = None) -> Path:
     return artifacts
 
 
+def not_in_store(exc: BaseException) -> bool:
+    """Whether `exc` is MLflow's answer for a run or version its tracking store does not hold."""
+    return getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
+
+
 def metric_history(run_id: str) -> list[dict[str, float]] | None:
     """Every metric a run logged, one row per step: [{"step": s, "loss": ..., "l1": ...}, ...] (sorted by step);
     None when the tracking store has no such run (outputs restored by DVC from a run tracked elsewhere)."""
@@ -242,7 +247,7 @@ def metric_history(run_id: str) -> list[dict[str, float]] | None:
     try:
         logged = mlflow_client.get_run(run_id).data.metrics
     except MlflowException as exc:
-        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+        if not not_in_store(exc):
             raise
         return None
     for key in sorted(logged):
