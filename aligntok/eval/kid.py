@@ -48,6 +48,7 @@ class KID:
     std: float
     """Their standard deviation (ddof 0, as torch-fidelity and torchmetrics)."""
     subsets: int
+    """Distinct subsets the figures are over: the `subsets` asked for, or 1 where a subset is all of both sets."""
     subset_size: int
     """Vectors of each set per subset: `min(subset_size, n_x, n_y)`."""
 
@@ -91,13 +92,16 @@ def kid(x: np.ndarray, y: np.ndarray, subsets: int = KID_SUBSETS, subset_size: i
         seed: int = 0) -> KID:
     """KID of features x (N, D) against y (M, D), N, M >= 2: the mean and standard deviation of the unbiased
     MMD^2 over `subsets` subsets of m = min(subset_size, N, M) vectors of each set, drawn without replacement
-    by `np.random.default_rng(seed)` (the same seed gives the same subsets, hence the same figure)."""
+    by `np.random.default_rng(seed)` (the same seed gives the same subsets, hence the same figure). Where m is
+    the size of both sets every subset is the whole of both, so the estimate is computed once and its std is 0."""
     x, y = _pair(x, y)
     if subsets < 1:
         raise ValueError(f"subsets: must be >= 1, got {subsets}")
     if subset_size < 2:
         raise ValueError(f"subset_size: must be >= 2 (the within-set sums need two vectors), got {subset_size}")
     m = min(subset_size, len(x), len(y))
+    if m == len(x) == len(y):
+        subsets = 1  # every draw would be a permutation of the same two sets: one value, not float noise as a std
     rng = np.random.default_rng(seed)
     draws = [(rng.choice(len(x), m, replace=False), rng.choice(len(y), m, replace=False)) for _ in range(subsets)]
     if _whole_sets_cheaper(len(x), len(y), m, subsets):

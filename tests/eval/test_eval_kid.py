@@ -42,8 +42,16 @@ def test_kid_matches_torchmetrics_mmd_on_the_whole_sets() -> None:
     expected = float(poly_mmd(torch.from_numpy(x), torch.from_numpy(y)))
     assert expected > 0.1  # far apart: the relative tolerance is meaningful
     assert got.mean == pytest.approx(expected, rel=1e-10)
-    assert got.subset_size == 64 and got.std < 1e-12 * expected  # the same subset three times
+    assert got.subset_size == 64 and got.subsets == 1 and got.std == 0.0  # one distinct subset, not float noise
     assert kid_resampler(x, y)(np.arange(64)) == pytest.approx(expected, rel=1e-10)
+
+
+def test_kid_std_is_over_distinct_subsets_only() -> None:
+    """Subsets of all of one set but part of the other differ, so they keep their spread."""
+    rng = np.random.default_rng(4)
+    x, y = _gaussian(rng, 20, 4), _gaussian(rng, 30, 4, shift=0.5)
+    got = kid(x, y, subsets=5, subset_size=50)
+    assert got.subset_size == 20 and got.subsets == 5 and got.std > 1e-6 * abs(got.mean)
 
 
 def test_kid_matches_a_pair_by_pair_loop() -> None:
