@@ -231,7 +231,7 @@ def load_results(results: Path) -> dict[str, list[dict[str, Any]]]:
     for path in sorted(results.glob("*-seed*.json")):
         record = json.loads(path.read_text())
         by_variant.setdefault(record["variant"], []).append(record)
-    return by_variant
+    return {name: sorted(records, key=lambda r: r["seed"]) for name, records in by_variant.items()}  # seed 10 after 2
 
 
 @dataclass(frozen=True)
@@ -374,7 +374,8 @@ def _claims(data: dict[str, Any]) -> list[str]:
     """Each of the paper's claims, judged on the measured intervals: a difference inside them is a tie."""
     out = ["## The paper's claims at this scale", "",
            "A claim holds when the two variants' intervals (the table's brackets) do not overlap; when they "
-           "overlap it is a tie, and without an interval it is not called.", ""]
+           "overlap it is a tie, and without an interval it is not called. Each line ends with the seeds' values "
+           "behind the two means.", ""]
 
     def fig(name: str, key: str) -> Figure | None:
         return data[name]["figures"].get(key) if name in data else None
@@ -384,8 +385,12 @@ def _claims(data: dict[str, Any]) -> list[str]:
         a, b = fig(x, key), fig(y, key)
         if a is None or b is None:
             return f"- {text}: not measured (a variant or its `{key}` is missing)."
-        return (f"- {text}: {a.mean * scale:.{digits}f}{unit} vs {b.mean * scale:.{digits}f}{unit} — "
+        line = (f"- {text}: {a.mean * scale:.{digits}f}{unit} vs {b.mean * scale:.{digits}f}{unit} — "
                 f"**{compare(a, b, lower)}**")
+        if len(a.values) > 1 or len(b.values) > 1:  # the seeds behind each mean, in seed order
+            line += " (by seed: " + " vs ".join(", ".join(f"{v * scale:.{digits}f}" for v in f.values)
+                                                 for f in (a, b)) + ")"
+        return line
 
     for x, y, text in [("a_full", "e_vavae", "latent LP (a) > (e)"), ("e_vavae", "d_vae", "latent LP (e) > (d)"),
                        ("a_full", "c_no_sp", "latent LP (a) > (c): w_sp keeps the semantics"),

@@ -10,7 +10,8 @@ import pytest
 import torch
 import yaml
 
-from aligntok.ops.ablation import ARMS, AblationSize, Workspace, gfid_verdict, run_ablation, verdict, write_report
+from aligntok.ops.ablation import (ARMS, AblationSize, Workspace, gfid_verdict, measured_elsewhere, run_ablation,
+                                   verdict, write_report)
 from aligntok.config import ConfigError, parse_params
 from aligntok.eval.cka import linear_cka, relative_change
 from aligntok.tokenizer.api import Tokenizer
@@ -151,3 +152,40 @@ def test_the_gfid_verdict_needs_the_bootstrap_intervals_apart() -> None:
 def test_the_report_needs_results(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="no ablation results"):
         write_report(tmp_path, tmp_path.with_suffix(".md"))
+
+
+def test_another_gfid_step_extends_an_arm_and_any_other_size_is_refused() -> None:
+    arm, size = ARMS[0], AblationSize(steps=400, gfid_at=(400,))
+    record = {"arm": {"name": arm.name, "w_sp": arm.w_sp, "encoder_lr_scale": arm.encoder_lr_scale},
+              "size": json.loads(json.dumps(vars(size))), "points": {}, "gfid": {"400": {}}}
+    assert measured_elsewhere({}, arm, size) is None
+    assert measured_elsewhere(record, arm, AblationSize(steps=400, gfid_at=(100, 400))) is None
+    assert measured_elsewhere(record, arm, AblationSize(steps=400, gfid_at=())) is None
+    assert measured_elsewhere(record, arm, AblationSize(steps=200, snapshots=(100, 200), gfid_at=(200,))) == \
+        "snapshots=[25, 50, 100, 200, 400], not [100, 200]; steps=400, not 200"
+    assert measured_elsewhere(record, arm, AblationSize(steps=400, dit_steps=100)) == "dit_steps=500, not 100"
+    assert measured_elsewhere(record, ARMS[1], size) == f"arm {record['arm']}"
+
+
+def _gfid(value: float) -> dict[str, float]:
+    return {"gfid_cfg": value, "gfid_cfg_ci_lo": value - 5, "gfid_cfg_ci_hi": value + 5, "gfid_nocfg": value + 10}
+
+
+def test_the_report_calls_gfid_at_every_step_both_arms_measured(tmp_path: Path) -> None:
+    point = {"lp_top1": 0.5, "lp_val_images": 500, "latent_cka": 1.0, "latent_relative_change": 0.0,
+             "encoder_cka": 1.0, "encoder_relative_change": 0.0, "psnr": 20.0}
+    size = json.loads(json.dumps(vars(AblationSize(gfid_at=(400,)))))
+    for arm, gfid in ((ARMS[2], {"100": _gfid(150), "400": _gfid(140)}),  # w_sp 1, lr 1x
+                      (ARMS[3], {"100": _gfid(152), "400": _gfid(180), "200": _gfid(170)})):  # w_sp 0: 200 only here
+        record = {"arm": {"name": arm.name, "w_sp": arm.w_sp, "encoder_lr_scale": arm.encoder_lr_scale},
+                  "size": size, "points": {"0": point, "400": point}, "gfid": gfid,
+                  "seconds": {"wall": 60.0, "cpu": 120.0}}
+        (tmp_path / f"{arm.name}.json").write_text(json.dumps(record))
+    text = write_report(tmp_path, tmp_path.with_suffix(".md")).read_text()
+    assert "at steps [100, 200, 400], gFID" in text
+    assert ("encoder lr 1x, step 100, downstream gFID with guidance: 150.00 [145.00, 155.00] with w_sp vs "
+            "152.00 [147.00, 157.00] without — **tie (intervals overlap)**") in text
+    assert "encoder lr 1x, step 400, downstream gFID with guidance: 140.00 [135.00, 145.00] with w_sp vs " \
+           "180.00 [175.00, 185.00] without — **holds**" in text
+    assert "step 200, downstream" not in text  # measured in one arm only: nothing to compare
+    assert tmp_path.with_suffix(".png").stat().st_size > 0

@@ -101,7 +101,9 @@ def test_report_calls_claims_from_the_intervals(tmp_path: Path) -> None:
         (results / f"{r['variant']}-seed{r['seed']}.json").write_text(json.dumps(r))
     text = write_report(results, tmp_path / "study.md").read_text()
     # (a): mean 42 over its seeds, interval [38, 46] (values and bootstrap intervals); (e): [58, 62]
-    assert "gFID (a) < (e) (with guidance, end of training): 42.00 vs 60.00 — **holds**" in text
+    assert "gFID (a) < (e) (with guidance, end of training): 42.00 vs 60.00 — **holds** (by seed: 40.00, 44.00 vs " \
+           "60.00)\n" in text
+    assert "latent LP (e) > (d): 70.0% vs 72.0% — **tie (intervals overlap)**\n" in text  # one seed each: no list
     assert "42.00 [38.00, 46.00]" in text
     assert "gFID (e) < (d) (with guidance, end of training): 60.00 vs 61.00 — **tie (intervals overlap)**" in text
     # no-cfg gFID has no bootstrap interval: (a) has the range of its two seeds, (e) one seed: not called
