@@ -104,6 +104,10 @@ def test_report_calls_claims_from_the_intervals(tmp_path: Path) -> None:
     assert "gFID (a) < (e) (with guidance, end of training): 42.00 vs 60.00 — **holds** (by seed: 40.00, 44.00 vs " \
            "60.00)\n" in text
     assert "latent LP (e) > (d): 70.0% vs 72.0% — **tie (intervals overlap)**\n" in text  # one seed each: no list
+    # Table 1's claims, under the heading with the paper's figures; (c) was not run: not measured, not a verdict
+    table1 = text.index("### Table 1: the stages")
+    assert text.index("gFID (a) < (b) (with guidance, end of training): 42.00 vs 50.00 — **holds**") > table1
+    assert "gFID (a) < (c) (with guidance, end of training): not measured" in text
     assert "42.00 [38.00, 46.00]" in text
     assert "gFID (e) < (d) (with guidance, end of training): 60.00 vs 61.00 — **tie (intervals overlap)**" in text
     # no-cfg gFID has no bootstrap interval: (a) has the range of its two seeds, (e) one seed: not called
