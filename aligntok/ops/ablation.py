@@ -380,6 +380,8 @@ def write_report(results: Path, report: Path) -> Path:
     lines += ["", "Intervals: two binomial standard errors of each probe's top-1, the claim holding when the difference "
               "exceeds both; for gFID the 95% bootstrap intervals over the generated samples, the claim holding "
               "when they are apart.", "", f"![LP, drift and gFID against stage-2 steps]({_plot(records, report).name})", "",
+              "Cost: each arm's wall and CPU time summed over the runs that measured it (a run that adds points "
+              "adds its own, with stage 2 retrained where `--scratch` no longer holds it).", "",
               "| arm | wall | CPU |", "|---|---|---|"]
     for name, record in records.items():
         lines.append(f"| {name} | {record['seconds']['wall'] / 60:.1f} min | {record['seconds']['cpu'] / 60:.1f} min |")
@@ -414,6 +416,7 @@ def _plot(records: dict[str, dict[str, Any]], report: Path) -> Path:
         axis.set_xlabel("stage-2 steps")
         axis.set_ylabel(label)
     axes[0].legend()
+    axes[3].set_xlim(axes[0].get_xlim())  # the same step axis as the other panels
     path = report.with_suffix(".png")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
