@@ -55,7 +55,7 @@ test-all: setup  ## every test, slow ones included
 study: setup  ## the small-scale study (dvc exp run per tokenizer variant) -> reports/study.md
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/aligntok study --seeds 0 1 2 --extra-seeds 0
 
-ablation: setup  ## (after make run) the w_sp ablation run long -> reports/ablation_wsp.md (resumes; about an hour on 2 cores)
+ablation: setup  ## (after make run) the w_sp ablation run long -> reports/ablation_wsp.md (resumes; about 1.5 hours on 2 cores)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m aligntok.ops.ablation
 
 bench: setup  ## (after make run) peers -> reports/benchmarks.md/.json, pipeline overhead, ingest/evaluation throughput, latent reads, the data path at scale
