@@ -72,7 +72,7 @@ class AblationSize:
     drift_images: int = 256
     gfid_at: tuple[int, ...] = (100, 200, 400)
     """Snapshots whose latents train a DiT for the downstream gFID (each costs a cache, a DiT and sampling: about
-    5 minutes on 2 cores at the default size). 100 is the default pipeline's stage-2 length."""
+    4 minutes on 2 cores at the default size). 100 is the default pipeline's stage-2 length."""
     cache_images: int = 3000
     dit_steps: int = 500
     gen_samples: int = 150
@@ -234,13 +234,18 @@ def downstream_gfid(ws: Workspace, arm: Arm, step: int, size: AblationSize, prog
 
 
 # ------------------------------------------------------------------------------------------------ the run
+def _as_recorded(arm: Arm, size: AblationSize) -> dict[str, Any]:
+    """The arm and size as an arm's record holds them (tuples as JSON lists)."""
+    return json.loads(json.dumps({"arm": asdict(arm), "size": asdict(size)}))
+
+
 def measured_elsewhere(record: dict[str, Any], arm: Arm, size: AblationSize) -> str | None:
     """Why an arm's `record` cannot be extended by a run at `size` (another arm, or a size its points or gFIDs
     depend on: a field other than `gfid_at`, which only says where a DiT is trained), or None when it can. A
     rerun with other `--gfid-at` steps adds the missing ones and keeps the rest."""
     if not record:
         return None
-    wanted = json.loads(json.dumps({"arm": asdict(arm), "size": asdict(size)}))
+    wanted = _as_recorded(arm, size)
     if record.get("arm") not in (None, wanted["arm"]):
         return f"arm {record['arm']}"
     recorded = {k: v for k, v in (record.get("size") or {}).items() if k != "gfid_at"}
@@ -268,7 +273,7 @@ def run_ablation(ws: Workspace, arms: list[Arm], size: AblationSize, progress: b
         if why := measured_elsewhere(record, arm, size):
             raise AligntokError(f"{path}: measured at another size or arm ({why}); move it away or rerun with "
                                 "the size it was measured at")
-        record |= json.loads(json.dumps({"arm": asdict(arm), "size": asdict(size)}))  # tuples as JSON lists
+        record |= _as_recorded(arm, size)
         # The gFID steps are what was asked for, this time and before: a point added later keeps the earlier ones.
         record["size"]["gfid_at"] = sorted({*map(int, record.get("gfid", {})), *size.gfid_at})
         record.setdefault("points", {})
